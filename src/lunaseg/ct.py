@@ -1,0 +1,229 @@
+"""CT volumes: Hounsfield voxels plus geometry, read and written with SimpleITK.
+
+``load_ct`` reads MetaImage (.mhd/.mha), NIfTI (.nii/.nii.gz), NRRD files and DICOM series
+folders (slices ordered by their geometry, never by file name).  ``write_image`` writes any
+voxel array with a CT's geometry so masks open aligned in 3D Slicer or ITK-SNAP.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lunaseg.errors import DataError
+from lunaseg.geometry import Geometry
+
+__all__ = ["CT", "load_ct", "write_image", "read_geometry", "IMAGE_SUFFIXES", "is_image_file"]
+
+IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` names a single-file image format ``load_ct`` reads."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+@dataclass(eq=False)
+class CT:
+    """One CT scan: ``hu`` is a (I, R, C) int16 array in Hounsfield units."""
+
+    hu: np.ndarray
+    geometry: Geometry
+    series_uid: str
+
+    @property
+    def shape_irc(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def origin_xyz(self) -> np.ndarray:
+        return self.geometry.origin_xyz
+
+    @property
+    def spacing_xyz(self) -> np.ndarray:
+        return self.geometry.spacing_xyz
+
+    @property
+    def direction(self) -> np.ndarray:
+        return self.geometry.direction
+
+    def xyz_to_irc_float(self, xyz: np.ndarray) -> np.ndarray:
+        return self.geometry.xyz_to_irc_float(xyz)
+
+    def xyz_to_irc(self, xyz: np.ndarray) -> np.ndarray:
+        return self.geometry.xyz_to_irc(xyz)
+
+    def irc_to_xyz(self, irc: np.ndarray) -> np.ndarray:
+        return self.geometry.irc_to_xyz(irc)
+
+
+def _sitk():
+    import SimpleITK as sitk  # imported lazily so `lunaseg --help` stays instant
+
+    return sitk
+
+
+def _geometry_of(image) -> Geometry:
+    return Geometry(np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing()),
+                    np.asarray(image.GetDirection()).reshape(3, 3))
+
+
+def _to_hu(image, path: Path) -> np.ndarray:
+    if image.GetDimension() != 3:
+        raise DataError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: expected one value per voxel, got "
+                        f"{image.GetNumberOfComponentsPerPixel()}")
+    array = _sitk().GetArrayFromImage(image)  # (I, R, C)
+    if array.dtype != np.int16:
+        # Clip before casting so float or wide-integer inputs cannot wrap around.
+        array = np.clip(np.rint(array) if array.dtype.kind == "f" else array,
+                        -32768, 32767).astype(np.int16)
+    return array
+
+
+def read_geometry(path: str | os.PathLike) -> tuple[Geometry, tuple[int, int, int]]:
+    """Geometry and (I, R, C) shape from an image file's header, without reading voxels."""
+    sitk = _sitk()
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise DataError(f"{path}: cannot read image header ({_first_line(error)})") from None
+    size_cri = reader.GetSize()
+    geometry = Geometry(np.asarray(reader.GetOrigin()), np.asarray(reader.GetSpacing()),
+                        np.asarray(reader.GetDirection()).reshape(3, 3))
+    return geometry, (int(size_cri[2]), int(size_cri[1]), int(size_cri[0]))
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # ITK messages start with a source-file location; the last line says what went wrong.
+    return lines[-1] if lines else type(error).__name__
+
+
+def _load_file(path: Path, series_uid: str | None) -> CT:
+    sitk = _sitk()
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise DataError(f"{path}: cannot read image ({_first_line(error)})") from None
+    uid = series_uid or _uid_from_name(path)
+    return CT(_to_hu(image, path), _geometry_of(image), uid)
+
+
+def _uid_from_name(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def dicom_series_in(folder: str | os.PathLike) -> list[str]:
+    """Series instance UIDs of the DICOM series directly inside ``folder``."""
+    sitk = _sitk()
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+
+
+def _load_dicom(folder: Path, series_uid: str | None) -> CT:
+    sitk = _sitk()
+    uids = dicom_series_in(folder)
+    if not uids:
+        raise DataError(f"{folder}: no DICOM series found in this folder")
+    if series_uid is None:
+        if len(uids) > 1:
+            raise DataError(f"{folder}: holds {len(uids)} DICOM series; pick one with a series "
+                            f"UID: {', '.join(sorted(uids))}")
+        series_uid = uids[0]
+    elif series_uid not in uids:
+        raise DataError(f"{folder}: no DICOM series {series_uid}; found {', '.join(sorted(uids))}")
+    # GDCM sorts the files by ImagePositionPatient along the slice normal, not by name.
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    if len(files) < 2:
+        raise DataError(f"{folder}: series {series_uid} has {len(files)} slice(s); need >= 2")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise DataError(f"{folder}: cannot read DICOM series {series_uid} "
+                        f"({_first_line(error)})") from None
+    _check_slice_spacing(folder, files)
+    # ITK applies RescaleSlope/Intercept, so voxels are already Hounsfield units.
+    return CT(_to_hu(image, folder), _geometry_of(image), series_uid)
+
+
+def _check_slice_spacing(folder: Path, files: tuple[str, ...]) -> None:
+    """Refuse series with missing or duplicated slices (uneven steps along the normal)."""
+    sitk = _sitk()
+    positions = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        positions.append(np.asarray(reader.GetOrigin()))
+    steps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
+    if steps.size and (steps.min() < 1e-3 or steps.max() - steps.min() > 0.01 * steps.max() + 1e-3):
+        raise DataError(f"{folder}: slices are unevenly spaced ({steps.min():.3f} to "
+                        f"{steps.max():.3f} mm apart): a slice is missing or duplicated")
+
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None) -> CT:
+    """Read a CT from an image file or a DICOM series folder.
+
+    ``series_uid`` picks one series from a folder holding several; for files it only sets
+    the returned ``CT.series_uid`` (default: the file name without its suffix).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _load_dicom(path, series_uid)
+    if not is_image_file(path):
+        raise DataError(f"{path}: not a CT image (expected a DICOM folder or one of "
+                        f"{', '.join(IMAGE_SUFFIXES)})")
+    return _load_file(path, series_uid)
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
+                *, compress: bool = False) -> Path:
+    """Write a (I, R, C) array with ``geometry`` to ``path`` atomically (format from suffix).
+
+    For .mhd the pixel data goes to a sibling .raw file, as LUNA16 stores it.
+    """
+    sitk = _sitk()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetOrigin(tuple(float(v) for v in geometry.origin_xyz))
+    image.SetSpacing(tuple(float(v) for v in geometry.spacing_xyz))
+    image.SetDirection(tuple(float(v) for v in geometry.direction.reshape(-1)))
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    if path.name.lower().endswith(".mhd"):
+        _write_mhd(image, path, compress)
+        return path
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        tmp_path = Path(tmp) / f"image{suffix}"
+        sitk.WriteImage(image, str(tmp_path), compress)
+        os.replace(tmp_path, path)
+    return path
+
+
+def _write_mhd(image, path: Path, compress: bool) -> None:
+    """MetaImage header + data file; the header, which names the data, is moved in last."""
+    sitk = _sitk()
+    stem = path.name[: -len(".mhd")]
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        tmp_header = Path(tmp) / f"{stem}.mhd"
+        sitk.WriteImage(image, str(tmp_header), compress)
+        for data_file in Path(tmp).iterdir():
+            if data_file != tmp_header:
+                os.replace(data_file, path.parent / data_file.name)
+        os.replace(tmp_header, path)
