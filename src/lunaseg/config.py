@@ -124,12 +124,18 @@ class TrainConfig:
 class SegmentConfig:
     """Full-CT inference and candidate extraction (SPEC §11)."""
 
-    threshold: float = 0.5
+    threshold: float = 0.5  # voxels with probability > threshold are foreground (book: 0.5)
     batch_size: int = 16
     erosion_iterations: int = 1
+    keep_vanished: bool = True  # components erosion would erase stay, un-eroded (book: dropped)
+    connectivity: int = 6  # 6 (faces; book / scipy default) or 26 (faces, edges, corners)
+    center_weighting: str = "hu"  # "hu" (book: clipped HU + 1001), "probability" or "uniform"
     min_voxels: int = 1
-    lung_mask: bool = False
+    lung_mask: bool = False  # keep only components touching a lung mask computed from HU
     max_candidates: int = 100  # LUNA16 scores at most 100 marks per scan
+    overlays: int = 100  # PNG overlays for the top-N candidates of each scan (0 = none)
+    write_volumes: bool = True  # probability.nii.gz and mask.nii.gz per scan
+    amp: bool = False  # bf16 autocast + channels_last (CUDA only)
     device: str = "auto"
 
 

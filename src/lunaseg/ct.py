@@ -108,8 +108,40 @@ def _first_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+_META_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+               "MET_UINT": 4, "MET_LONG": 8, "MET_ULONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_mhd(path: Path) -> None:
+    """Name the real problem with a MetaImage pair (ITK only says 'cannot be read')."""
+    header = {}
+    for line in path.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            header[key.strip()] = value.strip()
+    data_name = header.get("ElementDataFile")
+    if data_name is None:
+        raise DataError(f"{path}: not a MetaImage header (no ElementDataFile line)")
+    if data_name.upper() == "LOCAL" or header.get("CompressedData", "False").lower() == "true":
+        return
+    data_path = path.parent / data_name
+    if not data_path.exists():
+        raise DataError(f"{path}: its data file {data_name} is missing")
+    try:
+        dims = [int(v) for v in header.get("DimSize", "").split()]
+        needed = int(np.prod(dims)) * _META_BYTES[header.get("ElementType", "")]
+    except (ValueError, KeyError):
+        return  # let ITK judge unusual headers
+    size = data_path.stat().st_size
+    if size < needed:
+        raise DataError(f"{path}: data file {data_name} is truncated ({size} bytes, the "
+                        f"header needs {needed})")
+
+
 def _load_file(path: Path, series_uid: str | None) -> CT:
     sitk = _sitk()
+    if path.name.lower().endswith(".mhd"):
+        _check_mhd(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:

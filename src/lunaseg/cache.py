@@ -1,0 +1,427 @@
+"""The prepcache: per-series arrays that training and validation read at memory speed.
+
+Layout, one folder per series (``<cache>/<series_uid>/``)::
+
+    hu.npy           (I, r, c) int16, the CT cropped in-plane to the body's bounding box
+    mask.npy         (I, ceil(r*c/8)) uint8, the nodule mask, bit-packed slice by slice
+    chunks.npy       (N, *chunk_irc) int16, one training chunk centred on each nodule
+    chunk_masks.npy  (N, *chunk_irc) bool, the mask under each chunk
+    meta.json        geometry, crop, nodules, positive slices, checksums; written last
+
+Only rows and columns that hold nothing but air are cropped away, so nothing a model could
+learn from is lost, and the cache stays smaller than the raw data.  A series folder is built
+under a temporary name and renamed into place, so a killed run never leaves a half entry; an
+entry whose source, nodule list or settings changed is rebuilt, others are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lunaseg.config import CacheConfig, MaskConfig
+from lunaseg.ct import load_ct
+from lunaseg.errors import DataError
+from lunaseg.geometry import Geometry
+from lunaseg.luna import find_series, load_candidates, outline_mask_path
+from lunaseg.masks import annotation_mask, positive_slices
+
+__all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSummary",
+           "pad_crop", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_ARRAYS = ("hu.npy", "mask.npy", "chunks.npy", "chunk_masks.npy")
+_BODY_HU = -500.0  # anything denser is body, table or bone; the crop keeps all of it
+_CROP_MARGIN_PX = 8
+
+
+@dataclass(frozen=True)
+class CacheEntryNodule:
+    """An annotated nodule as the cache records it (centre in full-volume voxels too)."""
+
+    center_xyz: tuple[float, float, float]
+    center_irc: tuple[int, int, int]
+    diameter_mm: float
+    is_malignant: bool
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def pad_crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int],
+             fill: float | int) -> np.ndarray:
+    """``volume[start : start + size]`` on every axis; outside the volume, axis 0 repeats its
+    first/last slice and the other axes are filled with ``fill`` (padding, never shifting)."""
+    start = np.asarray(start, dtype=np.int64)
+    size = np.asarray(size, dtype=np.int64)
+    shape = np.asarray(volume.shape, dtype=np.int64)
+    index = np.clip(np.arange(start[0], start[0] + size[0]), 0, shape[0] - 1)
+    low = np.maximum(start[1:], 0)
+    high = np.minimum(start[1:] + size[1:], shape[1:])
+    out = np.full(tuple(size), fill, dtype=volume.dtype)
+    if np.all(high > low):
+        dst_low = low - start[1:]
+        dst_high = dst_low + (high - low)
+        if index[0] + size[0] - 1 == index[-1]:  # no slice clipping: one contiguous read
+            block = volume[index[0]:index[-1] + 1, low[0]:high[0], low[1]:high[1]]
+        else:
+            block = volume[index][:, low[0]:high[0], low[1]:high[1]]
+        out[:, dst_low[0]:dst_high[0], dst_low[1]:dst_high[1]] = block
+    return out
+
+
+class SeriesCache:
+    """Read access to one cached series; arrays are memory-mapped, so opening is cheap."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder = folder
+        self.meta = meta
+        self.series_uid: str = meta["series_uid"]
+        self.geometry = Geometry.from_dict(meta["geometry"])
+        self.shape_irc: tuple[int, int, int] = tuple(meta["shape_irc"])  # full volume
+        self.crop_rc: tuple[int, int] = tuple(meta["crop_rc"])  # offset of hu[0, 0, 0]
+        self.positive_indices = np.asarray(meta["positive_indices"], dtype=np.int64)
+        self.nodules = [CacheEntryNodule(tuple(n["center_xyz"]), tuple(n["center_irc"]),
+                                         n["diameter_mm"], n["is_malignant"])
+                        for n in meta["nodules"]]
+
+    @cached_property
+    def hu(self) -> np.ndarray:
+        """(I, r, c) int16, cropped in-plane at ``crop_rc``."""
+        return np.load(self.folder / "hu.npy", mmap_mode="r")
+
+    @cached_property
+    def _packed_mask(self) -> np.ndarray:
+        return np.load(self.folder / "mask.npy", mmap_mode="r")
+
+    @cached_property
+    def chunks(self) -> np.ndarray:
+        """(N, I, R, C) int16 training chunks, one per nodule, in ``nodules`` order."""
+        return np.load(self.folder / "chunks.npy")
+
+    @cached_property
+    def chunk_masks(self) -> np.ndarray:
+        return np.load(self.folder / "chunk_masks.npy")
+
+    def mask_slice(self, index: int) -> np.ndarray:
+        """(r, c) bool nodule mask of one slice (cropped like ``hu``)."""
+        rows, cols = self.hu.shape[1:]
+        bits = np.unpackbits(self._packed_mask[index], count=rows * cols)
+        return bits.reshape(rows, cols).view(bool)
+
+    def mask(self) -> np.ndarray:
+        """(I, r, c) bool nodule mask of the whole (cropped) volume."""
+        rows, cols = self.hu.shape[1:]
+        bits = np.unpackbits(np.asarray(self._packed_mask), axis=1, count=rows * cols)
+        return bits.reshape(-1, rows, cols).view(bool)
+
+    def context_stack(self, index: int, context_slices: int) -> np.ndarray:
+        """(2*context+1, r, c) int16 slices around ``index``; edges repeat the end slices."""
+        return pad_crop(self.hu, (index - context_slices, 0, 0),
+                        (2 * context_slices + 1, *self.hu.shape[1:]), 0)
+
+    def chunk(self, center_irc: Sequence[int], size_irc: Sequence[int], *,
+              fill_hu: int = -1000) -> tuple[np.ndarray, np.ndarray]:
+        """(HU chunk, mask chunk) of ``size_irc`` centred on a full-volume voxel, padded at
+        the edges (slices repeat, rows/columns get ``fill_hu`` and an empty mask)."""
+        size = np.asarray(size_irc, dtype=np.int64)
+        start = np.asarray(center_irc, dtype=np.int64) - size // 2
+        start[1:] -= self.crop_rc
+        hu = pad_crop(self.hu, start, size, fill_hu)
+        mask_rows = [self.mask_slice(i) for i in
+                     np.clip(np.arange(start[0], start[0] + size[0]), 0, self.hu.shape[0] - 1)]
+        mask = pad_crop(np.stack(mask_rows), (0, *start[1:]), size, False)
+        return hu, mask
+
+
+class Cache:
+    """A prepcache folder: ``cache[uid]`` opens one series, ``series_uids`` lists them."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise DataError(f"{self.folder}: no cache here; run `lunaseg prepcache` first")
+        self._metas: dict[str, dict] = {}
+        for meta_path in sorted(self.folder.glob("*/meta.json")):
+            if meta_path.parent.name.startswith("."):
+                continue
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                log.warning("%s: unreadable cache entry; run prepcache to rebuild it", meta_path)
+                continue
+            self._metas[meta["series_uid"]] = meta
+
+    @property
+    def series_uids(self) -> list[str]:
+        return sorted(self._metas)
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def __contains__(self, series_uid: str) -> bool:
+        return series_uid in self._metas
+
+    def __getitem__(self, series_uid: str) -> SeriesCache:
+        if series_uid not in self._metas:
+            raise DataError(f"{self.folder}: series {series_uid} is not cached")
+        return SeriesCache(self.folder / series_uid, self._metas[series_uid])
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclass
+class _Job:
+    series_uid: str
+    source: Path
+    nodules: list[tuple[tuple[float, float, float], float, bool]]
+    key: dict
+    mask_config: MaskConfig
+    chunk_irc: tuple[int, int, int]
+    outline_mask: Path | None
+
+
+@dataclass
+class PrepcacheSummary:
+    """What one prepcache run did."""
+
+    built: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"prepcache: {len(self.built)} built, {len(self.skipped)} up to date, "
+                f"{len(self.failed)} failed in {self.seconds:.1f} s")
+
+
+def _source_signature(mhd: Path) -> list:
+    """Size and mtime of the header and of every file it names (the .raw)."""
+    files = [mhd]
+    if mhd.suffix.lower() == ".mhd":
+        for line in mhd.read_text(errors="replace").splitlines():
+            if line.replace(" ", "").startswith("ElementDataFile="):
+                name = line.split("=", 1)[1].strip()
+                if name.upper() != "LOCAL":
+                    files.append(mhd.parent / name)
+    signature = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            raise DataError(f"{mhd}: data file {path.name} is missing") from None
+        signature.append([path.name, stat.st_size, stat.st_mtime_ns])
+    return signature
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _body_crop(hu: np.ndarray) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) of the in-plane box holding every non-air voxel, plus margin."""
+    dense = (hu > _BODY_HU).any(axis=0)
+    rows = np.flatnonzero(dense.any(axis=1))
+    cols = np.flatnonzero(dense.any(axis=0))
+    if rows.size == 0:
+        return 0, hu.shape[1], 0, hu.shape[2]
+    row0 = max(int(rows[0]) - _CROP_MARGIN_PX, 0)
+    row1 = min(int(rows[-1]) + 1 + _CROP_MARGIN_PX, hu.shape[1])
+    col0 = max(int(cols[0]) - _CROP_MARGIN_PX, 0)
+    col1 = min(int(cols[-1]) + 1 + _CROP_MARGIN_PX, hu.shape[2])
+    return row0, row1, col0, col1
+
+
+def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"{path}: no outline mask (only `lunaseg import-lidc` data has them; "
+                        f"use --masks heuristic)")
+    outline = load_ct(path)
+    if outline.hu.shape != shape or not outline.geometry.allclose(geometry, atol=1e-3):
+        raise DataError(f"{path}: outline mask does not match its CT's size or geometry")
+    return outline.hu > 0
+
+
+def _build_entry(job: _Job, cache_dir: Path) -> str:
+    """Build one series entry under a temporary name, then rename it into place."""
+    ct = load_ct(job.source, job.series_uid)
+    hu = ct.hu
+    shape = hu.shape
+    if job.outline_mask is not None:
+        mask = _load_outline_mask(job.outline_mask, shape, ct.geometry)
+    else:
+        mask = annotation_mask(hu, ct.geometry, [(n[0], n[1]) for n in job.nodules],
+                               job.mask_config)
+    row0, row1, col0, col1 = _body_crop(hu)
+    hu_crop = np.ascontiguousarray(hu[:, row0:row1, col0:col1])
+    mask_crop = mask[:, row0:row1, col0:col1]
+    tmp = cache_dir / f".tmp-{job.series_uid}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        np.save(tmp / "hu.npy", hu_crop)
+        np.save(tmp / "mask.npy", np.packbits(mask_crop.reshape(shape[0], -1), axis=1))
+        nodules, chunks, chunk_masks = [], [], []
+        size = np.asarray(job.chunk_irc)
+        for center_xyz, diameter_mm, malignant in job.nodules:
+            center_irc = ct.xyz_to_irc(np.asarray(center_xyz))
+            if np.any(center_irc < 0) or np.any(center_irc >= shape):
+                continue  # the nodule lies outside this (partial) volume
+            start = center_irc - size // 2
+            chunks.append(pad_crop(hu, start, size, -1000))
+            chunk_masks.append(pad_crop(mask, start, size, False))
+            nodules.append({"center_xyz": [float(v) for v in center_xyz],
+                            "center_irc": [int(v) for v in center_irc],
+                            "diameter_mm": float(diameter_mm), "is_malignant": bool(malignant)})
+        chunk_shape = (0, *job.chunk_irc)
+        np.save(tmp / "chunks.npy",
+                np.stack(chunks) if chunks else np.zeros(chunk_shape, np.int16))
+        np.save(tmp / "chunk_masks.npy",
+                np.stack(chunk_masks) if chunk_masks else np.zeros(chunk_shape, bool))
+        meta = {
+            "format": FORMAT_VERSION,
+            "series_uid": job.series_uid,
+            "key": job.key,
+            "geometry": ct.geometry.to_dict(),
+            "shape_irc": list(shape),
+            "crop_rc": [row0, col0],
+            "positive_indices": positive_slices(mask).tolist(),
+            "nodules": nodules,
+            "crc32": {name: _crc32(tmp / name) for name in _ARRAYS},
+            "sizes": {name: (tmp / name).stat().st_size for name in _ARRAYS},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _swap_into_place(tmp, cache_dir / job.series_uid)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return job.series_uid
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _entry_state(folder: Path, key: dict, *, verify: bool) -> str:
+    """'ok', 'stale' (source or settings changed) or 'corrupt' for an existing entry."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return "missing" if not folder.exists() else "corrupt"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return "corrupt"
+    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+        return "stale"
+    for name in _ARRAYS:
+        path = folder / name
+        if not path.exists() or path.stat().st_size != meta["sizes"][name]:
+            return "corrupt"
+        if verify and _crc32(path) != meta["crc32"][name]:
+            return "corrupt"
+    return "ok"
+
+
+def _nodule_key(nodules: list) -> str:
+    text = json.dumps(sorted([list(n[0]), n[1], n[2]] for n in nodules))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+              config: CacheConfig | None = None, mask_config: MaskConfig | None = None,
+              check: bool = False, series: Sequence[str] | None = None,
+              progress: bool = True) -> PrepcacheSummary:
+    """Build or refresh the cache of every series under ``data_dir`` (default cache:
+    ``<data_dir>/cache``).  ``check`` re-verifies every entry's checksums."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    config = config or CacheConfig()
+    mask_config = mask_config or MaskConfig(method=config.masks)
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(cache_dir.glob(".tmp-*")) + list(cache_dir.glob(".old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    sources = find_series(data_dir)
+    if series is not None:
+        missing = sorted(set(series) - set(sources))
+        if missing:
+            raise DataError(f"{data_dir}: series not found: {', '.join(missing)}")
+        sources = {uid: sources[uid] for uid in series}
+    if not sources:
+        raise DataError(f"{data_dir}: no <series-uid>.mhd files found")
+    candidates = load_candidates(data_dir, series_on_disk=sources.keys())
+    summary = PrepcacheSummary()
+    jobs = []
+    for uid, source in sources.items():
+        nodules = [(c.center_xyz, c.diameter_mm, c.is_malignant)
+                   for c in candidates.get(uid, []) if c.is_nodule and c.has_annotation]
+        outline = (outline_mask_path(data_dir, uid) if config.masks == "outline" else None)
+        key = {"source": _source_signature(source), "nodules": _nodule_key(nodules),
+               "masks": config.masks, "mask_config": [mask_config.threshold_hu,
+                                                      mask_config.min_radius_vox,
+                                                      mask_config.bound_by_diameter],
+               "chunk_irc": list(config.chunk_irc)}
+        if outline is not None and outline.exists():
+            key["outline"] = _source_signature(outline)
+        state = _entry_state(cache_dir / uid, key, verify=check)
+        if state == "ok":
+            summary.skipped.append(uid)
+            continue
+        if state == "corrupt":
+            log.warning("%s: cache entry is damaged; rebuilding it", cache_dir / uid)
+        jobs.append(_Job(uid, source, nodules, key, mask_config, tuple(config.chunk_irc),
+                         outline))
+    workers = config.workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(jobs)))
+    bar = tqdm(total=len(jobs), desc="prepcache", unit="series", disable=not progress)
+    if workers == 1:
+        for job in jobs:
+            _run_job(job, cache_dir, summary)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_build_entry, job, cache_dir): job for job in jobs}
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    summary.built.append(future.result())
+                except DataError as error:
+                    summary.failed[job.series_uid] = str(error)
+                    log.error("%s", error)
+                bar.update()
+    bar.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _run_job(job: _Job, cache_dir: Path, summary: PrepcacheSummary) -> None:
+    try:
+        summary.built.append(_build_entry(job, cache_dir))
+    except DataError as error:
+        summary.failed[job.series_uid] = str(error)
+        log.error("%s", error)

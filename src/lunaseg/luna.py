@@ -1,0 +1,235 @@
+"""The LUNA16 layout: ``<uid>.mhd`` files under a root, and its annotation / candidate CSVs.
+
+Users often hold only some of the ten subsets, so every reader here works on a partial
+download: rows for series that are not on disk are dropped and counted in one warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+from lunaseg.errors import DataError
+
+__all__ = [
+    "Nodule", "CandidateRow", "CandidateInfo", "find_series", "read_nodules", "read_candidates",
+    "read_excluded", "load_candidates", "write_csv", "outline_mask_path",
+    "ANNOTATION_COLUMNS", "MALIGNANCY_COLUMNS", "CANDIDATE_COLUMNS",
+]
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+MALIGNANCY_COLUMNS = ANNOTATION_COLUMNS + (
+    "mal_bool", "mal_details", "bboxLowX", "bboxLowY", "bboxLowZ",
+    "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details")
+CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+
+# Files tried, best first: the de-duplicated list with malignancy beats the plain one.
+ANNOTATION_FILES = ("annotations_with_malignancy.csv", "annotations.csv")
+CANDIDATE_FILES = ("candidates_V2.csv", "candidates.csv")
+EXCLUDED_FILE = "annotations_excluded.csv"
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """One annotated nodule (or excluded finding) in patient coordinates."""
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    diameter_mm: float
+    is_malignant: bool | None = None  # None when the CSV has no malignancy column
+
+
+class CandidateRow(NamedTuple):
+    """One row of candidates.csv."""
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    is_nodule: bool
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """One candidate location; ``is_nodule`` ones have an annotation match when possible."""
+
+    is_nodule: bool
+    has_annotation: bool
+    is_malignant: bool
+    diameter_mm: float
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+
+
+def outline_mask_path(root: str | os.PathLike, series_uid: str) -> Path:
+    """Where an imported dataset keeps the reader-outline mask of a series."""
+    return Path(root) / "masks" / f"{series_uid}.mha"
+
+
+def find_series(root: str | os.PathLike) -> dict[str, Path]:
+    """Map series UID -> ``.mhd`` path for every ``<uid>.mhd`` below ``root`` (any depth)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.mhd")):
+        if path.parent.name == "masks" or path.name.startswith("."):
+            continue
+        uid = path.name[: -len(".mhd")]
+        if uid in found:
+            log.warning("%s: series %s also at %s; using the first", path, uid, found[uid])
+            continue
+        found[uid] = path
+    return found
+
+
+def _read_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                f"found {', '.join(columns) or 'none'}")
+            return list(reader)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a valid CSV file ({error})") from None
+
+
+def _float(row: dict[str, str], key: str, path: Path, line: int) -> float:
+    try:
+        return float(row[key])
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: line {line}: {key} is not a number: {row[key]!r}") from None
+
+
+def _xyz(row: dict[str, str], path: Path, line: int) -> tuple[float, float, float]:
+    return (_float(row, "coordX", path, line), _float(row, "coordY", path, line),
+            _float(row, "coordZ", path, line))
+
+
+def _keep_on_disk(items: list, available: Iterable[str] | None, what: str, path: Path) -> list:
+    if available is None:
+        return items
+    available = set(available)
+    kept = [item for item in items if item.series_uid in available]
+    dropped = {item.series_uid for item in items} - available
+    if dropped:
+        log.warning("%s: %d of its series are not on disk; skipped %d %s",
+                    path, len(dropped), len(items) - len(kept), what)
+    return kept
+
+
+def read_nodules(path: str | os.PathLike, *,
+                 available: Iterable[str] | None = None) -> list[Nodule]:
+    """Nodules from annotations.csv, annotations_with_malignancy.csv or annotations_excluded.csv.
+
+    ``available`` (series UIDs on disk) drops the other rows with one warning.
+    """
+    path = Path(path)
+    rows = _read_rows(path, ANNOTATION_COLUMNS)
+    has_malignancy = bool(rows) and "mal_bool" in rows[0]
+    nodules = []
+    for line, row in enumerate(rows, start=2):
+        malignant = None
+        if has_malignancy:
+            flag = row["mal_bool"].strip().lower()
+            if flag not in ("true", "false", "1", "0"):
+                raise DataError(f"{path}: line {line}: mal_bool is not True/False: "
+                                f"{row['mal_bool']!r}")
+            malignant = flag in ("true", "1")
+        nodules.append(Nodule(row["seriesuid"], _xyz(row, path, line),
+                              _float(row, "diameter_mm", path, line), malignant))
+    return _keep_on_disk(nodules, available, "annotations", path)
+
+
+def read_excluded(path: str | os.PathLike, *,
+                  available: Iterable[str] | None = None) -> list[Nodule]:
+    """Irrelevant findings (annotations_excluded.csv); same columns as annotations.csv."""
+    return read_nodules(path, available=available)
+
+
+def read_candidates(path: str | os.PathLike, *,
+                    available: Iterable[str] | None = None) -> list[CandidateRow]:
+    """Rows of candidates.csv / candidates_V2.csv."""
+    path = Path(path)
+    rows = _read_rows(path, CANDIDATE_COLUMNS)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        label = row["class"].strip()
+        if label not in ("0", "1"):
+            raise DataError(f"{path}: line {line}: class must be 0 or 1, got {label!r}")
+        out.append(CandidateRow(row["seriesuid"], _xyz(row, path, line), label == "1"))
+    return _keep_on_disk(out, available, "candidates", path)
+
+
+def _match_annotation(center_xyz: np.ndarray, nodules: list[Nodule]) -> Nodule | None:
+    """The annotation whose centre lies within a quarter diameter on every axis (book rule)."""
+    for nodule in nodules:
+        delta = np.abs(center_xyz - np.asarray(nodule.center_xyz))
+        if np.all(delta <= nodule.diameter_mm / 4):
+            return nodule
+    return None
+
+
+def load_candidates(root: str | os.PathLike, *,
+                    series_on_disk: Iterable[str] | None = None) -> dict[str, list[CandidateInfo]]:
+    """Candidate records grouped by series, from the CSVs found in ``root``.
+
+    Annotated nodules come first (every one of them, with diameter and malignancy), then the
+    non-nodule rows of candidates.csv.  Candidate nodules that match no annotation keep
+    diameter 0 (the book's convention).  Series not on disk are skipped with one warning.
+    """
+    root = Path(root)
+    if series_on_disk is None:
+        series_on_disk = find_series(root).keys()
+    series_on_disk = set(series_on_disk)
+    annotation_file = next((root / n for n in ANNOTATION_FILES if (root / n).exists()), None)
+    nodules = [] if annotation_file is None else read_nodules(annotation_file,
+                                                              available=series_on_disk)
+    by_series: dict[str, list[CandidateInfo]] = defaultdict(list)
+    nodules_by_series: dict[str, list[Nodule]] = defaultdict(list)
+    for nodule in nodules:
+        nodules_by_series[nodule.series_uid].append(nodule)
+        by_series[nodule.series_uid].append(CandidateInfo(
+            True, True, bool(nodule.is_malignant), nodule.diameter_mm, nodule.series_uid,
+            nodule.center_xyz))
+    candidate_file = next((root / n for n in CANDIDATE_FILES if (root / n).exists()), None)
+    if candidate_file is not None:
+        for uid, center_xyz, is_nodule in read_candidates(candidate_file,
+                                                          available=series_on_disk):
+            if not is_nodule:
+                by_series[uid].append(CandidateInfo(False, False, False, 0.0, uid, center_xyz))
+            elif _match_annotation(np.asarray(center_xyz), nodules_by_series[uid]) is None:
+                by_series[uid].append(CandidateInfo(True, False, False, 0.0, uid, center_xyz))
+    if annotation_file is None and candidate_file is None:
+        log.warning("%s: no annotations or candidates CSV found", root)
+    return dict(by_series)
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """Write a CSV atomically (temp file + rename), so a killed run leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

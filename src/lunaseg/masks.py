@@ -1,0 +1,110 @@
+"""Voxel masks: nodule masks from annotation centres (SPEC §4) and a coarse lung mask.
+
+Annotations give a centre and a diameter; training needs voxels.  The default is the book's
+heuristic, made edge-safe: grow a radius per axis from the centre while both sides stay
+denser than ``threshold_hu``, fill the box, keep only the dense voxels inside it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from lunaseg.config import MaskConfig
+from lunaseg.geometry import Geometry
+
+__all__ = ["nodule_radii_irc", "annotation_mask", "positive_slices", "lung_mask"]
+
+
+def _grow_radius(line_hu: np.ndarray, center: int, threshold_hu: float, start: int) -> int:
+    """The book's radius along one axis, made safe at the volume edge.
+
+    The book steps outward while the voxels at +r and -r are both denser than the threshold
+    and returns the first r where either is not.  Past the end of the array it returned r - 1
+    (its IndexError branch) and before the start it silently wrapped around (a negative index),
+    so nodules near slice 0 got wrong boxes.  Here a side that has left the volume no longer
+    votes: the nodule may continue beyond the scan, so the side still inside decides, and
+    growth ends once both sides are outside.  Away from the edges this is the book's rule.
+    """
+    radius = start
+    size = line_hu.shape[0]
+    while True:
+        low, high = center - radius, center + radius
+        inside = [line_hu[i] for i in (low, high) if 0 <= i < size]
+        if not inside:
+            return radius - 1
+        if not all(value > threshold_hu for value in inside):
+            return radius
+        radius += 1
+
+
+def nodule_radii_irc(hu: np.ndarray, center_irc: np.ndarray, config: MaskConfig,
+                     *, diameter_mm: float | None = None,
+                     spacing_irc: np.ndarray | None = None) -> np.ndarray:
+    """Box half-sizes (index, row, col) in voxels for one nodule centre."""
+    i, r, c = (int(v) for v in center_irc)
+    radii = np.array([
+        _grow_radius(hu[:, r, c], i, config.threshold_hu, config.min_radius_vox),
+        _grow_radius(hu[i, :, c], r, config.threshold_hu, config.min_radius_vox),
+        _grow_radius(hu[i, r, :], c, config.threshold_hu, config.min_radius_vox),
+    ])
+    if config.bound_by_diameter and diameter_mm is not None and spacing_irc is not None:
+        # Cap the box at the annotated radius plus one voxel, so a nodule touching a vessel
+        # or the pleura does not spread along it.
+        cap = np.ceil(diameter_mm / 2.0 / np.asarray(spacing_irc)).astype(int) + 1
+        radii = np.minimum(radii, cap)
+    return np.maximum(radii, 0)
+
+
+def annotation_mask(hu: np.ndarray, geometry: Geometry,
+                    nodules: Iterable[tuple[np.ndarray, float]],
+                    config: MaskConfig | None = None) -> np.ndarray:
+    """Boolean (I, R, C) mask of all nodules given as ``(center_xyz, diameter_mm)`` pairs.
+
+    Centres outside the volume are ignored (a partial slab may hold half a nodule list).
+    """
+    config = config or MaskConfig()
+    shape = np.asarray(hu.shape)
+    spacing_irc = geometry.spacing_xyz[::-1]
+    boxes = np.zeros(hu.shape, dtype=bool)
+    for center_xyz, diameter_mm in nodules:
+        center_irc = geometry.xyz_to_irc(np.asarray(center_xyz, dtype=np.float64))
+        if np.any(center_irc < 0) or np.any(center_irc >= shape):
+            continue
+        radii = nodule_radii_irc(hu, center_irc, config, diameter_mm=diameter_mm,
+                                 spacing_irc=spacing_irc)
+        low = np.maximum(center_irc - radii, 0)  # clamped: no negative-index wrap-around
+        high = np.minimum(center_irc + radii + 1, shape)
+        boxes[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
+    return boxes & (hu > config.threshold_hu)
+
+
+def positive_slices(mask: np.ndarray) -> np.ndarray:
+    """Indices of slices holding at least one mask voxel."""
+    return np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+
+
+def lung_mask(hu: np.ndarray, *, air_hu: float = -400.0, step: int = 2) -> np.ndarray:
+    """Coarse boolean lung mask: air inside the body, not connected to the air outside it.
+
+    Computed on every ``step``-th row and column (then repeated back) because it only steers
+    sampling and candidate filtering; dilated slightly so juxta-pleural nodules stay inside.
+    """
+    small = hu[:, ::step, ::step] < air_hu
+    # Air touching the in-plane border of a slice is outside the body (or the table gap).
+    labels, _ = ndimage.label(small, structure=ndimage.generate_binary_structure(3, 1))
+    border = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    border_labels = np.unique(border[border > 0])
+    outside = np.isin(labels, border_labels)
+    lungs = small & ~outside
+    # Closing then per-slice hole filling takes in vessels and nodules inside the lung;
+    # the dilation keeps nodules that sit on the pleura.
+    lungs = ndimage.binary_closing(lungs, structure=np.ones((1, 5, 5), bool))
+    for index in range(lungs.shape[0]):
+        lungs[index] = ndimage.binary_fill_holes(lungs[index])
+    lungs = ndimage.binary_dilation(lungs, structure=np.ones((1, 5, 5), bool))
+    full = lungs.repeat(step, axis=1).repeat(step, axis=2)
+    return full[:, : hu.shape[1], : hu.shape[2]]

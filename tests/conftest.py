@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny hand-made LUNA16-layout dataset and the path to ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lunaseg.ct import write_image
+from lunaseg.geometry import Geometry
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when the folder is not there (a user's clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (real CT data lives in ../shared beside the repo)")
+    return path
+
+
+def tiny_volume(rng: np.random.Generator, shape_irc=(20, 64, 64)) -> np.ndarray:
+    """Body ellipse (+40 HU) around a lung-like core (-850 HU) with noise, air outside."""
+    i, r, c = np.indices(shape_irc)
+    rr = (r - shape_irc[1] / 2) / (shape_irc[1] * 0.42)
+    cc = (c - shape_irc[2] / 2) / (shape_irc[2] * 0.45)
+    hu = np.full(shape_irc, -1000.0)
+    hu[rr**2 + cc**2 < 1] = 40
+    hu[rr**2 + cc**2 < 0.7] = -850
+    hu += rng.normal(0, 15, shape_irc)
+    return hu.astype(np.int16)
+
+
+def add_sphere(hu: np.ndarray, center_irc, radius_irc, value_hu: int = 40) -> None:
+    i, r, c = np.indices(hu.shape)
+    d = sum(((axis - ctr) / rad) ** 2 for axis, ctr, rad in zip((i, r, c), center_irc, radius_irc))
+    hu[d <= 1] = value_hu
+
+
+@pytest.fixture
+def tiny_luna(tmp_path) -> Path:
+    """Three series in subset0/subset1 with one or two dense nodules each and their CSVs."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "luna"
+    annotations, candidates = [], []
+    for k in range(3):
+        uid = f"1.2.826.0.1.3680043.8.498.{1000 + k}"
+        geometry = Geometry.identity(spacing_xyz=(0.8, 0.8, 2.0),
+                                     origin_xyz=(-25.0 - k, -30.0, -100.0 + 10 * k))
+        hu = tiny_volume(rng)
+        centers_irc = [(10, 28, 24)] if k != 1 else [(6, 30, 36), (13, 34, 22)]
+        for center in centers_irc:
+            add_sphere(hu, center, (2, 5, 5))
+            xyz = geometry.irc_to_xyz(np.asarray(center, float))
+            annotations.append([uid, *xyz.round(4), 8.0])
+            candidates.append([uid, *(xyz + 0.3).round(4), 1])
+        candidates.append([uid, *geometry.irc_to_xyz(np.array([5.0, 20, 20])).round(4), 0])
+        write_image(hu, geometry, root / f"subset{k % 2}" / f"{uid}.mhd")
+    write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, annotations)
+    write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
+    return root

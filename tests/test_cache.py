@@ -1,0 +1,109 @@
+"""The prepcache: exact contents, incremental, atomic, self-repairing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lunaseg.cache import Cache, pad_crop, prepcache
+from lunaseg.config import CacheConfig
+from lunaseg.ct import load_ct
+from lunaseg.errors import DataError
+from lunaseg.luna import find_series
+from lunaseg.masks import annotation_mask
+
+SERIAL = CacheConfig(workers=1, chunk_irc=(7, 32, 32))
+
+
+def test_cache_holds_what_training_reads(tiny_luna, tmp_path):
+    summary = prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
+    assert len(summary.built) == 3 and not summary.failed
+    cache = Cache(tmp_path / "cache")
+    assert cache.series_uids == sorted(find_series(tiny_luna))
+    for uid, path in find_series(tiny_luna).items():
+        ct = load_ct(path)
+        entry = cache[uid]
+        row0, col0 = entry.crop_rc
+        rows, cols = entry.hu.shape[1:]
+        # The crop drops only air: every voxel outside it is below -500 HU.
+        outside = np.ones(ct.hu.shape[1:], bool)
+        outside[row0:row0 + rows, col0:col0 + cols] = False
+        assert (ct.hu[:, outside] < -500).all()
+        np.testing.assert_array_equal(entry.hu, ct.hu[:, row0:row0 + rows, col0:col0 + cols])
+        assert entry.geometry.allclose(ct.geometry) and entry.shape_irc == ct.hu.shape
+        mask = annotation_mask(ct.hu, ct.geometry,
+                               [(n.center_xyz, n.diameter_mm) for n in entry.nodules])
+        np.testing.assert_array_equal(entry.mask(), mask[:, row0:row0 + rows, col0:col0 + cols])
+        np.testing.assert_array_equal(entry.positive_indices,
+                                      np.flatnonzero(mask.any(axis=(1, 2))))
+        for k, nodule in enumerate(entry.nodules):
+            i, r, c = nodule.center_irc
+            chunk, chunk_mask = entry.chunk(nodule.center_irc, (7, 32, 32))
+            np.testing.assert_array_equal(entry.chunks[k], chunk)
+            np.testing.assert_array_equal(entry.chunk_masks[k], chunk_mask)
+            assert chunk[3, 16, 16] == ct.hu[i, r, c] and chunk_mask[3, 16, 16]
+        stack = entry.context_stack(0, 3)  # first slice: context repeats slice 0
+        assert stack.shape == (7, rows, cols)
+        for channel, index in enumerate([0, 0, 0, 0, 1, 2, 3]):
+            np.testing.assert_array_equal(stack[channel], entry.hu[index])
+
+
+def test_incremental_and_corruption_repair(tiny_luna, tmp_path):
+    cache_dir = tmp_path / "cache"
+    prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
+    again = prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
+    assert len(again.skipped) == 3 and not again.built
+    uids = sorted(find_series(tiny_luna))
+    # A truncated array is noticed without --check (size), a flipped byte only with it.
+    hu_file = cache_dir / uids[0] / "hu.npy"
+    hu_file.write_bytes(hu_file.read_bytes()[:-10])
+    chunks_file = cache_dir / uids[1] / "chunks.npy"
+    data = bytearray(chunks_file.read_bytes())
+    data[-3] ^= 0xFF
+    chunks_file.write_bytes(bytes(data))
+    quick = prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
+    assert quick.built == [uids[0]]
+    checked = prepcache(tiny_luna, cache_dir, config=SERIAL, check=True, progress=False)
+    assert checked.built == [uids[1]] and len(checked.skipped) == 2
+    # A changed source file or nodule list rebuilds just that entry.
+    source = find_series(tiny_luna)[uids[2]]
+    source.write_text(source.read_text())  # new mtime
+    assert prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False).built == [uids[2]]
+    # A half-written entry from a killed run is cleaned up and never listed.
+    (cache_dir / f".tmp-{uids[0]}-999").mkdir()
+    prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
+    assert not list(cache_dir.glob(".tmp-*"))
+    meta = json.loads((cache_dir / uids[0] / "meta.json").read_text())
+    assert meta["series_uid"] == uids[0]
+
+
+def test_parallel_build_matches_serial(tiny_luna, tmp_path):
+    prepcache(tiny_luna, tmp_path / "a", config=SERIAL, progress=False)
+    parallel = CacheConfig(workers=2, chunk_irc=(7, 32, 32))
+    prepcache(tiny_luna, tmp_path / "b", config=parallel, progress=False)
+    a, b = Cache(tmp_path / "a"), Cache(tmp_path / "b")
+    for uid in a.series_uids:
+        np.testing.assert_array_equal(a[uid].hu, b[uid].hu)
+        np.testing.assert_array_equal(a[uid].chunks, b[uid].chunks)
+
+
+def test_bad_source_is_reported_and_others_build(tiny_luna, tmp_path):
+    uid, path = next(iter(find_series(tiny_luna).items()))
+    path.with_suffix(".raw").write_bytes(b"\0" * 10)
+    summary = prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
+    assert list(summary.failed) == [uid] and len(summary.built) == 2
+    assert str(path) in summary.failed[uid]
+    with pytest.raises(DataError, match="no <series-uid>.mhd"):
+        prepcache(tmp_path / "cache", tmp_path / "c2", config=SERIAL, progress=False)
+
+
+def test_pad_crop_pads_instead_of_shifting():
+    volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    out = pad_crop(volume, (-2, -1, 4), (3, 3, 4), fill=-1)
+    assert out.shape == (3, 3, 4)
+    np.testing.assert_array_equal(out[:, 0], -1)  # row -1 is outside: filled
+    np.testing.assert_array_equal(out[:, :, 2:], -1)  # columns 6, 7 are outside
+    np.testing.assert_array_equal(out[0, 1:, :2], volume[0, :2, 4:])  # slice -2 repeats slice 0
+    np.testing.assert_array_equal(out[2, 1:, :2], volume[0, :2, 4:])
