@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 _ARRAYS = ("hu.npy", "mask.npy", "chunks.npy", "chunk_masks.npy")
 _BODY_HU = -500.0  # anything denser is body, table or bone; the crop keeps all of it
 _CROP_MARGIN_PX = 8
+MAX_LOOKALIKES = 400  # per series: LUNA16's candidates.csv has ~600 per scan, mostly alike
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class SeriesCache:
         self.shape_irc: tuple[int, int, int] = tuple(meta["shape_irc"])  # full volume
         self.crop_rc: tuple[int, int] = tuple(meta["crop_rc"])  # offset of hu[0, 0, 0]
         self.positive_indices = np.asarray(meta["positive_indices"], dtype=np.int64)
+        self.lookalikes_irc = np.asarray(meta["lookalikes_irc"], dtype=np.int64).reshape(-1, 3)
         self.nodules = [CacheEntryNodule(tuple(n["center_xyz"]), tuple(n["center_irc"]),
                                          n["diameter_mm"], n["is_malignant"])
                         for n in meta["nodules"]]
@@ -190,6 +192,7 @@ class _Job:
     series_uid: str
     source: Path
     nodules: list[tuple[tuple[float, float, float], float, bool]]
+    lookalikes_xyz: list[tuple[float, float, float]]
     key: dict
     mask_config: MaskConfig
     chunk_irc: tuple[int, int, int]
@@ -306,6 +309,7 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
             "crop_rc": [row0, col0],
             "positive_indices": positive_slices(mask).tolist(),
             "nodules": nodules,
+            "lookalikes_irc": _lookalikes_irc(ct.geometry, shape, mask, job.lookalikes_xyz),
             "crc32": {name: _crc32(tmp / name) for name in _ARRAYS},
             "sizes": {name: (tmp / name).stat().st_size for name in _ARRAYS},
         }
@@ -315,6 +319,19 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return job.series_uid
+
+
+def _lookalikes_irc(geometry: Geometry, shape: tuple[int, ...], mask: np.ndarray,
+                    centers_xyz: list) -> list[list[int]]:
+    """Voxels of non-nodule candidates (vessels and other look-alikes) off the nodule mask;
+    training cuts its hard-negative crops around them."""
+    if not centers_xyz:
+        return []
+    irc = geometry.xyz_to_irc(np.asarray(centers_xyz, dtype=np.float64))
+    inside = np.all((irc >= 0) & (irc < np.asarray(shape)), axis=1)
+    irc = irc[inside]
+    irc = irc[~mask[irc[:, 0], irc[:, 1], irc[:, 2]]]
+    return irc[:MAX_LOOKALIKES].tolist()
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -378,10 +395,13 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
     summary = PrepcacheSummary()
     jobs = []
     for uid, source in sources.items():
+        records = candidates.get(uid, [])
         nodules = [(c.center_xyz, c.diameter_mm, c.is_malignant)
-                   for c in candidates.get(uid, []) if c.is_nodule and c.has_annotation]
+                   for c in records if c.is_nodule and c.has_annotation]
+        lookalikes = [c.center_xyz for c in records if not c.is_nodule]
         outline = (outline_mask_path(data_dir, uid) if config.masks == "outline" else None)
         key = {"source": _source_signature(source), "nodules": _nodule_key(nodules),
+               "lookalikes": _nodule_key([(xyz, 0.0, False) for xyz in lookalikes]),
                "masks": config.masks, "mask_config": [mask_config.threshold_hu,
                                                       mask_config.min_radius_vox,
                                                       mask_config.bound_by_diameter],
@@ -394,7 +414,7 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
             continue
         if state == "corrupt":
             log.warning("%s: cache entry is damaged; rebuilding it", cache_dir / uid)
-        jobs.append(_Job(uid, source, nodules, key, mask_config, tuple(config.chunk_irc),
+        jobs.append(_Job(uid, source, nodules, lookalikes, key, mask_config, tuple(config.chunk_irc),
                          outline))
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(jobs)))

@@ -1,0 +1,316 @@
+"""Samples cut from the prepcache: training crops and whole validation slices (SPEC §6).
+
+Training does not go through a DataLoader: every training chunk (a few hundred KB per
+nodule) is held in one tensor on the training device and each batch is cut from it with one
+gather, so data loading costs microseconds and never starves a GPU.  Validation reads whole
+slices (context stacks) through an ordinary ``Dataset``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from lunaseg.cache import Cache
+from lunaseg.config import DataConfig
+from lunaseg.errors import ConfigError, DataError
+
+__all__ = ["split_series", "CropBank", "positive_bank", "negative_bank", "TrainingSampler",
+           "SliceDataset", "SeriesBatchSampler", "validation_items", "rank_share", "pad_to_multiple"]
+
+log = logging.getLogger(__name__)
+
+_LUNG_HU = -600.0  # a negative crop's neighbourhood must be at least partly this airy
+_MIN_LUNG_SHARE = 0.3
+
+
+def split_series(series_uids: Sequence[str], config: DataConfig) -> dict[str, list[str]]:
+    """Split by series, never by slice: sorted; every ``val_stride``-th validates, then every
+    ``test_stride``-th of the rest is held out for testing (0 = no test split)."""
+    uids = sorted(series_uids)
+    if config.val_stride < 2:
+        raise ConfigError(f"val_stride must be >= 2, got {config.val_stride}")
+    val = uids[::config.val_stride]
+    rest = [uid for k, uid in enumerate(uids) if k % config.val_stride]
+    test = rest[::config.test_stride] if config.test_stride > 0 else []
+    train = [uid for uid in rest if uid not in set(test)]
+    return {"train": train, "val": val, "test": test}
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int, fill: float | int) -> np.ndarray:
+    """Pad the last two axes at the bottom/right up to a multiple (the U-Net halves twice)."""
+    height, width = array.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return array
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    return np.pad(array, widths, constant_values=fill)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class CropBank:
+    """Chunks (N, C, S, S) with their centre-slice labels (N, S, S), on one device."""
+
+    def __init__(self, hu: torch.Tensor, label: torch.Tensor):
+        if hu.shape[0] != label.shape[0] or hu.shape[-2:] != label.shape[-2:]:
+            raise ValueError(f"chunks {tuple(hu.shape)} and labels {tuple(label.shape)} differ")
+        self.hu = hu
+        self.label = label
+
+    def __len__(self) -> int:
+        return int(self.hu.shape[0])
+
+    def to(self, device: torch.device | str) -> "CropBank":
+        return CropBank(self.hu.to(device), self.label.to(device))
+
+    def crops(self, index: torch.Tensor, crop_px: int, generator: torch.Generator,
+              *, random_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, crop, crop) int16 and (B, 1, crop, crop) bool at random offsets (book: 0..31
+        for 64 out of 96), one gather for the whole batch."""
+        size = self.hu.shape[-1]
+        if crop_px > size:
+            raise ConfigError(f"crop_px {crop_px} is larger than the cached chunks ({size})")
+        device = self.hu.device
+        batch = index.shape[0]
+        if random_offset:
+            offset = torch.randint(0, size - crop_px + 1, (batch, 2), generator=generator,
+                                   device=generator.device).to(device)
+        else:
+            offset = torch.full((batch, 2), (size - crop_px) // 2, device=device)
+        steps = torch.arange(crop_px, device=device)
+        rows = (offset[:, 0, None] + steps)[:, :, None]  # (B, crop, 1)
+        cols = (offset[:, 1, None] + steps)[:, None, :]  # (B, 1, crop)
+        n = index.to(device)[:, None, None]
+        label = self.label[n, rows, cols].unsqueeze(1)
+        hu = self.hu[n[:, None], torch.arange(self.hu.shape[1], device=device)[None, :, None,
+                                                                                  None],
+                     rows[:, None], cols[:, None]]
+        return hu, label
+
+
+def _chunk_label(chunk_masks: np.ndarray) -> np.ndarray:
+    return chunk_masks[:, chunk_masks.shape[1] // 2]
+
+
+def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) -> CropBank:
+    """One chunk per annotated nodule of the given series (read from the cache)."""
+    chunks, labels = [], []
+    for uid in series_uids:
+        entry = cache[uid]
+        if entry.chunks.shape[1:] != tuple(config.chunk_irc):
+            raise DataError(f"{cache.folder}: cached chunks are {entry.chunks.shape[1:]}, the "
+                            f"training config wants {tuple(config.chunk_irc)}; re-run prepcache "
+                            f"with --chunk {','.join(map(str, config.chunk_irc))}")
+        if len(entry.chunks):
+            chunks.append(entry.chunks)
+            labels.append(_chunk_label(entry.chunk_masks))
+    if not chunks:
+        raise DataError(f"{cache.folder}: the training series hold no annotated nodule")
+    return CropBank(torch.from_numpy(np.concatenate(chunks)),
+                    torch.from_numpy(np.concatenate(labels)))
+
+
+def negative_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig, count: int,
+                  rng: np.random.Generator) -> CropBank:
+    """``count`` chunks away from nodules: half at candidate look-alikes (vessels and the
+    like, the hard negatives, where the dataset lists them), the rest at random dense voxels
+    inside the lungs.  Labels come from the mask, so a crop grazing a nodule stays honest."""
+    size = np.asarray(config.chunk_irc)
+    entries = [cache[uid] for uid in series_uids]
+    chunks, labels = [], []
+    attempts = 0
+    while len(chunks) < count and attempts < 50 * count + 100:
+        attempts += 1
+        entry = entries[rng.integers(len(entries))]
+        if len(entry.lookalikes_irc) and rng.random() < 0.5:
+            center = entry.lookalikes_irc[rng.integers(len(entry.lookalikes_irc))]
+        else:
+            hu = entry.hu
+            local = np.array([rng.integers(n) for n in hu.shape])
+            if hu[tuple(local)] <= config.min_hu + 300:  # want tissue, not air
+                continue
+            center = local + np.array([0, *entry.crop_rc])
+        hu_chunk, mask_chunk = entry.chunk(center, size)
+        if mask_chunk[size[0] // 2].any() and len(chunks) % 4:
+            continue  # mostly pure negatives; one in four may touch a nodule's edge
+        if (hu_chunk[size[0] // 2] < _LUNG_HU).mean() < _MIN_LUNG_SHARE:
+            continue  # not in the lungs
+        chunks.append(hu_chunk)
+        labels.append(mask_chunk[size[0] // 2])
+    if len(chunks) < count:
+        log.warning("found only %d of %d negative crops in the lungs", len(chunks), count)
+    if not chunks:
+        return CropBank(torch.zeros((0, *size), dtype=torch.int16),
+                        torch.zeros((0, *size[1:]), dtype=torch.bool))
+    return CropBank(torch.from_numpy(np.stack(chunks)), torch.from_numpy(np.stack(labels)))
+
+
+@dataclass
+class TrainingSampler:
+    """Yields training batches: random crops of nodule chunks, mixed with negative crops and,
+    for a share of steps, whole slices (chapter exercises 4 and the FP-cutting options).
+
+    Each DDP rank passes its ``rank`` / ``world_size`` and draws its own share of samples.
+    """
+
+    cache: Cache
+    series_uids: Sequence[str]
+    config: DataConfig
+    device: torch.device
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.positives = positive_bank(self.cache, self.series_uids, self.config).to(self.device)
+        fraction = self.config.negative_crop_fraction
+        if not 0 <= fraction < 1:
+            raise ConfigError(f"negative_crop_fraction must be in [0, 1), got {fraction}")
+        self.negatives: CropBank | None = None
+        if fraction > 0:
+            # A pool four times what one epoch of positives asks for keeps negatives varied.
+            count = max(16, int(4 * len(self.positives) * fraction / (1 - fraction)))
+            rng = np.random.default_rng([self.seed, 1])
+            self.negatives = negative_bank(self.cache, self.series_uids, self.config, count,
+                                           rng).to(self.device)
+        self._slices = [(uid, int(i)) for uid in self.series_uids
+                        for i in self.cache[uid].positive_indices]
+
+    @property
+    def samples_per_epoch(self) -> int:
+        if self.config.epoch_samples:
+            return self.config.epoch_samples
+        # One pass over the nodule chunks, plus the negatives mixed in with them.
+        return math.ceil(len(self.positives) / (1 - self.config.negative_crop_fraction))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, math.ceil(self.samples_per_epoch / (batch_size * self.world_size)))
+
+    def batches(self, epoch: int, batch_size: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input (B, C, H, W) float HU clipped, label (B, 1, H, W) bool) for one epoch."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed((self.seed * 1_000_003 + epoch * 1009 + self.rank) & 0x7FFF_FFFF)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 2])
+        for _ in range(self.steps_per_epoch(batch_size)):
+            if self.config.full_slice_fraction > 0 and rng.random() < \
+                    self.config.full_slice_fraction:
+                yield self._full_slice_batch(batch_size, rng)
+            else:
+                yield self._crop_batch(batch_size, generator, rng)
+
+    def _crop_batch(self, batch_size: int, generator: torch.Generator,
+                    rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n_negative = 0
+        if self.negatives is not None and len(self.negatives):
+            n_negative = int(rng.binomial(batch_size, self.config.negative_crop_fraction))
+        n_positive = batch_size - n_negative
+        parts = []
+        for bank, count in ((self.positives, n_positive), (self.negatives, n_negative)):
+            if count:
+                index = torch.randint(len(bank), (count,), generator=generator,
+                                      device=generator.device)
+                parts.append(bank.crops(index, self.config.crop_px, generator))
+        hu = torch.cat([p[0] for p in parts])
+        label = torch.cat([p[1] for p in parts])
+        return self._to_input(hu), label
+
+    def _full_slice_batch(self, batch_size: int, rng: np.random.Generator
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole slices, about as many pixels as a crop batch (at least one slice); half are
+        slices with a nodule, half anywhere in the scan."""
+        uid = self.series_uids[rng.integers(len(self.series_uids))]
+        entry = self.cache[uid]
+        area = entry.hu.shape[1] * entry.hu.shape[2]
+        count = max(1, round(batch_size * self.config.crop_px ** 2 / area))
+        inputs, labels = [], []
+        for _ in range(count):
+            if len(entry.positive_indices) and rng.random() < 0.5:
+                index = int(rng.choice(entry.positive_indices))
+            else:
+                index = int(rng.integers(entry.hu.shape[0]))
+            inputs.append(pad_to_multiple(entry.context_stack(index, self.config.context_slices),
+                                          4, int(self.config.min_hu)))
+            labels.append(pad_to_multiple(entry.mask_slice(index)[None], 4, False))
+        hu = torch.from_numpy(np.stack(inputs)).to(self.device)
+        label = torch.from_numpy(np.stack(labels)).to(self.device)
+        return self._to_input(hu), label
+
+    def _to_input(self, hu: torch.Tensor) -> torch.Tensor:
+        return hu.float().clamp_(self.config.min_hu, self.config.max_hu)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validation_items(cache: Cache, series_uids: Sequence[str], *, full_ct: bool
+                     ) -> list[tuple[str, int]]:
+    """(series, slice) pairs: slices with a nodule, or every slice with ``full_ct``."""
+    items = []
+    for uid in sorted(series_uids):
+        entry = cache[uid]
+        indices = range(entry.hu.shape[0]) if full_ct else entry.positive_indices
+        items.extend((uid, int(i)) for i in indices)
+    return items
+
+
+class SliceDataset(Dataset):
+    """Whole slices with their context: ((C, H, W) float32, (1, H, W) bool, series, index).
+
+    H and W are the cached (body-cropped) size padded to a multiple of 4.
+    """
+
+    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], config: DataConfig):
+        self.cache = cache
+        self.items = list(items)
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        uid, index = self.items[k]
+        entry = self.cache[uid]
+        stack = entry.context_stack(index, self.config.context_slices)
+        stack = np.clip(stack, self.config.min_hu, self.config.max_hu).astype(np.float32)
+        stack = pad_to_multiple(stack, 4, self.config.min_hu)
+        label = pad_to_multiple(entry.mask_slice(index)[None], 4, False)
+        return torch.from_numpy(stack), torch.from_numpy(label), uid, index
+
+
+class SeriesBatchSampler(Sampler[list[int]]):
+    """Batches of consecutive items from one series (so every batch has one slice size)."""
+
+    def __init__(self, items: Sequence[tuple[str, int]], batch_size: int):
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for k, (uid, _) in enumerate(items):
+            if current and (len(current) == batch_size or items[current[0]][0] != uid):
+                self.batches.append(current)
+                current = []
+            current.append(k)
+        if current:
+            self.batches.append(current)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def rank_share(items: Sequence[tuple[str, int]], rank: int, world_size: int
+              ) -> list[tuple[str, int]]:
+    """This rank's share of validation items (whole series per rank keep batches uniform)."""
+    uids = sorted({uid for uid, _ in items})
+    mine = set(uids[rank::world_size])
+    return [item for item in items if item[0] in mine]
+

@@ -1,0 +1,642 @@
+"""LUNA16 scoring: FROC curve, CPM and bootstrap confidence intervals (SPEC §12).
+
+Pure numpy and CSV, so a submission can be scored without torch or the images.
+
+Conventions (the LUNA16 rules, with the choices the rules leave open written down):
+
+* A mark hits a nodule when its Euclidean distance to the nodule centre is <= diameter / 2
+  (compared as squared distances, so "exactly on the radius" is a hit).
+* A mark that hits several (overlapping) nodules credits every one of them.
+* Several marks on one nodule count once, with the best probability.
+* A mark that hits no nodule but lies within an excluded finding is ignored (neither TP nor FP).
+  Excluded findings with a missing or non-positive diameter get a diameter of
+  ``EXCLUDED_DEFAULT_DIAMETER_MM`` (10 mm, what the official kit uses for diameter < 0).
+* Only the ``max_marks_per_scan`` highest-probability marks of each scan are scored; ties at the
+  cut keep the marks that come first in the file.
+* The FROC curve has one point per distinct probability ``t``: (FP marks with p >= t) / scans
+  against (nodules whose best mark has p >= t) / nodules.  Sensitivity at an FP rate is read from
+  the curve started at (0, 0) by linear interpolation (the kit's approach; ``"step"`` gives the
+  conservative reading instead).  A rate beyond the curve's end gets the curve's last (highest)
+  sensitivity; at an FP rate several points share, the highest of their sensitivities is used.
+* The candidate-stage sensitivity ignores the mark cap: it is the share of nodules that any mark
+  hits, which is what a candidate generator is judged on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lunaseg.errors import ConfigError, DataError
+
+__all__ = [
+    "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "Finding", "Mark", "Matches",
+    "NoduleRecord", "FrocResult", "read_annotations", "read_candidates", "match_marks", "froc",
+    "plot_froc", "write_result_json",
+]
+
+log = logging.getLogger(__name__)
+
+EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # official kit: excluded findings with diameter < 0
+LUNA_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+# Largest (bootstrap replicates x scored events) block handled at once; bounds memory to ~100 MB.
+_BLOCK_ELEMENTS = 4_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class Finding:
+    """An annotated nodule or excluded finding: centre (3,) float64 in mm and diameter in mm."""
+
+    center_xyz: np.ndarray
+    diameter_mm: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "center_xyz", _as_xyz(self.center_xyz))
+        object.__setattr__(self, "diameter_mm", float(self.diameter_mm))
+        if not math.isfinite(self.diameter_mm):
+            raise DataError(f"a finding's diameter must be finite, got {self.diameter_mm}")
+
+
+@dataclass(frozen=True, eq=False)
+class Mark:
+    """One CAD mark: centre (3,) float64 in mm and a score (higher = more nodule-like)."""
+
+    center_xyz: np.ndarray
+    probability: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "center_xyz", _as_xyz(self.center_xyz))
+        object.__setattr__(self, "probability", float(self.probability))
+        if not math.isfinite(self.probability):
+            raise DataError(f"a mark's probability must be finite, got {self.probability}")
+
+
+def _as_xyz(value: Any) -> np.ndarray:
+    xyz = np.asarray(value, dtype=np.float64)
+    if xyz.shape != (3,):
+        raise DataError(f"a centre needs 3 coordinates (x, y, z), got shape {xyz.shape}")
+    if not np.all(np.isfinite(xyz)):
+        raise DataError(f"a centre must have finite coordinates, got {xyz.tolist()}")
+    return xyz
+
+
+# --------------------------------------------------------------------------- CSV readers
+
+
+def _open_rows(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
+    """Yield (line number, row) of a headed CSV after checking the header has ``required``."""
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = [name.strip() for name in (reader.fieldnames or [])]
+            reader.fieldnames = columns  # tolerate "seriesuid, coordX" style headers
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                f"found {', '.join(columns) or 'no header'}")
+            for row in reader:
+                # reader.line_num is the physical line just read (header is line 1).
+                yield reader.line_num, row
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a valid CSV file ({error})") from None
+
+
+def _number(row: Mapping[str, str | None], key: str, path: Path, line: int) -> float:
+    text = row.get(key)
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: line {line}: {key} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}: line {line}: {key} is not finite: {text!r}")
+    return value
+
+
+def _uid(row: Mapping[str, str | None], path: Path, line: int) -> str:
+    uid = (row.get("seriesuid") or "").strip()
+    if not uid:
+        raise DataError(f"{path}: line {line}: empty seriesuid")
+    return uid
+
+
+def _center(row: Mapping[str, str | None], path: Path, line: int) -> np.ndarray:
+    return np.array([_number(row, key, path, line) for key in ("coordX", "coordY", "coordZ")])
+
+
+def read_annotations(path: str | os.PathLike, *,
+                     excluded: bool = False) -> dict[str, list[Finding]]:
+    """Read ``seriesuid,coordX,coordY,coordZ,diameter_mm`` rows into findings per series.
+
+    Works for annotations.csv, annotations_with_malignancy.csv and annotations_excluded.csv
+    (extra columns are ignored).  Nodules need a positive diameter; with ``excluded=True`` an
+    empty or non-positive diameter is kept as -1 and scored with the default excluded diameter.
+    """
+    path = Path(path)
+    findings: dict[str, list[Finding]] = {}
+    required = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+    for line, row in _open_rows(path, required):
+        uid = _uid(row, path, line)
+        center = _center(row, path, line)
+        if excluded and not (row.get("diameter_mm") or "").strip():
+            diameter = -1.0
+        else:
+            diameter = _number(row, "diameter_mm", path, line)
+        if diameter <= 0:
+            if not excluded:
+                raise DataError(f"{path}: line {line}: diameter_mm must be positive for a "
+                                f"nodule, got {diameter:g} (pass excluded=True for "
+                                f"annotations_excluded.csv)")
+            diameter = -1.0
+        findings.setdefault(uid, []).append(Finding(center, diameter))
+    return findings
+
+
+def read_candidates(path: str | os.PathLike) -> dict[str, list[Mark]]:
+    """Read a submission ``seriesuid,coordX,coordY,coordZ,probability`` into marks per series.
+
+    candidates.csv (with ``class`` instead of ``probability``) is not a submission and is rejected.
+    """
+    path = Path(path)
+    marks: dict[str, list[Mark]] = {}
+    required = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+    for line, row in _open_rows(path, required):
+        uid = _uid(row, path, line)
+        marks.setdefault(uid, []).append(
+            Mark(_center(row, path, line), _number(row, "probability", path, line)))
+    return marks
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True, eq=False)
+class Matches:
+    """Which marks of one scan hit which nodules, in the order the marks were given.
+
+    ``hits`` is (M, N) bool: mark m lies within nodule n.  ``on_excluded`` is (M,) bool: mark m
+    hits no nodule but lies within an excluded finding (so it is ignored).
+    """
+
+    hits: np.ndarray
+    on_excluded: np.ndarray
+
+    @property
+    def is_fp(self) -> np.ndarray:
+        """(M,) bool: marks that count as false positives."""
+        return ~self.hits.any(axis=1) & ~self.on_excluded
+
+    @property
+    def nodule_hit(self) -> np.ndarray:
+        """(N,) bool: nodules hit by at least one mark."""
+        return self.hits.any(axis=0)
+
+    def nodule_best(self, probabilities: np.ndarray) -> np.ndarray:
+        """(N,) float: best probability of the marks hitting each nodule (NaN if none)."""
+        scores = np.where(self.hits, np.asarray(probabilities, dtype=np.float64)[:, None], -np.inf)
+        best = scores.max(axis=0, initial=-np.inf)
+        return np.where(np.isfinite(best), best, np.nan)
+
+
+def _centers(items: Sequence[Finding] | Sequence[Mark]) -> np.ndarray:
+    if not items:
+        return np.zeros((0, 3))
+    return np.stack([item.center_xyz for item in items])
+
+
+def _within(points: np.ndarray, centers: np.ndarray, diameters: np.ndarray) -> np.ndarray:
+    """(P, C) bool: point p lies within the sphere of centre c (distance <= diameter / 2)."""
+    squared = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+    return squared <= (diameters[None, :] / 2.0) ** 2
+
+
+def match_marks(nodules: Sequence[Finding], marks: Sequence[Mark], *,
+                excluded: Sequence[Finding] = ()) -> Matches:
+    """Match one scan's marks against its nodules and excluded findings (no cap, no sorting)."""
+    points = _centers(marks)
+    hits = _within(points, _centers(nodules),
+                   np.array([n.diameter_mm for n in nodules], dtype=np.float64))
+    # Excluded findings without a usable diameter get the kit's fixed 10 mm.
+    excluded_diameters = np.array(
+        [f.diameter_mm if f.diameter_mm > 0 else EXCLUDED_DEFAULT_DIAMETER_MM for f in excluded],
+        dtype=np.float64)
+    in_excluded = _within(points, _centers(excluded), excluded_diameters).any(axis=1)
+    return Matches(hits=hits, on_excluded=in_excluded & ~hits.any(axis=1))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class NoduleRecord:
+    """How one nodule fared, so callers can list misses.
+
+    ``rank`` is the 1-based place of its best mark among all its scan's marks sorted by
+    probability (uncapped), ``best_probability`` that mark's score; both None when no mark hits it.
+    ``hit`` means it is scored (best mark within the cap); ``hit_any`` ignores the cap.
+    """
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    diameter_mm: float
+    hit: bool
+    hit_any: bool
+    best_probability: float | None
+    rank: int | None
+
+
+@dataclass
+class FrocResult:
+    """A scored submission.  Curve arrays have one entry per distinct probability, descending.
+
+    ``sensitivities_at`` maps each FP rate to the sensitivity read off the curve; ``cpm`` is their
+    mean.  The CI fields are None without bootstrapping; ``band_*`` hold a 95% band of the curve at
+    ``band_fps`` for plotting.
+    """
+
+    fps_per_scan: np.ndarray
+    sensitivity: np.ndarray
+    thresholds: np.ndarray
+    fp_rates: tuple[float, ...]
+    sensitivities_at: dict[float, float]
+    cpm: float
+    cpm_ci: tuple[float, float] | None
+    sensitivities_ci: dict[float, tuple[float, float]] | None
+    candidate_sensitivity: float
+    candidates_per_scan: float
+    marks_per_scan: float
+    n_nodules: int
+    n_scans: int
+    max_marks_per_scan: int | None
+    interpolation: str
+    bootstrap: int
+    nodules: list[NoduleRecord] = field(default_factory=list)
+    band_fps: np.ndarray | None = None
+    band_lo: np.ndarray | None = None
+    band_hi: np.ndarray | None = None
+
+    @property
+    def misses(self) -> list[NoduleRecord]:
+        """Nodules not scored as hits (within the mark cap)."""
+        return [record for record in self.nodules if not record.hit]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy: arrays become lists, NaN becomes None, rate keys become strings."""
+        def ci(pair: tuple[float, float] | None) -> list[float | None] | None:
+            return None if pair is None else [_finite(pair[0]), _finite(pair[1])]
+
+        return {
+            "cpm": _finite(self.cpm),
+            "cpm_ci": ci(self.cpm_ci),
+            "fp_rates": list(self.fp_rates),
+            "sensitivities_at": {_rate_key(r): _finite(s)
+                                 for r, s in self.sensitivities_at.items()},
+            "sensitivities_ci": (None if self.sensitivities_ci is None else
+                                 {_rate_key(r): ci(p) for r, p in self.sensitivities_ci.items()}),
+            "candidate_sensitivity": _finite(self.candidate_sensitivity),
+            "candidates_per_scan": _finite(self.candidates_per_scan),
+            "marks_per_scan": _finite(self.marks_per_scan),
+            "n_nodules": self.n_nodules,
+            "n_scans": self.n_scans,
+            "max_marks_per_scan": self.max_marks_per_scan,
+            "interpolation": self.interpolation,
+            "bootstrap": self.bootstrap,
+            "curve": {
+                "fps_per_scan": _floats(self.fps_per_scan),
+                "sensitivity": _floats(self.sensitivity),
+                "thresholds": _floats(self.thresholds),
+            },
+            "band": (None if self.band_fps is None else {
+                "fps_per_scan": _floats(self.band_fps),
+                "lo": _floats(self.band_lo), "hi": _floats(self.band_hi)}),
+            "nodules": [{
+                "series_uid": r.series_uid, "center_xyz": list(r.center_xyz),
+                "diameter_mm": r.diameter_mm, "hit": r.hit, "hit_any": r.hit_any,
+                "best_probability": r.best_probability, "rank": r.rank,
+            } for r in self.nodules],
+        }
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _floats(values: np.ndarray | None) -> list[float | None]:
+    return [] if values is None else [_finite(v) for v in np.asarray(values, dtype=float).tolist()]
+
+
+def _rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+# --------------------------------------------------------------------------- FROC
+
+
+@dataclass(frozen=True)
+class _Events:
+    """Everything that moves along the FROC curve, sorted by probability (descending).
+
+    Events are FP marks and scored nodules (one per nodule, at its best probability).
+    ``ends`` index the last event of each group of equal probability: one curve point per group.
+    """
+
+    probability: np.ndarray  # (E,) float64, descending
+    scan: np.ndarray  # (E,) int64, index into the evaluated scans
+    is_fp: np.ndarray  # (E,) bool; False = a nodule reaches sensitivity here
+    ends: np.ndarray  # (K,) int64
+    nodule_scan: np.ndarray  # (N,) int64, scan of every nodule (hit or not), for denominators
+
+
+def _cumulative(weights: np.ndarray, scan: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Weighted running count (B, len(columns)) of events in ``scan``, read after ``columns``.
+
+    Column value c means "after the first c events"; c = 0 is the empty count.
+    """
+    running = np.zeros((weights.shape[0], scan.size + 1), dtype=weights.dtype)
+    np.cumsum(weights[:, scan], axis=1, out=running[:, 1:])
+    return running[:, columns]
+
+
+def _curves(events: _Events,
+            weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FP counts and sensitivity (B, K + 1), and nodule counts (B,), for multiplicities (B, S).
+
+    Column 0 is the curve's origin (0, 0), the others the K thresholds.  FPs and nodules are
+    counted separately (FPs are most events), and FP counts stay integers so that reading the
+    curve at an FP rate compares exactly.
+    """
+    fp_after = np.concatenate([[0], np.cumsum(events.is_fp)[events.ends]])
+    tp_after = np.concatenate([[0], np.cumsum(~events.is_fp)[events.ends]])
+    fp = _cumulative(weights, events.scan[events.is_fp], fp_after)
+    tp = _cumulative(weights, events.scan[~events.is_fp], tp_after)
+    n_nodules = weights[:, events.nodule_scan].sum(axis=1)  # (B,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = tp / n_nodules[:, None]
+    return fp, sensitivity, n_nodules
+
+
+def _read_curves(counts: np.ndarray, sens: np.ndarray, rates: np.ndarray, n_scans: int,
+                 interpolation: str) -> np.ndarray:
+    """Sensitivity (B, R) at FP ``rates`` (R,) from curves (B, K + 1) that start at (0, 0).
+
+    Each row's integer FP count is non-decreasing.  ``i`` is the last point with at most
+    rate * scans FPs: the highest sensitivity reachable at that rate; a linear reading joins it
+    to the next point.
+    """
+    b, k = counts.shape[0], counts.shape[1] - 1
+    counts = counts.astype(np.int64, copy=False)
+    budget = rates * n_scans  # (R,) FPs allowed at each rate, in the same units as counts
+    # Nudge before flooring so 0.29 * 100 = 28.999999999999996 allows 29 FPs.
+    allowed = np.floor(budget + 1e-9).astype(np.int64)
+    exact = np.abs(budget - allowed) < 1e-9
+    # One searchsorted for all rows: shifting row r by r * (max + 1) keeps the flat array sorted.
+    stride = max(int(counts[:, -1].max()), int(allowed.max())) + 1
+    offsets = (np.arange(b, dtype=np.int64) * stride)[:, None]
+    flat = (counts + offsets).ravel()
+    found = np.searchsorted(flat, (allowed[None, :] + offsets).ravel(), side="right")
+    i = found.reshape(b, -1) - 1 - np.arange(b)[:, None] * (k + 1)  # (B, R); >= 0 as rates > 0
+    at_i = np.take_along_axis(sens, i, axis=1)
+    if interpolation == "step":
+        return at_i
+    j = np.minimum(i + 1, k)
+    x0 = np.take_along_axis(counts, i, axis=1)
+    x1 = np.take_along_axis(counts, j, axis=1)
+    y1 = np.take_along_axis(sens, j, axis=1)
+    # Past the end, or exactly on a point: no blend.
+    between = (j > i) & ~(exact[None, :] & (x0 == allowed[None, :]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        blended = at_i + (y1 - at_i) * (budget[None, :] - x0) / (x1 - x0)
+    return np.where(between, blended, at_i)
+
+
+def _to_generator(rng: int | np.random.Generator | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def froc(annotations: Mapping[str, Sequence[Finding]],
+         candidates: Mapping[str, Sequence[Mark]], *,
+         excluded: Mapping[str, Sequence[Finding]] | None = None,
+         series: Iterable[str] | None = None,
+         max_marks_per_scan: int | None = 100,
+         fp_rates: Sequence[float] = LUNA_FP_RATES,
+         interpolation: Literal["linear", "step"] = "linear",
+         bootstrap: int = 1000,
+         rng: int | np.random.Generator | None = 0) -> FrocResult:
+    """Score marks against nodules the LUNA16 way (see the module docstring for the rules).
+
+    ``series`` lists the scans evaluated (default: every series with a nodule or a mark); a scan
+    without nodules still adds its FPs and counts in the per-scan denominator, and nodules or marks
+    of series outside the list are ignored.  ``max_marks_per_scan=None`` scores every mark.
+    ``bootstrap`` resamples scans with replacement that many times for 95% percentile intervals
+    (0 skips them).  ``rng`` (int or Generator) makes the intervals reproducible.
+    """
+    rates = np.asarray(fp_rates, dtype=np.float64).reshape(-1)
+    if rates.size == 0 or not np.all(np.isfinite(rates)) or np.any(rates <= 0):
+        raise ConfigError(f"fp_rates must be positive numbers, got {list(fp_rates)}")
+    if max_marks_per_scan is not None and max_marks_per_scan < 1:
+        raise ConfigError(f"max_marks_per_scan must be >= 1 or None, got {max_marks_per_scan}")
+    if bootstrap < 0:
+        raise ConfigError(f"bootstrap must be >= 0, got {bootstrap}")
+    if interpolation not in ("linear", "step"):
+        raise ConfigError(f"interpolation must be 'linear' or 'step', got {interpolation!r}")
+    excluded = excluded or {}
+    uids = sorted(set(annotations) | set(candidates)) if series is None else sorted(set(series))
+    if not uids:
+        raise DataError("froc: no scans to evaluate (no annotations, marks or series given)")
+    cap = max_marks_per_scan
+    if series is not None:
+        # A submission for another split is a common slip; say so rather than score silently.
+        evaluated = set(uids)
+        ignored = sum(len(marks) for uid, marks in candidates.items() if uid not in evaluated)
+        if ignored:
+            log.warning("froc: ignored %d marks in series outside the %d evaluated", ignored,
+                        len(uids))
+
+    ev_prob: list[np.ndarray] = []
+    ev_scan: list[np.ndarray] = []
+    ev_fp: list[np.ndarray] = []
+    nodule_scan: list[int] = []
+    records: list[NoduleRecord] = []
+    n_marks = n_scored = 0
+    for s, uid in enumerate(uids):
+        nodules = list(annotations.get(uid, ()))
+        marks = list(candidates.get(uid, ()))
+        n_marks += len(marks)
+        probs = np.array([m.probability for m in marks], dtype=np.float64)
+        # Stable sort: of equal probabilities the earlier mark ranks first (and survives the cap).
+        order = np.argsort(-probs, kind="stable")
+        marks = [marks[k] for k in order]
+        probs = probs[order]
+        matches = match_marks(nodules, marks, excluded=list(excluded.get(uid, ())))
+        kept = len(marks) if cap is None else min(cap, len(marks))
+        n_scored += kept
+        fp = matches.is_fp[:kept]
+        hit_probs = []
+        for n, nodule in enumerate(nodules):
+            # Marks are sorted, so the first hitting mark is the best one and gives the rank.
+            hitting = np.flatnonzero(matches.hits[:, n])
+            rank = int(hitting[0]) + 1 if hitting.size else None
+            scored = rank is not None and rank <= kept
+            if scored:
+                hit_probs.append(probs[rank - 1])
+            nodule_scan.append(s)
+            records.append(NoduleRecord(
+                series_uid=uid, center_xyz=tuple(float(v) for v in nodule.center_xyz),
+                diameter_mm=nodule.diameter_mm, hit=scored, hit_any=rank is not None,
+                best_probability=None if rank is None else float(probs[rank - 1]), rank=rank))
+        ev_prob += [probs[:kept][fp], np.array(hit_probs, dtype=np.float64)]
+        ev_fp += [np.ones(int(fp.sum()), dtype=bool), np.zeros(len(hit_probs), dtype=bool)]
+        ev_scan.append(np.full(int(fp.sum()) + len(hit_probs), s, dtype=np.int64))
+
+    probability = np.concatenate(ev_prob)
+    scan = np.concatenate(ev_scan)
+    is_fp = np.concatenate(ev_fp)
+    order = np.argsort(-probability, kind="stable")
+    probability, scan, is_fp = probability[order], scan[order], is_fp[order]
+    # A group of equal probabilities ends where the next event's probability is lower.
+    ends = np.flatnonzero(np.append(probability[1:] != probability[:-1], True)) \
+        if probability.size else np.zeros(0, dtype=np.int64)
+    events = _Events(probability, scan, is_fp, ends, np.array(nodule_scan, dtype=np.int64))
+
+    n_scans = len(uids)
+    fp_counts, sens, _ = _curves(events, np.ones((1, n_scans), dtype=np.int64))
+    at = _read_curves(fp_counts, sens, rates, n_scans, interpolation)[0]
+    if not records:
+        at[:] = np.nan  # no nodules: sensitivity is undefined, not zero
+    result = FrocResult(
+        fps_per_scan=fp_counts[0, 1:] / n_scans, sensitivity=sens[0, 1:],
+        thresholds=probability[ends],
+        fp_rates=tuple(float(r) for r in rates),
+        sensitivities_at={float(r): float(v) for r, v in zip(rates, at)},
+        cpm=float(at.mean()), cpm_ci=None, sensitivities_ci=None,
+        candidate_sensitivity=(float(np.mean([r.hit_any for r in records]))
+                               if records else float("nan")),
+        candidates_per_scan=n_marks / n_scans, marks_per_scan=n_scored / n_scans,
+        n_nodules=len(records), n_scans=n_scans, max_marks_per_scan=cap,
+        interpolation=interpolation, bootstrap=bootstrap, nodules=records)
+    if bootstrap:
+        _add_bootstrap(result, events, rates, interpolation, bootstrap, _to_generator(rng))
+    return result
+
+
+def _add_bootstrap(result: FrocResult, events: _Events, rates: np.ndarray, interpolation: str,
+                   bootstrap: int, rng: np.random.Generator) -> None:
+    """Fill the CI fields: resample scans, re-read sensitivities, take 2.5/97.5 percentiles."""
+    n_scans = result.n_scans
+    lo_fps = min(float(rates.min()), 0.125)
+    hi_fps = max(float(rates.max()), 8.0)
+    band_fps = np.geomspace(lo_fps, hi_fps, 49)
+    grid = np.concatenate([rates, band_fps])
+    # Draw all replicates first so the result does not depend on the block size.
+    draws = rng.integers(0, n_scans, size=(bootstrap, n_scans))
+    block = max(1, _BLOCK_ELEMENTS // max(1, events.probability.size, n_scans))
+    readings = []
+    for start in range(0, bootstrap, block):
+        chunk = draws[start:start + block]
+        b = chunk.shape[0]
+        # Multiplicity of each scan in each replicate, via one bincount over offset indices.
+        flat = (chunk + (np.arange(b) * n_scans)[:, None]).ravel()
+        # int32 halves the memory traffic of the running sums; counts stay far below 2**31.
+        weights = np.bincount(flat, minlength=b * n_scans).reshape(b, n_scans).astype(np.int32)
+        fp_counts, sens, n_nodules = _curves(events, weights)
+        reading = _read_curves(fp_counts, sens, grid, n_scans, interpolation)
+        reading[n_nodules == 0] = np.nan
+        readings.append(reading)
+    values = np.concatenate(readings)  # (B, R + band)
+    at = values[:, :rates.size]
+    # A replicate that drew no nodule-bearing scan has no sensitivity; it is left out.
+    valid = ~np.isnan(at).any(axis=1)
+    if not valid.any():
+        return
+    at = at[valid]
+    lo, hi = np.percentile(at, [2.5, 97.5], axis=0)
+    cpm_lo, cpm_hi = np.percentile(at.mean(axis=1), [2.5, 97.5])
+    result.cpm_ci = (float(cpm_lo), float(cpm_hi))
+    result.sensitivities_ci = {float(r): (float(a), float(b))
+                               for r, a, b in zip(rates, lo, hi)}
+    band_lo, band_hi = np.percentile(values[valid, rates.size:], [2.5, 97.5], axis=0)
+    result.band_fps, result.band_lo, result.band_hi = band_fps, band_lo, band_hi
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via ``write(handle)`` to a temporary file beside ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_result_json(result: FrocResult, path: str | os.PathLike) -> Path:
+    """Write ``result.to_dict()`` as JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path
+
+
+def plot_froc(result: FrocResult, path_png: str | os.PathLike, *,
+              title: str | None = None) -> Path:
+    """Draw the FROC curve (log FP/scan, CI band, operating points, CPM in the legend) to a PNG.
+
+    Uses Figure + FigureCanvasAgg directly: no pyplot global state, no display needed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path_png)
+    figure = Figure(figsize=(6.4, 4.8), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    rates = np.array(result.fp_rates)
+    left = min(0.125, float(rates.min())) / 1.5
+    right = max(8.0, float(rates.max())) * 1.5
+    if result.band_fps is not None:
+        axes.fill_between(result.band_fps, result.band_lo, result.band_hi, color="tab:blue",
+                          alpha=0.2, linewidth=0, label="95% CI (bootstrap)")
+    # Clip the curve to the visible range, reading its ends the way sensitivities are read.
+    inside = (result.fps_per_scan > left) & (result.fps_per_scan < right)
+    fp_counts = np.rint(np.append(0.0, result.fps_per_scan) * result.n_scans).astype(np.int64)
+    edges = _read_curves(fp_counts[None], np.append(0.0, result.sensitivity)[None],
+                         np.array([left, right]), result.n_scans, result.interpolation)[0]
+    fps = np.concatenate([[left], result.fps_per_scan[inside], [right]])
+    sens = np.concatenate([[edges[0]], result.sensitivity[inside], [edges[1]]])
+    label = f"CPM = {result.cpm:.3f}" if math.isfinite(result.cpm) else "CPM = n/a"
+    if result.cpm_ci is not None:
+        label += f" (95% CI {result.cpm_ci[0]:.3f}-{result.cpm_ci[1]:.3f})"
+    axes.plot(fps, sens, color="tab:blue", linewidth=1.5, label=label,
+              drawstyle="steps-post" if result.interpolation == "step" else "default")
+    axes.plot(rates, [result.sensitivities_at[float(r)] for r in rates], "o",
+              color="tab:blue", markersize=4)
+    axes.set_xscale("log")
+    axes.set_xlim(left, right)
+    axes.set_ylim(0.0, 1.02)
+    axes.set_xticks(rates)
+    axes.set_xticklabels([f"{r:g}" for r in rates])
+    axes.set_xlabel("Average false positives per scan")
+    axes.set_ylabel("Sensitivity")
+    axes.grid(True, which="major", alpha=0.4)
+    axes.set_title(title or f"FROC: {result.n_nodules} nodules in {result.n_scans} scans")
+    axes.legend(loc="upper left")  # FROC curves rise to the right, so this corner is free
+    figure.tight_layout()
+    _atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+    return path

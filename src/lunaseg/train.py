@@ -1,0 +1,426 @@
+"""Training loop (SPEC §9): Adam on Dice + weighted false-negative Dice, TensorBoard, checkpoints.
+
+One process trains on the CPU or one GPU; under ``torchrun`` every rank trains on its own
+share of samples with DistributedDataParallel, metrics are summed over ranks and rank 0
+alone logs and saves.  A checkpoint is written after every epoch (so a killed run resumes
+where it stopped) and ``checkpoint.best.pt`` follows the best validation recall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from lunaseg.augment import SegmentationAugmentation
+from lunaseg.cache import Cache
+from lunaseg.config import TrainConfig, from_dict, to_dict
+from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler, pad_to_multiple,
+                              rank_share, split_series, validation_items)
+from lunaseg.errors import CheckpointError, ConfigError, DataError
+from lunaseg.losses import segmentation_loss
+from lunaseg.metrics import SegmentationMetrics, pixel_counts
+from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, restore_rng_state,
+                           save_checkpoint)
+
+__all__ = ["TrainResult", "train", "evaluate_slices", "resolve_device", "LAST_CHECKPOINT",
+           "BEST_CHECKPOINT"]
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "checkpoint.best.pt"
+IMAGE_SERIES = 12  # the book logs the first 12 series of a split...
+IMAGE_SLICES = 6  # ...6 evenly spaced slices each
+
+
+@dataclass
+class TrainResult:
+    """Where a run left its outputs and how its last validation went."""
+
+    out_dir: Path
+    tb_dir: Path
+    checkpoint: Path
+    best_checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    epochs_done: int = 0
+    samples_seen: int = 0
+    interrupted: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), resolve_device(device_name)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
+                  config: TrainConfig, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    with _autocast(device, config.amp):
+        pred = model(input)
+    pred = pred.float()
+    loss = segmentation_loss(pred, label, config.fn_weight, reduction="none")
+    return loss, pred
+
+
+def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]],
+                    config: TrainConfig, device: torch.device, *, batch_size: int | None = None,
+                    progress: bool = False) -> SegmentationMetrics:
+    """Loss and pixel counts of ``model`` on whole slices (validation or test split)."""
+    from tqdm import tqdm
+
+    dataset = SliceDataset(cache, items, config.data)
+    sampler = SeriesBatchSampler(items, batch_size or config.batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         num_workers=config.num_workers,
+                                         pin_memory=device.type == "cuda")
+    metrics = SegmentationMetrics(device)
+    model.eval()
+    with torch.inference_mode():
+        for input, label, _, _ in tqdm(loader, desc="validate", unit="batch", leave=False,
+                                       disable=not progress):
+            input = input.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True)
+            if device.type == "cuda":
+                input = input.contiguous(memory_format=torch.channels_last)
+            loss, pred = _forward_loss(model, input, label, config, device)
+            metrics.update(loss, pixel_counts(pred, label))
+    return metrics
+
+
+class _Logger:
+    """TensorBoard writers (one per split, as the book has) plus overlay PNGs; rank 0 only."""
+
+    def __init__(self, tb_dir: Path, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb_dir = tb_dir
+        self.image_dir = out_dir / "overlays"
+        self._writers: dict = {}
+        self._labels_logged: set[str] = set()
+
+    def writer(self, split: str):
+        if split not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[split] = SummaryWriter(log_dir=str(self.tb_dir / split))
+        return self._writers[split]
+
+    def scalars(self, split: str, values: dict, samples_seen: int) -> None:
+        if not self.enabled:
+            return
+        writer = self.writer(split)
+        for tag, value in values.items():
+            if "/" in tag and math.isfinite(value):
+                writer.add_scalar(tag, value, samples_seen)
+        writer.flush()
+
+    def images(self, split: str, model: nn.Module, cache: Cache, uids: list[str],
+               config: TrainConfig, device: torch.device, samples_seen: int, epoch: int) -> None:
+        """Prediction overlays for the first 12 series x 6 evenly spaced slices of a split."""
+        if not self.enabled or not uids:
+            return
+        from lunaseg.report import overlay_rgb
+
+        writer = self.writer(split)
+        model.eval()
+        for k, uid in enumerate(sorted(uids)[:IMAGE_SERIES]):
+            entry = cache[uid]
+            count = entry.hu.shape[0]
+            indices = np.linspace(0, count - 1, IMAGE_SLICES + 2)[1:-1].round().astype(int)
+            stacks = np.stack([pad_to_multiple(entry.context_stack(i, config.data.context_slices),
+                                               4, int(config.data.min_hu)) for i in indices])
+            input = torch.from_numpy(np.clip(stacks, config.data.min_hu, config.data.max_hu)
+                                     .astype(np.float32)).to(device)
+            with torch.inference_mode(), _autocast(device, config.amp):
+                pred = model(input).float()[:, 0].cpu().numpy() > 0.5
+            height, width = entry.hu.shape[1:]
+            for j, index in enumerate(indices):
+                label = entry.mask_slice(index)
+                rgb = overlay_rgb(entry.hu[index], pred[j, :height, :width], label)
+                writer.add_image(f"{split}/{k}_prediction_{j}", rgb, samples_seen,
+                                 dataformats="HWC")
+                name = f"epoch{epoch:03d}_{split}_{k:02d}_slice{int(index):03d}.png"
+                _save_png(rgb, self.image_dir / name)
+                key = f"{split}/{k}/{j}"
+                if key not in self._labels_logged:
+                    self._labels_logged.add(key)
+                    label_rgb = overlay_rgb(entry.hu[index], label, label)
+                    writer.add_image(f"{split}/{k}_label_{j}", label_rgb, samples_seen,
+                                     dataformats="HWC")
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+def _save_png(rgb: np.ndarray, path: Path) -> None:
+    import matplotlib.image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(path, rgb)
+
+
+def _is_better(metrics: dict, best: dict | None) -> bool:
+    """Best = highest validation recall; ties broken by F1."""
+    if best is None:
+        return True
+    key = (metrics["pr/recall"], metrics["pr/f1_score"])
+    return key > (best["pr/recall"], best["pr/f1_score"])
+
+
+def _load_splits(path: Path, cache: Cache, config: TrainConfig) -> dict[str, list[str]]:
+    """Splits are made once and saved, so a resumed or repeated run trains on the same series."""
+    if path.exists():
+        splits = json.loads(path.read_text())
+        missing = sorted(set(sum(splits.values(), [])) - set(cache.series_uids))
+        if missing:
+            raise DataError(f"{path}: lists {len(missing)} series the cache does not hold "
+                            f"(first: {missing[0]}); delete it to split again")
+        return splits
+    return split_series(cache.series_uids, config.data)
+
+
+def _write_json_atomic(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+          tb_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+          compile_model: bool = False, max_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train a U-Net on the cached dataset; see the module docstring for what is written.
+
+    ``max_steps`` stops after that many optimizer steps in total (for tests and benchmarks).
+    """
+    from tqdm import tqdm
+
+    dist_info, device = _init_distributed(config.device)
+    torch.manual_seed(config.seed + dist_info.rank)
+    out_dir = Path(out_dir)
+    tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / "tensorboard"
+    cache = Cache(cache_dir)
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    start_epoch, samples_seen, best, history = 1, 0, None, []
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        if checkpoint.format == "book" or checkpoint.config is None:
+            raise CheckpointError(f"{resume}: not a lunaseg training checkpoint (no config); "
+                                  f"it can be used with `lunaseg segment` but not resumed")
+        config = from_dict(TrainConfig, {**checkpoint.config, "device": config.device,
+                                         "epochs": config.epochs})
+        extra = checkpoint.extra or {}
+        start_epoch = int(checkpoint.epoch) + 1
+        samples_seen = int(checkpoint.samples_seen or 0)
+        best, history = extra.get("best"), list(extra.get("history", []))
+
+    splits = _load_splits(out_dir / "splits.json", cache, config)
+    if dist_info.is_main:
+        _write_json_atomic(splits, out_dir / "splits.json")
+        _write_json_atomic(to_dict(config), out_dir / "config.json")
+    if not splits["train"]:
+        raise DataError(f"{cache.folder}: no series left for training after the split")
+
+    model = build_model(config.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model_state)
+        if checkpoint.optimizer_state is not None:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        if checkpoint.rng_state:
+            restore_rng_state(checkpoint.rng_state)
+        log.info("resuming from %s at epoch %d (%d samples seen)", resume, start_epoch,
+                 samples_seen)
+    train_model: nn.Module = model
+    if dist_info.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        train_model = torch.compile(train_model)
+
+    sampler = TrainingSampler(cache, splits["train"], config.data, device, seed=config.seed,
+                              rank=dist_info.rank, world_size=dist_info.world_size)
+    augment = SegmentationAugmentation(config.augment, seed=config.seed)
+    logger = _Logger(tb_dir, out_dir, dist_info.is_main)
+    val_items = validation_items(cache, splits["val"], full_ct=config.data.full_ct_validation)
+    result = TrainResult(out_dir, tb_dir, out_dir / LAST_CHECKPOINT, None, history, best,
+                         start_epoch - 1, samples_seen)
+    steps_per_epoch = sampler.steps_per_epoch(config.batch_size)
+    total_steps = 0
+    epoch = start_epoch - 1
+
+    def save(epoch_done: int, extra: dict | None = None) -> str:
+        return save_checkpoint(
+            out_dir / LAST_CHECKPOINT, model=model, optimizer=optimizer, config=to_dict(config),
+            epoch=epoch_done, samples_seen=samples_seen, rng_state=capture_rng_state(),
+            extra={"best": best, "history": history, **(extra or {})})
+
+    log.info("training on %s: %d train / %d val / %d test series, %d nodule chunks, "
+             "%d steps of %d per epoch", device, len(splits["train"]), len(splits["val"]),
+             len(splits["test"]), len(sampler.positives), steps_per_epoch, config.batch_size)
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            # Every epoch reseeds its own randomness, so a resumed run repeats exactly the
+            # epochs an uninterrupted one would have run.
+            augment._generators.clear()
+            augment.seed = config.seed * 7919 + epoch * 104729 + dist_info.rank
+            model.train()
+            metrics = SegmentationMetrics(device)
+            started = time.perf_counter()
+            bar = tqdm(sampler.batches(epoch, config.batch_size), total=steps_per_epoch,
+                       desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                       disable=not (progress and dist_info.is_main))
+            for input, label in bar:
+                input, label = augment(input, label)
+                if device.type == "cuda":
+                    input = input.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                loss, pred = _forward_loss(train_model, input, label, config, device)
+                loss.mean().backward()
+                optimizer.step()
+                metrics.update(loss.detach(), pixel_counts(pred.detach(), label))
+                samples_seen += input.shape[0] * dist_info.world_size
+                total_steps += 1
+                rate = bar.n * config.batch_size * dist_info.world_size / max(
+                    time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:.0f} samples/s", refresh=False)
+                if max_steps is not None and total_steps >= max_steps:
+                    break
+            bar.close()
+            metrics.all_reduce()
+            train_metrics = metrics.compute()
+            train_metrics["samples_per_s"] = train_metrics["samples"] / max(
+                time.perf_counter() - started, 1e-9) * dist_info.world_size
+            logger.scalars("trn", train_metrics, samples_seen)
+            record = {"epoch": epoch, "samples_seen": samples_seen,
+                      "train": _rounded(train_metrics)}
+            validate = (epoch == 1 or epoch % config.validation_cadence == 0
+                        or epoch == config.epochs or
+                        (max_steps is not None and total_steps >= max_steps))
+            if validate and val_items:
+                val = evaluate_slices(model, cache, rank_share(val_items, dist_info.rank,
+                                                               dist_info.world_size),
+                                      config, device, progress=progress and dist_info.is_main)
+                val.all_reduce()
+                val_metrics = val.compute()
+                logger.scalars("val", val_metrics, samples_seen)
+                record["val"] = _rounded(val_metrics)
+                if dist_info.is_main:
+                    logger.images("val", model, cache, splits["val"], config, device,
+                                  samples_seen, epoch)
+                    logger.images("trn", model, cache, splits["train"], config, device,
+                                  samples_seen, epoch)
+                if _is_better(val_metrics, best):
+                    best = {**_rounded(val_metrics), "epoch": epoch}
+            history.append(record)
+            log.info("epoch %d: %s", epoch, _summary_line(record))
+            if dist_info.is_main:
+                sha1 = save(epoch)
+                if best is not None and best["epoch"] == epoch:
+                    shutil.copyfile(out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT)
+                    log.info("new best model (val recall %.4f): %s sha1 %s", best["pr/recall"],
+                             out_dir / BEST_CHECKPOINT, sha1)
+                _write_json_atomic({"history": history, "best": best},
+                                   out_dir / "metrics.json")
+            result.epochs_done = epoch
+            if max_steps is not None and total_steps >= max_steps:
+                break
+    except KeyboardInterrupt:
+        # Keep the work: the weights so far, marked as the last *completed* epoch, so a
+        # resume repeats the interrupted epoch from these weights.
+        if dist_info.is_main:
+            save(epoch - 1, {"interrupted_in_epoch": epoch})
+            log.warning("interrupted in epoch %d; saved %s (resume with --resume)", epoch,
+                        out_dir / LAST_CHECKPOINT)
+        result.interrupted = True
+    finally:
+        logger.close()
+    result.samples_seen, result.best, result.history = samples_seen, best, history
+    if (out_dir / BEST_CHECKPOINT).exists():
+        result.best_checkpoint = out_dir / BEST_CHECKPOINT
+    return result
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _summary_line(record: dict) -> str:
+    parts = []
+    for split in ("train", "val"):
+        if split in record:
+            m = record[split]
+            parts.append(f"{split} loss {m['loss/all']:.4f} recall {m['pr/recall']:.3f} "
+                         f"precision {m['pr/precision']:.3f} fp {m['percent_all/fp']:.0f}%")
+    return "; ".join(parts)
+
+
+def batches_for_benchmark(sampler: TrainingSampler, batch_size: int) -> Iterator:
+    """Endless training batches (for the throughput benchmark)."""
+    epoch = 1
+    while True:
+        yield from sampler.batches(epoch, batch_size)
+        epoch += 1

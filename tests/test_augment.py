@@ -1,0 +1,196 @@
+"""Per-sample affine augmentation: identity, exact flips, offsets, label alignment, replay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lunaseg.augment import SegmentationAugmentation, apply_affine, identity_transforms
+from lunaseg.config import AugmentConfig
+from lunaseg.errors import ConfigError
+
+SPATIAL_BOOK = AugmentConfig(flip=True, offset=0.03, scale=0.2, rotate=True, noise_hu=0.0)
+
+
+def _batch(n: int = 4, c: int = 3, size: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(n, c, size, size, generator=g) * 1000 - 500
+    label = torch.rand(n, 1, size, size, generator=g) > 0.7
+    return image, label
+
+
+def _blob(n: int, size: int = 32, radius: float = 6.0):
+    """Images that are 1000 HU exactly where the label is set (a disc near the centre)."""
+    rows = torch.arange(size).view(-1, 1).float()
+    cols = torch.arange(size).view(1, -1).float()
+    centre = (size - 1) / 2
+    disc = ((rows - centre - 2) ** 2 + (cols - centre + 3) ** 2) <= radius**2
+    label = disc.expand(n, 1, size, size).clone()
+    image = label.float().repeat(1, 2, 1, 1) * 1000.0
+    return image, label
+
+
+def test_all_options_off_is_exact_identity():
+    augment = SegmentationAugmentation(AugmentConfig(), seed=0)
+    image, label = _batch()
+    out, out_label = augment(image, label)
+    assert out is image
+    assert torch.equal(out_label, label)
+    _, from_float = augment(image, label.float())
+    assert from_float.dtype == torch.bool and torch.equal(from_float, label)
+
+
+def test_identity_theta_reproduces_input():
+    image, label = _batch()
+    out, out_label = apply_affine(image, label, identity_transforms(image.shape[0]))
+    torch.testing.assert_close(out, image, rtol=1e-5, atol=1e-3)
+    assert torch.equal(out_label, label)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_flip_theta_is_exact_flip(axis):
+    image, label = _batch(size=15)
+    theta = identity_transforms(image.shape[0])
+    theta[:, axis, axis] = -1.0  # row 0 scales x (columns), row 1 scales y (rows)
+    dim = -1 if axis == 0 else -2
+    out, out_label = apply_affine(image, label, theta)
+    torch.testing.assert_close(out, torch.flip(image, dims=[dim]), rtol=1e-5, atol=1e-3)
+    assert torch.equal(out_label, torch.flip(label, dims=[dim]))
+
+
+def test_flip_option_gives_one_of_four_flips_per_sample():
+    augment = SegmentationAugmentation(AugmentConfig(flip=True), seed=3)
+    image, label = _batch(n=16)
+    out, out_label = augment(image, label)
+    seen = set()
+    for i in range(image.shape[0]):
+        matches = [dims for dims in ([], [-1], [-2], [-2, -1])
+                   if torch.allclose(out[i], torch.flip(image[i], dims), atol=1e-3)
+                   and torch.equal(out_label[i], torch.flip(label[i], dims))]
+        assert len(matches) == 1
+        seen.add(tuple(matches[0]))
+    assert len(seen) > 1  # flips differ within the batch
+
+
+def test_transforms_differ_per_sample():
+    augment = SegmentationAugmentation(SPATIAL_BOOK, seed=1)
+    theta = augment.draw_transforms(8)
+    assert theta.shape == (8, 2, 3)
+    assert len({tuple(t.flatten().tolist()) for t in theta}) == 8
+    image, label = _blob(8)
+    out, _ = augment(image, label)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_offset_moves_the_image():
+    size = 16
+    image, label = _batch(n=1, size=size)
+    theta = identity_transforms(1)
+    theta[0, 0, 2] = 2.0 / size  # one pixel in normalised units
+    out, out_label = apply_affine(image, label, theta)
+    # Output column j samples input column j + 1; the last column repeats the border.
+    torch.testing.assert_close(out[..., :-1], image[..., 1:], rtol=1e-5, atol=1e-3)
+    assert torch.equal(out_label[..., :-1], label[..., 1:])
+
+    augment = SegmentationAugmentation(AugmentConfig(offset=0.2), seed=0)
+    theta = augment.draw_transforms(4)
+    assert torch.all(theta[:, :, 2].abs() <= 0.2) and torch.any(theta[:, :, 2] != 0)
+    torch.testing.assert_close(theta[:, :, :2], identity_transforms(4)[:, :, :2])
+    moved, _ = augment(image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1))
+    assert not torch.allclose(moved, image.expand_as(moved), atol=1.0)
+
+
+def test_label_stays_binary_and_follows_the_image():
+    augment = SegmentationAugmentation(SPATIAL_BOOK, seed=2)
+    image, label = _blob(8)
+    out, out_label = augment(image, label.float())
+    assert out_label.dtype == torch.bool and out_label.shape == label.shape
+    # The image is 1000 * label, resampled with the same grid: bright <=> labelled.
+    assert torch.equal(out_label, out[:, :1] > 500)
+    assert torch.all(out_label.flatten(1).sum(1) > 50)
+
+
+def test_scale_and_rotation_ranges():
+    config = AugmentConfig(scale=0.2, rotate=True)
+    theta = SegmentationAugmentation(config, seed=0).draw_transforms(256)
+    linear = theta[:, :, :2]
+    # Rotation keeps lengths: each axis' stretch is |row| of diag(s) @ R.
+    stretch = linear.norm(dim=2)
+    assert torch.all((stretch >= 0.8 - 1e-6) & (stretch <= 1.2 + 1e-6))
+    angles = torch.atan2(linear[:, 1, 0], linear[:, 1, 1]) % (2 * math.pi)
+    assert angles.min() < 0.5 and angles.max() > 2 * math.pi - 0.5
+
+
+def test_same_seed_replays_and_draw_is_reusable():
+    image, label = _batch()
+    a = SegmentationAugmentation(SPATIAL_BOOK, seed=7)
+    b = SegmentationAugmentation(SPATIAL_BOOK, seed=7)
+    out_a, lab_a = a(image, label)
+    out_b, lab_b = b(image, label)
+    assert torch.equal(out_a, out_b) and torch.equal(lab_a, lab_b)
+
+    g = torch.Generator().manual_seed(11)
+    theta = a.draw_transforms(4, generator=g)
+    replay = a.draw_transforms(4, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(theta, replay)
+    first, _ = apply_affine(image, label, theta)
+    again, _ = apply_affine(image, label, replay)
+    assert torch.equal(first, again)
+
+
+def test_switching_an_option_keeps_the_other_draws():
+    offset_only = SegmentationAugmentation(AugmentConfig(offset=0.1), seed=5).draw_transforms(4)
+    with_flip = SegmentationAugmentation(AugmentConfig(offset=0.1, flip=True),
+                                         seed=5).draw_transforms(4)
+    assert torch.equal(offset_only[:, :, 2], with_flip[:, :, 2])
+
+
+def test_noise_touches_input_only():
+    augment = SegmentationAugmentation(AugmentConfig(noise_hu=25.0), seed=0)
+    image = torch.zeros(4, 2, 64, 64)
+    label = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
+    label[:, :, 10:20, 10:20] = True
+    out, out_label = augment(image, label)
+    assert torch.equal(out_label, label)
+    assert out.std().item() == pytest.approx(25.0, rel=0.05)
+
+
+def test_passed_generator_is_used():
+    g = torch.Generator().manual_seed(0)
+    augment = SegmentationAugmentation(SPATIAL_BOOK, generator=g)
+    assert augment.generator("cpu") is g
+
+
+@pytest.mark.parametrize("option,value", [("scale", 1.0), ("scale", -0.1), ("offset", -1.0),
+                                          ("noise_hu", -5.0), ("offset", float("nan"))])
+def test_bad_options_raise_config_error(option, value):
+    with pytest.raises(ConfigError, match=f"augment.{option}"):
+        SegmentationAugmentation(AugmentConfig(**{option: value}))
+
+
+def test_shape_errors():
+    image, label = _batch()
+    with pytest.raises(ValueError, match="theta"):
+        apply_affine(image, label, identity_transforms(2))
+    with pytest.raises(ValueError, match="label shape"):
+        apply_affine(image, label[:, :, :8], identity_transforms(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda():
+    augment = SegmentationAugmentation(AugmentConfig.book(), seed=0)
+    image, label = _blob(4)
+    out, out_label = augment(image.cuda(), label.cuda())
+    assert out.is_cuda and out_label.is_cuda and out_label.dtype == torch.bool
+
+
+def test_module_replays_a_recorded_draw():
+    augment = SegmentationAugmentation(SPATIAL_BOOK, seed=4)
+    image, label = _batch()
+    theta = augment.draw_transforms(4)
+    first = augment.apply_affine(image, label, theta)
+    second = apply_affine(image, label, theta)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

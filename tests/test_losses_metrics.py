@@ -1,0 +1,138 @@
+"""Soft Dice losses and pixel metrics against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lunaseg.losses import dice_loss, segmentation_loss
+from lunaseg.metrics import SegmentationMetrics, pixel_counts
+
+
+def _pair():
+    """Sample 0: a partial hit; sample 1: nothing predicted, nothing labelled."""
+    pred = torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    label = torch.tensor([[[[1, 0], [0, 1]]], [[[0, 0], [0, 0]]]], dtype=torch.bool)
+    return pred, label
+
+
+def test_dice_loss_by_hand():
+    pred, label = _pair()
+    # Sample 0: sum p = 2, sum l = 2, sum p*l = 1.5 -> 1 - (3 + 1) / (4 + 1) = 0.2.
+    # Sample 1: 1 - (0 + 1) / (0 + 1) = 0.
+    torch.testing.assert_close(dice_loss(pred, label), torch.tensor([0.2, 0.0]))
+
+
+def test_dice_loss_perfect_and_disjoint():
+    label = torch.zeros(1, 1, 4, 4)
+    label[..., :2, :2] = 1
+    assert dice_loss(label.clone(), label).item() == pytest.approx(0.0)
+    # Disjoint: 12 predicted, 4 labelled, no overlap -> 1 - 1 / (12 + 4 + 1).
+    assert dice_loss(1 - label, label).item() == pytest.approx(1 - 1 / 17)
+
+
+def test_segmentation_loss_by_hand():
+    pred, label = _pair()
+    # Sample 0, FN term: p*l sums to 1.5 and overlaps l by 1.5 -> 1 - 4 / 4.5 = 1/9.
+    first = 0.2 + 8 * (1 / 9)
+    per_sample = segmentation_loss(pred, label, reduction="none")
+    torch.testing.assert_close(per_sample, torch.tensor([first, 0.0]))
+    assert segmentation_loss(pred, label).item() == pytest.approx(first / 2)
+    assert segmentation_loss(pred, label, fn_weight=0.0).item() == pytest.approx(0.1)
+
+
+def test_false_positives_do_not_touch_the_fn_term():
+    label = torch.zeros(1, 1, 4, 4)
+    label[..., 0, 0] = 1
+    hit = label.clone()
+    hit_plus_fp = torch.ones(1, 1, 4, 4)  # same hit, 15 extra false positives
+    fn_term = lambda p: dice_loss(p * label, label).item()  # noqa: E731
+    assert fn_term(hit) == pytest.approx(fn_term(hit_plus_fp))
+
+
+def test_loss_has_gradient():
+    pred = torch.full((2, 1, 4, 4), 0.3, requires_grad=True)
+    label = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    label[:, :, 1:3, 1:3] = True
+    segmentation_loss(pred, label).backward()
+    # Raising p on labelled pixels must lower the loss.
+    assert torch.all(pred.grad[label] < 0)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        dice_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 3))
+
+
+def test_pixel_counts_by_hand():
+    pred, label = _pair()
+    # Sample 0 at > 0.5: only the 1.0 pixel is predicted -> TP 1, FN 1, FP 0.
+    counts = pixel_counts(pred, label)
+    assert counts.dtype == torch.int64
+    assert counts.tolist() == [[1, 1, 0], [0, 0, 0]]
+    assert pixel_counts(pred, label, threshold=0.4).tolist() == [[2, 0, 1], [0, 0, 0]]
+    assert pixel_counts(pred, label.float()).tolist() == counts.tolist()
+
+
+def test_metrics_by_hand():
+    metrics = SegmentationMetrics()
+    metrics.update(torch.tensor([1.0, 3.0]), torch.tensor([[3, 1, 10], [1, 0, 2]]))
+    metrics.update(torch.tensor([2.0]), torch.tensor([[0, 5, 0]]))
+    m = metrics.compute()
+    # TP 4, FN 6, FP 12 over 10 labelled pixels; 3 samples, loss sum 6.
+    assert m["loss/all"] == pytest.approx(2.0)
+    assert m["percent_all/tp"] == pytest.approx(40.0)
+    assert m["percent_all/fn"] == pytest.approx(60.0)
+    assert m["percent_all/fp"] == pytest.approx(120.0)  # can exceed 100
+    precision, recall = 4 / 16, 4 / 10
+    assert m["pr/precision"] == pytest.approx(precision)
+    assert m["pr/recall"] == pytest.approx(recall)
+    assert m["pr/f1_score"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert (m["count/tp"], m["count/fn"], m["count/fp"], m["samples"]) == (4, 6, 12, 3)
+
+
+def test_metrics_zero_divisions():
+    empty = SegmentationMetrics().compute()
+    assert math.isnan(empty["loss/all"]) and empty["samples"] == 0
+    assert empty["pr/precision"] == empty["pr/recall"] == empty["pr/f1_score"] == 0.0
+
+    metrics = SegmentationMetrics()
+    metrics.update(torch.zeros(1), torch.tensor([[0, 0, 7]]))  # only false positives
+    m = metrics.compute()
+    assert m["percent_all/fp"] == 0.0 and m["pr/precision"] == 0.0 and m["pr/f1_score"] == 0.0
+
+
+def test_reset_and_reduce_hook():
+    metrics = SegmentationMetrics()
+    metrics.update(torch.tensor([1.0]), torch.tensor([[1, 1, 1]]))
+    metrics.reduce_(lambda t: t.mul_(2))  # what an all-reduce over two equal ranks does
+    m = metrics.compute()
+    assert (m["count/tp"], m["samples"], m["loss/all"]) == (2, 2, 1.0)
+    metrics.reset()
+    assert metrics.compute()["samples"] == 0
+    metrics.all_reduce()  # torch.distributed not initialised: nothing happens
+    assert metrics.compute()["samples"] == 0
+
+
+def test_all_reduce_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        metrics = SegmentationMetrics()
+        metrics.update(torch.tensor([0.5, 1.5]), torch.tensor([[2, 2, 0], [0, 0, 4]]))
+        metrics.all_reduce()
+        m = metrics.compute()
+        assert (m["count/tp"], m["count/fp"], m["samples"], m["loss/all"]) == (2, 4, 2, 1.0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_update_checks_shapes():
+    with pytest.raises(ValueError, match="counts"):
+        SegmentationMetrics().update(torch.zeros(2), torch.zeros(3, 3, dtype=torch.int64))

@@ -1,0 +1,355 @@
+"""U-Net layout, shapes and checkpoints (including the book's legacy format)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import re
+import shlex
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lunaseg.config import ModelConfig
+from lunaseg.errors import CheckpointError, ConfigError
+from lunaseg.model import (
+    UNet, UNetWrapper, build_model, capture_rng_state, infer_model_config, load_checkpoint,
+    load_model, restore_rng_state, save_checkpoint,
+)
+
+BOOK_KEYS = {"sys_argv", "time", "model_state", "model_name", "optimizer_state",
+             "optimizer_name", "epoch", "totalTrainingSamples_count"}
+
+
+def _trained(seed: int = 0) -> tuple[UNetWrapper, torch.optim.Adam]:
+    """A default model after one Adam step: BatchNorm stats and optimizer state are non-trivial."""
+    torch.manual_seed(seed)
+    model = build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(2, 7, 16, 16) * 300
+    model(x).mean().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _book_state_keys() -> set[str]:
+    """The key set SPEC §7 gives for the book's default model, written out from the spec."""
+    keys = {f"input_batchnorm.{n}" for n in
+            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def block(prefix: str) -> set[str]:
+        out = {f"{prefix}.block.{i}.{n}" for i in (0, 3) for n in ("weight", "bias")}
+        return out | {f"{prefix}.block.{i}.{n}" for i in (2, 5) for n in bn}
+
+    for level in range(3):
+        keys |= block(f"unet.down_path.{level}")
+    for level in range(2):
+        keys |= {f"unet.up_path.{level}.up.weight", f"unet.up_path.{level}.up.bias"}
+        keys |= block(f"unet.up_path.{level}.conv_block")
+    return keys | {"unet.last.weight", "unet.last.bias"}
+
+
+def test_default_parameter_count_is_the_books():
+    model = build_model()
+    assert sum(p.numel() for p in model.parameters()) == 118_271
+
+
+def test_state_dict_keys_match_book_layout():
+    assert set(build_model().state_dict()) == _book_state_keys()
+
+
+def test_conv_block_order_is_conv_relu_batchnorm():
+    block = build_model().unet.down_path[0].block
+    kinds = [type(m) for m in block]
+    assert kinds == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.BatchNorm2d] * 2
+
+
+def test_init_kaiming_fan_out_and_zero_bias():
+    torch.manual_seed(0)
+    conv = build_model().unet.down_path[2].block[3]  # 64 -> 64, fan_out = 64 * 9
+    expected_std = (2.0 / (64 * 9)) ** 0.5
+    assert conv.weight.std().item() == pytest.approx(expected_std, rel=0.05)
+    assert torch.all(conv.bias == 0)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (64, 64), (36, 100)])
+def test_output_has_input_size(size):
+    model = build_model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 7, *size))
+    assert out.shape == (2, 1, *size)
+    assert torch.all((out >= 0) & (out <= 1))
+
+
+def test_size_not_multiple_of_four_is_rejected():
+    with pytest.raises(ValueError, match="multiples of 4"):
+        build_model()(torch.randn(1, 7, 30, 32))
+
+
+def test_upsample_mode_and_other_shapes():
+    config = ModelConfig(in_channels=3, n_classes=2, depth=4, wf=3, up_mode="upsample",
+                         batch_norm=False)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 24, 40))
+    assert out.shape == (1, 2, 24, 40)
+    assert "unet.up_path.0.up.1.weight" in model.state_dict()
+    assert infer_model_config(model.state_dict()) == config
+
+
+def test_unpadded_unet_crops_skips():
+    unet = UNet(in_channels=1, n_classes=1, depth=2, wf=2, padding=False, batch_norm=False)
+    # 3x3 convs without padding: 28 -> 24 -> pool 12 -> 8 -> up 16 -> 12.
+    assert unet(torch.randn(1, 1, 28, 28)).shape == (1, 1, 12, 12)
+
+
+def test_channels_last_and_bf16_autocast():
+    model = build_model().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 7, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.0)
+
+
+@pytest.mark.parametrize("option,value", [("depth", 0), ("wf", -1), ("up_mode", "nearest"),
+                                          ("in_channels", 0)])
+def test_bad_model_options_raise_config_error(option, value):
+    with pytest.raises(ConfigError, match=option):
+        build_model(ModelConfig(**{option: value}))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _save_book_checkpoint(path: Path, model, optimizer, fake_cuda: bool, monkeypatch) -> None:
+    """Write a file the way the book's training script did (legacy pickle, its keys only)."""
+    payload = {
+        "sys_argv": ["training.py", "--epochs", "20", "--augmented"],
+        "time": "2020-09-22 10:11:12.131415",
+        "model_state": model.state_dict(),
+        "model_name": type(model).__name__,
+        "optimizer_state": optimizer.state_dict(),
+        "optimizer_name": type(optimizer).__name__,
+        "epoch": 10,
+        "totalTrainingSamples_count": 3_000_000,
+    }
+    with monkeypatch.context() as patch:
+        if fake_cuda:
+            # No CUDA here: tag every storage as saved from GPU 0, as on the book's machine.
+            patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("fake_cuda", [False, True])
+def test_book_legacy_checkpoint_loads_strictly(tmp_path, monkeypatch, fake_cuda):
+    model, optimizer = _trained()
+    path = tmp_path / "seg_2020-09-22_10.11.12_final.10.state"
+    _save_book_checkpoint(path, model, optimizer, fake_cuda, monkeypatch)
+    data = path.read_bytes()
+    assert not zipfile.is_zipfile(path)  # really the legacy format
+    assert (b"cuda:0" in data) == fake_cuda
+
+    loaded, checkpoint = load_model(path)
+    assert checkpoint.format == "book"
+    assert checkpoint.epoch == 10 and checkpoint.samples_seen == 3_000_000
+    assert checkpoint.model_config == ModelConfig()  # inferred from the shapes
+    assert checkpoint.sha1 == hashlib.sha1(data).hexdigest()
+    assert not loaded.training
+    x = torch.randn(1, 7, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    fresh = torch.optim.Adam(loaded.parameters())
+    fresh.load_state_dict(checkpoint.optimizer_state)
+
+
+def test_book_checkpoint_with_cuda_storage_class(tmp_path, monkeypatch):
+    """Older torch wrote ``torch.cuda.FloatStorage`` as the class; that must load too."""
+    model, optimizer = _trained()
+    path = tmp_path / "old.state"
+    _save_book_checkpoint(path, model, optimizer, True, monkeypatch)
+    data = path.read_bytes()
+    data = re.sub(rb"ctorch\n(\w+Storage)\n", rb"ctorch.cuda\n\1\n", data)
+    assert b"ctorch.cuda\nFloatStorage\n" in data
+    path.write_bytes(data)
+    loaded, _ = load_model(path)
+    torch.testing.assert_close(loaded.state_dict()["unet.last.weight"],
+                               model.state_dict()["unet.last.weight"])
+
+
+def test_round_trip_restores_identical_outputs(tmp_path):
+    model, optimizer = _trained()
+    config = {"batch_size": 16, "data": {"chunk_irc": (7, 96, 96)}, "out": Path("runs/x")}
+    path = tmp_path / "ckpt" / "model.pt"
+    sha1 = save_checkpoint(path, model=model, optimizer=optimizer, config=config, epoch=3,
+                           samples_seen=1234, extra={"best_recall": 0.8})
+    assert sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert os.listdir(path.parent) == ["model.pt"]  # no temp file left behind
+
+    raw = torch.load(path, weights_only=True)
+    assert BOOK_KEYS <= set(raw)
+    assert raw["format"] == "lunaseg-1" and raw["totalTrainingSamples_count"] == 1234
+
+    loaded, checkpoint = load_model(path)
+    assert checkpoint.format == "lunaseg-1" and checkpoint.sha1 == sha1
+    assert checkpoint.epoch == 3 and checkpoint.samples_seen == 1234
+    assert checkpoint.config["out"] == "runs/x"
+    assert checkpoint.config["data"]["chunk_irc"] == (7, 96, 96)
+    assert checkpoint.extra == {"best_recall": 0.8}
+    x = torch.randn(2, 7, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    torch.optim.Adam(loaded.parameters()).load_state_dict(checkpoint.optimizer_state)
+
+
+def test_model_config_is_stored_not_guessed(tmp_path):
+    config = ModelConfig(depth=2, wf=3, padding=False)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model=build_model(config), config=None, epoch=0, samples_seen=0)
+    assert load_checkpoint(path).model_config == config  # padding=False survives
+
+
+def test_dataparallel_prefix_is_stripped(tmp_path):
+    state = {f"module.{k}": v for k, v in build_model().state_dict().items()}
+    path = tmp_path / "dp.pt"
+    torch.save({"model_state": state, "epoch": 1}, path)
+    loaded, checkpoint = load_model(path)
+    assert checkpoint.samples_seen is None and checkpoint.epoch == 1
+
+
+def test_rng_state_round_trip(tmp_path):
+    path = tmp_path / "rng.pt"
+    torch.manual_seed(5)
+    save_checkpoint(path, model=build_model(), config=None, epoch=0, samples_seen=0,
+                    rng_state=capture_rng_state())
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    restore_rng_state(load_checkpoint(path).rng_state)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    torch.testing.assert_close(got[0], expected[0])
+    assert got[1:] == expected[1:]
+
+
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model=build_model(), config=None, epoch=1, samples_seen=1)
+    before = path.read_bytes()
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model=build_model(), config=None, epoch=2, samples_seen=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_unsupported_config_value_fails_at_save(tmp_path):
+    with pytest.raises(TypeError, match=r"config\['fn'\]"):
+        save_checkpoint(tmp_path / "m.pt", model=build_model(), config={"fn": print}, epoch=0,
+                        samples_seen=0)
+
+
+class _Evil:
+    """Pickles to a call of os.system that would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+@pytest.mark.parametrize("container", ["pickle", "torch-zip", "torch-legacy"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"model_state": build_model().state_dict(), "hook": _Evil(marker)}
+    if container == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=container == "torch-zip")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*refused") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_the_evil_payload_is_live(tmp_path):
+    """Guards the test above: an unrestricted unpickler really would run the command."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Evil(marker)))
+    assert marker.exists()
+
+
+def _zip_of_text(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+
+
+@pytest.mark.parametrize("name,make,problem", [
+    ("random.pt", lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "not a checkpoint"),
+    ("random2.pt", lambda p: p.write_bytes(random.Random(1).randbytes(64)), "not a checkpoint"),
+    ("empty.pt", lambda p: p.write_bytes(b""), "not a checkpoint"),
+    ("notes.txt", lambda p: p.write_text("epoch 3, recall 0.8\n"), "not a checkpoint"),
+    ("other.zip", _zip_of_text, "not a checkpoint"),
+    ("list.pt", lambda p: torch.save([torch.zeros(2)], p), "holds a list"),
+    ("nostate.pt", lambda p: torch.save({"epoch": 1}, p), "no 'model_state'"),
+    ("bare.pt", lambda p: torch.save(build_model().state_dict(), p), "bare state_dict"),
+    ("junkstate.pt", lambda p: torch.save({"model_state": {"a": 1}}, p), "not named tensors"),
+    ("notunet.pt", lambda p: torch.save({"model_state": {"a": torch.zeros(1)}}, p), "U-Net"),
+])
+def test_non_checkpoints_raise_checkpoint_error(tmp_path, name, make, problem):
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(CheckpointError, match=re.escape(problem)) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert name in message and "\n" not in message
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_mismatched_weights_raise_checkpoint_error(tmp_path):
+    state = build_model().state_dict()
+    del state["unet.last.bias"]
+    path = tmp_path / "partial.pt"
+    torch.save({"model_state": state}, path)
+    with pytest.raises(CheckpointError, match="do not fit") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_and_checkpoint_to_cpu(tmp_path):
+    model = build_model().cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.randn(4, 7, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().mean().backward()
+    optimizer.step()
+    assert out.shape == (4, 1, 64, 64)
+    path = tmp_path / "gpu.pt"
+    save_checkpoint(path, model=model, optimizer=optimizer, config=None, epoch=1, samples_seen=4)
+    loaded, checkpoint = load_model(path)  # CPU
+    assert next(loaded.parameters()).device.type == "cpu"
+    assert checkpoint.optimizer_state["state"][0]["exp_avg"].device.type == "cpu"
