@@ -1,0 +1,335 @@
+"""The ``lunaseg`` command: a thin layer over the Python API.
+
+This is the only module that reads argv, sets up logging and chooses exit codes.  Library
+errors (:class:`lunaseg.errors.LunasegError`) become one line on stderr and exit status 2;
+``--debug`` shows the traceback instead.  Heavy modules are imported inside each command
+so ``lunaseg --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lunaseg import __version__
+from lunaseg.errors import ConfigError, LunasegError
+
+log = logging.getLogger("lunaseg")
+
+
+def _ints(text: str, count: int, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{name}: expected {count} comma-separated integers, got {text!r}")
+    if len(values) != count or min(values) <= 0:
+        raise ConfigError(f"{name}: expected {count} positive integers, got {text!r}")
+    return values
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from lunaseg.config import SynthConfig
+    from lunaseg.synth import synthesize_dataset
+
+    config = SynthConfig(series=args.series, seed=args.seed, subsets=args.subsets,
+                         shape_irc=_ints(args.shape, 3, "--shape"))
+    summary = synthesize_dataset(args.out, config, progress=not args.quiet)
+    print(f"synth: {len(summary.series_uids)} series, {summary.n_nodules} nodules in {args.out} "
+          f"({summary.seconds_per_scan:.2f} s per scan)")
+    return 0
+
+
+def _cache_config(args: argparse.Namespace):
+    from lunaseg.config import CacheConfig
+
+    return CacheConfig(chunk_irc=_ints(args.chunk, 3, "--chunk"), workers=args.workers,
+                       masks=args.masks)
+
+
+def _cmd_prepcache(args: argparse.Namespace) -> int:
+    from lunaseg.cache import prepcache
+    from lunaseg.config import MaskConfig
+
+    config = _cache_config(args)
+    summary = prepcache(args.data, args.cache, config=config,
+                        mask_config=MaskConfig(method=args.masks,
+                                               bound_by_diameter=args.bound_by_diameter),
+                        check=args.check, progress=not args.quiet)
+    print(summary.line())
+    return 1 if summary.failed else 0
+
+
+def _train_config(args: argparse.Namespace):
+    from lunaseg.config import AugmentConfig, DataConfig, TrainConfig
+
+    augment = AugmentConfig.book() if args.augmented else AugmentConfig()
+    if args.augment_flip:
+        augment.flip = True
+    if args.augment_offset:
+        augment.offset = 0.03
+    if args.augment_scale:
+        augment.scale = 0.2
+    if args.augment_rotate:
+        augment.rotate = True
+    if args.augment_noise:
+        augment.noise_hu = 25.0
+    data = DataConfig(val_stride=args.val_stride, test_stride=args.test_stride,
+                      crop_px=args.crop, chunk_irc=_ints(args.chunk, 3, "--chunk"),
+                      full_ct_validation=args.full_ct,
+                      negative_crop_fraction=args.negative_crops,
+                      full_slice_fraction=args.mix_full_slices,
+                      epoch_samples=args.epoch_samples)
+    return TrainConfig(data=data, augment=augment, epochs=args.epochs,
+                       batch_size=args.batch_size, num_workers=args.num_workers, lr=args.lr,
+                       fn_weight=args.fn_weight, validation_cadence=args.validation_cadence,
+                       seed=args.seed, amp=args.amp, device=args.device, comment=args.comment)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lunaseg.train import train
+
+    cache = args.cache or Path(args.data) / "cache"
+    result = train(_train_config(args), cache, args.out, tb_dir=args.tb_dir,
+                   resume=args.resume, compile_model=args.compile, progress=not args.quiet)
+    _print_train_result(result)
+    return 130 if result.interrupted else 0
+
+
+def _print_train_result(result) -> None:
+    if result.best:
+        print(f"best validation (epoch {result.best['epoch']}): recall "
+              f"{result.best['pr/recall']:.3f}, precision {result.best['pr/precision']:.3f}, "
+              f"F1 {result.best['pr/f1_score']:.3f}")
+    print(f"checkpoints: {result.checkpoint}"
+          + (f", {result.best_checkpoint}" if result.best_checkpoint else ""))
+    print(f"tensorboard: tensorboard --logdir {result.tb_dir}")
+    print(f"overlays:    {result.out_dir / 'overlays'}")
+
+
+def _segment_config(args: argparse.Namespace):
+    from lunaseg.config import SegmentConfig
+
+    return SegmentConfig(threshold=args.threshold, batch_size=args.batch_size,
+                         erosion_iterations=args.erosion, min_voxels=args.min_voxels,
+                         lung_mask=args.lung_mask, device=args.device)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from lunaseg.infer import segment_inputs
+
+    outputs = segment_inputs(args.inputs, args.model, args.out, _segment_config(args),
+                             series_uids=args.series, progress=not args.quiet)
+    for output in outputs:
+        print(f"{output.series_uid}: {output.candidates} candidates -> {output.folder}")
+    print(f"submission: {Path(args.out) / 'submission.csv'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from lunaseg import pipeline
+
+    if args.data is not None:
+        if args.model is None:
+            raise ConfigError("evaluate --data needs --model CKPT")
+        report = pipeline.evaluate_model(args.data, args.model, args.out,
+                                         split=args.split, cache_dir=args.cache,
+                                         segment=_segment_config(args),
+                                         progress=not args.quiet)
+    else:
+        if args.annotations is None or args.candidates is None:
+            raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "
+                              "(or --data DIR --model CKPT)")
+        report = pipeline.score_files(args.annotations, args.candidates, args.out,
+                                      excluded=args.excluded, series=args.series)
+    print(report)
+    return 0
+
+
+def _cmd_import_lidc(args: argparse.Namespace) -> int:
+    from lunaseg.lidc import import_lidc
+
+    summary = import_lidc(args.sources, args.out, min_readers=args.min_readers,
+                          subset=args.subset, progress=not args.quiet)
+    print(f"import-lidc: {len(summary.imported)} scans, {len(summary.nodules)} nodules into "
+          f"{args.out}; {len(summary.failures)} failed")
+    for path, reason in summary.failures:
+        print(f"  failed: {reason}", file=sys.stderr)
+    return 1 if summary.failures and not summary.imported else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lunaseg import pipeline
+
+    result = pipeline.run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    print(result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_segment_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("candidate extraction")
+    group.add_argument("--threshold", type=float, default=0.5,
+                       help="probability above which a voxel is foreground (default 0.5)")
+    group.add_argument("--erosion", type=int, default=1,
+                       help="binary erosion iterations before labelling; components that "
+                            "would vanish are kept (default 1)")
+    group.add_argument("--min-voxels", type=int, default=1,
+                       help="drop components smaller than this (default 1)")
+    group.add_argument("--lung-mask", action="store_true",
+                       help="keep only candidates inside a lung mask computed from HU")
+    group.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lunaseg", description="Lung-nodule candidate segmentation on chest CT "
+                                    "(LUNA16 / LIDC-IDRI).")
+    parser.add_argument("--version", action="version", version=f"lunaseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars, warnings and errors only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the main job on built-in synthetic data: synth -> "
+                                            "prepcache -> train -> validate -> segment")
+    demo.add_argument("--out", default="lunaseg-demo", help="output folder (default ./lunaseg-demo)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a much smaller run (about a minute) to check the installation")
+    demo.set_defaults(func=_cmd_demo)
+
+    synth = commands.add_parser("synth", help="write a synthetic LUNA16-layout dataset")
+    synth.add_argument("--out", required=True, help="dataset folder to create")
+    synth.add_argument("--series", type=int, default=12, help="number of scans (default 12)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--shape", default="128,512,512",
+                       help="volume size as I,R,C = slices,rows,cols (default 128,512,512)")
+    synth.add_argument("--subsets", type=int, default=2, help="subsetN folders (default 2)")
+    synth.set_defaults(func=_cmd_synth)
+
+    prep = commands.add_parser("prepcache", help="cache what training and validation read")
+    prep.add_argument("--data", required=True, help="LUNA16-layout folder (subset*/<uid>.mhd)")
+    prep.add_argument("--cache", help="cache folder (default DATA/cache)")
+    prep.add_argument("--workers", type=int, default=0, help="processes (default: all CPUs)")
+    prep.add_argument("--check", action="store_true",
+                      help="verify every entry's checksums and rebuild damaged ones")
+    prep.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
+                      help="nodule masks from the book's HU heuristic or from LIDC outlines")
+    prep.add_argument("--bound-by-diameter", action="store_true",
+                      help="cap the heuristic's box at the annotated diameter")
+    prep.add_argument("--chunk", default="7,96,96", help="training chunk I,R,C (default 7,96,96)")
+    prep.set_defaults(func=_cmd_prepcache)
+
+    tr = commands.add_parser("train", help="train the U-Net (torchrun for several GPUs)")
+    tr.add_argument("--data", required=True, help="dataset folder (its cache is DATA/cache)")
+    tr.add_argument("--cache", help="cache folder (default DATA/cache)")
+    tr.add_argument("--out", default="runs/seg", help="run folder: checkpoints, overlays, logs")
+    tr.add_argument("--tb-dir", help="TensorBoard folder (default OUT/tensorboard)")
+    tr.add_argument("--epochs", type=int, default=1)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--num-workers", type=int, default=0, help="validation loader workers")
+    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    tr.add_argument("--fn-weight", type=float, default=8.0,
+                    help="weight of the false-negative Dice term (default 8)")
+    tr.add_argument("--validation-cadence", type=int, default=5,
+                    help="validate at epoch 1 and every N epochs (and the last)")
+    tr.add_argument("--augmented", action="store_true", help="all of the book's augmentations")
+    for name, what in (("flip", "random flips"), ("offset", "random shifts"),
+                       ("scale", "random scaling"), ("rotate", "random rotation"),
+                       ("noise", "Gaussian noise of 25 HU")):
+        tr.add_argument(f"--augment-{name}", action="store_true", help=what)
+    tr.add_argument("--negative-crops", type=float, default=0.0, metavar="FRACTION",
+                    help="share of training crops cut around look-alikes away from nodules")
+    tr.add_argument("--mix-full-slices", type=float, default=0.0, metavar="FRACTION",
+                    help="share of training steps on whole slices (chapter exercise 4)")
+    tr.add_argument("--epoch-samples", type=int, default=0,
+                    help="samples per epoch (default: one pass over the nodule chunks)")
+    tr.add_argument("--val-stride", type=int, default=10, help="every N-th series validates")
+    tr.add_argument("--test-stride", type=int, default=0,
+                    help="every N-th remaining series is held out for testing (0 = none)")
+    tr.add_argument("--full-ct", action="store_true", help="validate on every slice")
+    tr.add_argument("--crop", type=int, default=64, help="training crop size in pixels")
+    tr.add_argument("--chunk", default="7,96,96", help="cached chunk size I,R,C")
+    tr.add_argument("--comment", default="", help="a note stored with the run")
+    tr.add_argument("--resume", help="checkpoint to continue from")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--amp", action="store_true", help="bf16 autocast")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    tr.set_defaults(func=_cmd_train)
+
+    seg = commands.add_parser("segment", help="nodule candidates, masks and a report per CT")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="image file (.mhd .mha .nii .nii.gz .nrrd), DICOM folder or LUNA16 root")
+    seg.add_argument("--model", required=True, help="checkpoint (lunaseg's or the book's)")
+    seg.add_argument("--out", required=True, help="output folder")
+    seg.add_argument("--series", nargs="*", help="only these series UIDs of a LUNA16 root")
+    _add_segment_options(seg)
+    seg.set_defaults(func=_cmd_segment)
+
+    ev = commands.add_parser("evaluate", help="LUNA16 FROC / CPM of candidate lists")
+    ev.add_argument("--annotations", help="annotations.csv")
+    ev.add_argument("--excluded", help="annotations_excluded.csv (irrelevant findings)")
+    ev.add_argument("--candidates", help="submission CSV: seriesuid,coordX,coordY,coordZ,"
+                                         "probability")
+    ev.add_argument("--series", nargs="*", help="evaluate only these series")
+    ev.add_argument("--data", help="dataset folder: segment a split, then score it")
+    ev.add_argument("--model", help="checkpoint for --data")
+    ev.add_argument("--cache", help="cache folder for --data (default DATA/cache)")
+    ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val")
+    ev.add_argument("--out", default="evaluation", help="folder for JSON, FROC plot, CSVs")
+    _add_segment_options(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    lidc = commands.add_parser("import-lidc", help="LIDC-IDRI DICOM + XML -> LUNA16 layout")
+    lidc.add_argument("sources", nargs="+", metavar="SRC",
+                      help="scan folder with a DICOM series and its XML, or a tree of them")
+    lidc.add_argument("--out", required=True, help="dataset folder to write or extend")
+    lidc.add_argument("--min-readers", type=int, default=3,
+                      help="readers needed to accept a nodule (default 3, as LUNA16)")
+    lidc.add_argument("--subset", type=int, default=0, help="write into subsetN (default 0)")
+    lidc.set_defaults(func=_cmd_import_lidc)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("lunaseg")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except LunasegError as error:
+        if args.debug:
+            raise
+        print(f"lunaseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lunaseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

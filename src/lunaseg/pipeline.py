@@ -1,0 +1,323 @@
+"""End-to-end runs over the stages: score candidate files, evaluate a model on a split, and
+the built-in demo (synth -> prepcache -> train -> validate -> segment -> evaluate)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, SegmentConfig, SynthConfig,
+                            TrainConfig, from_dict, to_dict)
+from lunaseg.errors import DataError
+
+__all__ = ["EvaluationReport", "score_files", "evaluate_model", "DemoSettings", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+NEVER_SEGMENTED_P = 0.05  # a nodule whose best voxel stays below this was not seen at all
+
+
+@dataclass
+class EvaluationReport:
+    """FROC summary plus per-nodule misses; ``str()`` is the text the CLI prints."""
+
+    out_dir: Path
+    froc: object  # lunaseg.evaluate.FrocResult
+    misses: list[dict] = field(default_factory=list)
+    seconds_per_scan: float | None = None
+
+    def __str__(self) -> str:
+        r = self.froc
+        lines = [f"scans {r.n_scans}, nodules {r.n_nodules}, candidates per scan "
+                 f"{r.candidates_per_scan:.1f}",
+                 f"candidate sensitivity {r.candidate_sensitivity:.3f}",
+                 f"CPM {r.cpm:.3f}" + (f" (95% CI {r.cpm_ci[0]:.3f}-{r.cpm_ci[1]:.3f})"
+                                       if r.cpm_ci else ""),
+                 "sensitivity at FP/scan: " + ", ".join(
+                     f"{rate:g}: {value:.3f}" for rate, value in r.sensitivities_at.items())]
+        if self.seconds_per_scan is not None:
+            lines.append(f"seconds per scan (read -> candidates -> files): "
+                         f"{self.seconds_per_scan:.2f}")
+        for miss in self.misses:
+            lines.append(f"missed: {miss['series_uid']} at ({miss['center_xyz'][0]:.1f}, "
+                         f"{miss['center_xyz'][1]:.1f}, {miss['center_xyz'][2]:.1f}), "
+                         f"{miss['diameter_mm']:.1f} mm: {miss['reason']}")
+        lines.append(f"results: {self.out_dir / 'froc.json'}, {self.out_dir / 'froc.png'}")
+        return "\n".join(lines)
+
+
+def _write_outputs(result, out_dir: Path, misses: list[dict], title: str) -> None:
+    from lunaseg.evaluate import plot_froc, write_result_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_result_json(result, out_dir / "froc.json")
+    plot_froc(result, out_dir / "froc.png", title=title)
+    tmp = out_dir / ".misses.json.tmp"
+    tmp.write_text(json.dumps(misses, indent=1) + "\n")
+    os.replace(tmp, out_dir / "misses.json")
+
+
+def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
+                out_dir: str | os.PathLike, *, excluded: str | os.PathLike | None = None,
+                series: Sequence[str] | None = None) -> EvaluationReport:
+    """LUNA16 FROC/CPM of a submission CSV against an annotations CSV."""
+    from lunaseg.evaluate import froc, read_annotations, read_candidates
+
+    result = froc(read_annotations(annotations), read_candidates(candidates),
+                  excluded=read_annotations(excluded, excluded=True) if excluded else None,
+                  series=series)
+    misses = [{"series_uid": n.series_uid, "center_xyz": list(n.center_xyz),
+               "diameter_mm": n.diameter_mm,
+               "reason": "cut by the 100-marks-per-scan limit" if n.hit_any else "no mark"}
+              for n in result.nodules if not n.hit]
+    report = EvaluationReport(Path(out_dir), result, misses)
+    _write_outputs(result, report.out_dir, misses, Path(candidates).name)
+    return report
+
+
+def _split_series(data_dir: Path, model_path: Path, split: str, available: list[str]
+                  ) -> list[str]:
+    """The run's saved split (splits.json beside the checkpoint), else the default split."""
+    from lunaseg.datasets import split_series
+
+    if split == "all":
+        return sorted(available)
+    splits_file = model_path.parent / "splits.json"
+    if splits_file.exists():
+        splits = json.loads(splits_file.read_text())
+    else:
+        config = DataConfig()
+        config_file = model_path.parent / "config.json"
+        if config_file.exists():
+            config = from_dict(TrainConfig, json.loads(config_file.read_text())).data
+        splits = split_series(available, config)
+    chosen = [uid for uid in splits.get(split, []) if uid in set(available)]
+    if not chosen:
+        raise DataError(f"{data_dir}: the {split} split holds no series on disk")
+    return chosen
+
+
+def _sphere_box(geometry, shape: tuple[int, ...], center_xyz, diameter_mm: float):
+    """(box slices, boolean sphere within the box) of a nodule, in voxels."""
+    center_irc = geometry.xyz_to_irc_float(np.asarray(center_xyz))
+    radius_vox = diameter_mm / 2 / geometry.spacing_xyz[::-1]
+    low = np.maximum(np.floor(center_irc - radius_vox), 0).astype(int)
+    high = np.minimum(np.ceil(center_irc + radius_vox) + 1, shape).astype(int)
+    if np.any(high <= low):
+        return None, None
+    index = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high)],
+                                 indexing="ij"), -1).reshape(-1, 3)
+    distance_mm = np.linalg.norm(geometry.irc_to_xyz(index) - np.asarray(center_xyz), axis=1)
+    inside = (distance_mm <= diameter_mm / 2).reshape(tuple(high - low))
+    return tuple(slice(a, b) for a, b in zip(low, high)), inside
+
+
+def _why_missed(nodule, folder: Path, threshold: float, candidates: list[dict],
+                capped: bool) -> str:
+    """Sort a miss into: cut by the mark cap, merged with a neighbour, removed after
+    thresholding, below threshold, or never segmented."""
+    import SimpleITK as sitk
+
+    from lunaseg.ct import read_geometry
+
+    if capped:
+        return "found, but ranked below the 100-marks-per-scan limit"
+    geometry, shape = read_geometry(folder / "probability.nii.gz")
+    box, inside = _sphere_box(geometry, shape, nodule.center_xyz, nodule.diameter_mm)
+    if box is None or not inside.any():
+        return "outside the scanned volume"
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "probability.nii.gz")))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
+    best_p = float(prob[box][inside].max())
+    if (mask[box][inside] > 0).any():
+        nearest = min((float(np.linalg.norm(np.asarray(c["center_xyz"]) - nodule.center_xyz))
+                       for c in candidates), default=float("nan"))
+        return (f"merged with a neighbour: its voxels are segmented but the nearest "
+                f"component centre lies {nearest:.1f} mm away (radius "
+                f"{nodule.diameter_mm / 2:.1f} mm)")
+    if best_p > threshold:
+        return f"segmented (max p {best_p:.2f}) but removed by erosion, size or lung mask"
+    if best_p >= NEVER_SEGMENTED_P:
+        return f"below threshold (max p {best_p:.2f} <= {threshold})"
+    return f"never segmented (max p {best_p:.3f})"
+
+
+def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
+                   out_dir: str | os.PathLike, *, split: str = "val",
+                   cache_dir: str | os.PathLike | None = None,
+                   segment: SegmentConfig | None = None,
+                   progress: bool = True) -> EvaluationReport:
+    """Segment every scan of a split and score it the LUNA16 way, explaining every miss."""
+    from lunaseg.evaluate import froc, read_annotations, read_candidates
+    from lunaseg.infer import segment_inputs
+    from lunaseg.luna import ANNOTATION_FILES, EXCLUDED_FILE, find_series
+
+    data_dir, model_path, out_dir = Path(data_dir), Path(model_path), Path(out_dir)
+    segment = segment or SegmentConfig()
+    available = sorted(find_series(data_dir))
+    series = _split_series(data_dir, model_path, split, available)
+    outputs = segment_inputs([data_dir], model_path, out_dir / "segment", segment,
+                             series_uids=series, progress=progress)
+    annotation_file = next((data_dir / n for n in ANNOTATION_FILES if (data_dir / n).exists()),
+                           None)
+    if annotation_file is None:
+        raise DataError(f"{data_dir}: no annotations.csv to score against")
+    excluded_file = data_dir / EXCLUDED_FILE
+    result = froc(read_annotations(annotation_file),
+                  read_candidates(out_dir / "segment" / "submission.csv"),
+                  excluded=(read_annotations(excluded_file, excluded=True)
+                            if excluded_file.exists() else None),
+                  series=series, max_marks_per_scan=segment.max_candidates)
+    folders = {o.series_uid: o.folder for o in outputs}
+    misses = []
+    for nodule in result.nodules:
+        if nodule.hit:
+            continue
+        folder = folders[nodule.series_uid]
+        candidates = json.loads((folder / "candidates.json").read_text())["candidates"]
+        misses.append({"series_uid": nodule.series_uid, "center_xyz": list(nodule.center_xyz),
+                       "diameter_mm": nodule.diameter_mm,
+                       "reason": _why_missed(nodule, folder, segment.threshold, candidates,
+                                             nodule.hit_any)})
+    seconds = float(np.mean([o.seconds for o in outputs])) if outputs else None
+    report = EvaluationReport(out_dir, result, misses, seconds)
+    _write_outputs(result, out_dir, misses, f"{model_path.name} on the {split} split")
+    return report
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+@dataclass
+class DemoSettings:
+    """What ``lunaseg demo`` runs: sized to finish in minutes on a 2-core CPU."""
+
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(
+        series=20, seed=2026, shape_irc=(64, 256, 256), subsets=2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        data=DataConfig(val_stride=5, chunk_irc=(7, 64, 64), crop_px=48,
+                        negative_crop_fraction=0.5, epoch_samples=2048),
+        augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
+        epochs=6, batch_size=32, validation_cadence=2, amp=False, device="auto"))
+    segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(overlays=10))
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """A minute-long run that checks the installation end to end (it learns little)."""
+        settings = cls()
+        settings.synth.series = 6
+        settings.synth.shape_irc = (32, 128, 128)
+        settings.train.data.val_stride = 3
+        settings.train.data.epoch_samples = 256
+        settings.train.epochs = 2
+        settings.train.validation_cadence = 1
+        return settings
+
+
+@dataclass
+class DemoResult:
+    """Where the demo left everything, and how well the model did."""
+
+    out_dir: Path
+    data_dir: Path
+    run_dir: Path
+    train: object  # lunaseg.train.TrainResult
+    evaluation: EvaluationReport | None
+    montage: Path | None
+    seconds: dict[str, float]
+
+    def __str__(self) -> str:
+        lines = [f"lunaseg demo finished in {sum(self.seconds.values()):.0f} s ("
+                 + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()) + ")"]
+        best = self.train.best
+        if best:
+            lines.append(f"validation (pixels on positive slices, epoch {best['epoch']}): recall "
+                         f"{best['pr/recall']:.3f}, precision {best['pr/precision']:.3f}, "
+                         f"F1 {best['pr/f1_score']:.3f}")
+        if self.evaluation is not None:
+            r = self.evaluation.froc
+            lines.append(f"candidates on held-out scans: sensitivity "
+                         f"{r.candidate_sensitivity:.3f} at {r.candidates_per_scan:.1f} "
+                         f"candidates per scan; CPM {r.cpm:.3f}")
+        lines += [f"data:        {self.data_dir}",
+                  f"checkpoints: {self.train.checkpoint}"
+                  + (f", {self.train.best_checkpoint}" if self.train.best_checkpoint else ""),
+                  f"tensorboard: tensorboard --logdir {self.train.tb_dir}",
+                  f"overlays:    {self.run_dir / 'overlays'}"]
+        if self.montage is not None:
+            lines.append(f"montage:     {self.montage}")
+        if self.evaluation is not None:
+            lines.append(f"FROC:        {self.evaluation.out_dir / 'froc.png'}")
+            lines.append(f"reports:     {self.evaluation.out_dir / 'segment'}/<series>/"
+                         f"report.html")
+        return "\n".join(lines)
+
+
+def _synth_if_needed(data_dir: Path, config: SynthConfig, progress: bool) -> None:
+    """Synthesize unless the folder already holds this exact configuration's output."""
+    from lunaseg.synth import synthesize_dataset
+
+    marker = data_dir / "synth_config.json"
+    wanted = json.dumps(to_dict(config), sort_keys=True)
+    if marker.exists() and marker.read_text() == wanted:
+        log.info("%s already holds this synthetic dataset; reusing it", data_dir)
+        return
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    synthesize_dataset(data_dir, config, progress=progress)
+    marker.write_text(wanted)
+
+
+def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False,
+             settings: DemoSettings | None = None, progress: bool = True) -> DemoResult:
+    """The main job on built-in data: synthetic LUNA16-format phantoms -> prepcache ->
+    training with validation -> candidates on the validation scans, scored the LUNA16 way."""
+    from lunaseg.cache import prepcache
+    from lunaseg.train import BEST_CHECKPOINT, train
+
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    out_dir = Path(out_dir)
+    data_dir, run_dir = out_dir / "data", out_dir / "run"
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    _synth_if_needed(data_dir, settings.synth, progress)
+    seconds["synth"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    chunk = settings.train.data.chunk_irc
+    summary = prepcache(data_dir, data_dir / "cache", config=CacheConfig(chunk_irc=chunk),
+                        progress=progress)
+    log.info("%s", summary.line())
+    seconds["prepcache"] = time.perf_counter() - started
+
+    montage = None
+    try:
+        from lunaseg.montage import render_dataset_montage
+
+        montage = render_dataset_montage(data_dir, out_dir / "montage.png")
+    except ImportError:  # pragma: no cover - montage module is optional
+        pass
+
+    started = time.perf_counter()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a demo run starts fresh; use `lunaseg train` to resume
+    result = train(settings.train, data_dir / "cache", run_dir, progress=progress)
+    seconds["train"] = time.perf_counter() - started
+
+    evaluation = None
+    model_path = run_dir / BEST_CHECKPOINT
+    if model_path.exists():
+        started = time.perf_counter()
+        evaluation = evaluate_model(data_dir, model_path, out_dir / "evaluation", split="val",
+                                    segment=settings.segment, progress=progress)
+        seconds["segment+evaluate"] = time.perf_counter() - started
+    return DemoResult(out_dir, data_dir, run_dir, result, evaluation, montage, seconds)
