@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -288,12 +287,11 @@ def test_bootstrap_matches_resampled_studies():
     assert result.cpm_ci == pytest.approx(tuple(np.percentile(cpms, [2.5, 97.5])))
 
 
-def test_bootstrap_is_fast():
+def test_bootstrap_interval_brackets_the_cpm():
     annotations, marks = random_study(100, seed=2)
-    start = time.perf_counter()
     result = froc(annotations, marks, bootstrap=1000, rng=0)
-    assert time.perf_counter() - start < 2.0
-    assert result.cpm_ci is not None
+    low, high = result.cpm_ci
+    assert low <= result.cpm <= high and low < high
 
 
 # --------------------------------------------------------------------------- files
