@@ -117,7 +117,9 @@ def _segment_config(args: argparse.Namespace):
 
     return SegmentConfig(threshold=args.threshold, batch_size=args.batch_size,
                          erosion_iterations=args.erosion, min_voxels=args.min_voxels,
-                         lung_mask=args.lung_mask, device=args.device)
+                         lung_mask=args.lung_mask, connectivity=args.connectivity,
+                         keep_vanished=not args.drop_vanished, overlays=args.overlays,
+                         write_volumes=not args.no_volumes, amp=args.amp, device=args.device)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -183,10 +185,20 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                             "would vanish are kept (default 1)")
     group.add_argument("--min-voxels", type=int, default=1,
                        help="drop components smaller than this (default 1)")
+    group.add_argument("--drop-vanished", action="store_true",
+                       help="drop components erosion erases entirely (the book's behaviour)")
+    group.add_argument("--connectivity", type=int, choices=(6, 26), default=6,
+                       help="3D neighbourhood of connected components (default 6)")
     group.add_argument("--lung-mask", action="store_true",
-                       help="keep only candidates inside a lung mask computed from HU")
-    group.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+                       help="keep only candidates touching a lung mask computed from HU")
+    out = parser.add_argument_group("outputs and speed")
+    out.add_argument("--overlays", type=int, default=100,
+                     help="PNG views for the top N candidates of each scan (default 100)")
+    out.add_argument("--no-volumes", action="store_true",
+                     help="skip probability.nii.gz and mask.nii.gz")
+    out.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    out.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (CUDA)")
+    out.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
 def build_parser() -> argparse.ArgumentParser:
