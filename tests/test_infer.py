@@ -16,9 +16,10 @@ from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, write_image
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
+from lunaseg.masks import lung_mask
 from lunaseg.infer import (
     SUBMISSION_COLUMNS, context_indices, context_stack, extract_candidates, find_scans,
-    lung_mask_from_hu, model_context_slices, predict_volume, segment_ct, segment_inputs,
+    model_context_slices, predict_volume, segment_ct, segment_inputs,
 )
 from lunaseg.report import html_report, overlay_png, overlay_rgb
 
@@ -190,7 +191,7 @@ def test_lung_mask_drops_components_outside_the_lungs():
     hu[:, ((r - 32) / 15.0) ** 2 + ((c - 18) / 9.0) ** 2 <= 1] = -850  # lungs
     hu[:, ((r - 32) / 15.0) ** 2 + ((c - 46) / 9.0) ** 2 <= 1] = -850
     hu[2, 30:33, 17:20] = 30  # nodule inside the left lung
-    lung = lung_mask_from_hu(hu, dilation_mm=2.0)
+    lung = lung_mask(hu, dilation_mm=2.0)
     assert lung[2, 31, 18] and lung[2, 32, 46]  # the nodule is a filled hole
     assert not lung[2, 2, 2] and not lung[2, 5, 32]  # room air, chest wall
     prob = np.zeros(shape, dtype=np.float32)

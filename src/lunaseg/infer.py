@@ -51,12 +51,13 @@ from lunaseg.ct import CT, dicom_series_in, is_image_file, load_ct
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, write_csv
+from lunaseg.masks import lung_mask as compute_lung_mask
 from lunaseg.report import candidate_png, html_report, write_text_atomic
 
 __all__ = [
     "Candidate", "SegmentResult", "ScanSource", "ScanOutput", "resolve_device",
     "model_context_slices", "context_indices", "context_stack", "predict_volume",
-    "lung_mask_from_hu", "extract_candidates", "segment_ct", "find_scans", "segment_inputs",
+    "extract_candidates", "segment_ct", "find_scans", "segment_inputs",
     "CANDIDATE_CSV_COLUMNS", "SUBMISSION_COLUMNS",
 ]
 
@@ -292,48 +293,6 @@ def predict_volume(model: nn.Module, hu: np.ndarray, *, context_slices: int | No
     return prob
 
 
-# --------------------------------------------------------------------------- lung mask
-
-
-def lung_mask_from_hu(hu: np.ndarray, *, air_hu: float = -400.0,
-                      spacing_irc: Sequence[float] = (1.0, 1.0, 1.0),
-                      dilation_mm: float = 5.0) -> np.ndarray:
-    """A simple lung mask: air inside the body, holes filled, dilated in-plane.
-
-    hu : (I, R, C).  Per slice, air-like voxels (< ``air_hu``) connected to the slice's
-    border are outside the body (room air, the padding outside the field of view); the
-    rest is lung (plus trachea and bowel gas; this mask is coarse on purpose).  Holes in
-    it (vessels, nodules) are filled, then it grows ``dilation_mm`` in-plane so nodules
-    on the pleura still touch it.  Working per slice keeps a lung that reaches the top
-    or bottom slice inside.  Returns (I, R, C) bool.
-    """
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
-    in_plane_8 = np.zeros((3, 3, 3), dtype=bool)
-    in_plane_8[1] = True
-    in_plane_4 = np.zeros((3, 3, 3), dtype=bool)
-    in_plane_4[1] = ndimage.generate_binary_structure(2, 1)
-
-    def touching_border(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-        labels, count = ndimage.label(mask, structure)
-        outside = np.zeros(count + 1, dtype=bool)
-        for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-            outside[np.unique(face)] = True
-        outside[0] = True  # not part of ``mask`` at all
-        return outside[labels]
-
-    air = hu < air_hu
-    inside_air = air & ~touching_border(air, in_plane_8)
-    # Fill holes: background pieces that do not reach the slice border are enclosed.
-    lung = inside_air | ~touching_border(~inside_air, in_plane_4)
-    if dilation_mm > 0 and lung.any():
-        step = float(min(spacing_irc[1], spacing_irc[2]))
-        iterations = max(int(math.ceil(dilation_mm / step)), 1)
-        lung = ndimage.binary_dilation(lung, structure=in_plane_4, iterations=iterations)
-    return lung
-
-
 # --------------------------------------------------------------------------- candidates
 
 
@@ -466,7 +425,7 @@ def _extract(prob: np.ndarray, hu: np.ndarray, geometry: Geometry, config: Segme
         voxels = np.bincount(labels.ravel(), minlength=count + 1)
         keep &= voxels >= config.min_voxels
         if lung_mask is None and config.lung_mask:
-            lung_mask = lung_mask_from_hu(hu, spacing_irc=spacing_irc)
+            lung_mask = compute_lung_mask(hu, spacing_irc=spacing_irc)
         if lung_mask is not None:
             lung_mask = np.asarray(lung_mask, dtype=bool)
             if lung_mask.shape != labels.shape:
@@ -527,7 +486,7 @@ def extract_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
 
     prob : (I, R, C) float probabilities; hu : (I, R, C) HU of the same scan.
     ``lung_mask`` (I, R, C) bool keeps only components touching it; without it,
-    ``config.lung_mask`` computes one with :func:`lung_mask_from_hu`.  See the module
+    ``config.lung_mask`` computes one with :func:`lunaseg.masks.lung_mask`.  See the module
     docstring for threshold, erosion, connectivity and centre conventions.
     """
     candidates, _ = _extract(prob, hu, geometry, config or SegmentConfig(),

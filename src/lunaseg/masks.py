@@ -7,7 +7,8 @@ denser than ``threshold_hu``, fill the box, keep only the dense voxels inside it
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -86,25 +87,40 @@ def positive_slices(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
 
 
-def lung_mask(hu: np.ndarray, *, air_hu: float = -400.0, step: int = 2) -> np.ndarray:
-    """Coarse boolean lung mask: air inside the body, not connected to the air outside it.
+def lung_mask(hu: np.ndarray, *, air_hu: float = -400.0,
+                      spacing_irc: Sequence[float] = (1.0, 1.0, 1.0),
+                      dilation_mm: float = 5.0) -> np.ndarray:
+    """A simple lung mask: air inside the body, holes filled, dilated in-plane.
 
-    Computed on every ``step``-th row and column (then repeated back) because it only steers
-    sampling and candidate filtering; dilated slightly so juxta-pleural nodules stay inside.
+    hu : (I, R, C).  Per slice, air-like voxels (< ``air_hu``) connected to the slice's
+    border are outside the body (room air, the padding outside the field of view); the
+    rest is lung (plus trachea and bowel gas; this mask is coarse on purpose).  Holes in
+    it (vessels, nodules) are filled, then it grows ``dilation_mm`` in-plane so nodules
+    on the pleura still touch it.  Working per slice keeps a lung that reaches the top
+    or bottom slice inside.  Returns (I, R, C) bool.
     """
-    small = hu[:, ::step, ::step] < air_hu
-    # Air touching the in-plane border of a slice is outside the body (or the table gap).
-    labels, _ = ndimage.label(small, structure=ndimage.generate_binary_structure(3, 1))
-    border = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
-    border_labels = np.unique(border[border > 0])
-    outside = np.isin(labels, border_labels)
-    lungs = small & ~outside
-    # Closing then per-slice hole filling takes in vessels and nodules inside the lung;
-    # the dilation keeps nodules that sit on the pleura.
-    lungs = ndimage.binary_closing(lungs, structure=np.ones((1, 5, 5), bool))
-    for index in range(lungs.shape[0]):
-        lungs[index] = ndimage.binary_fill_holes(lungs[index])
-    lungs = ndimage.binary_dilation(lungs, structure=np.ones((1, 5, 5), bool))
-    full = lungs.repeat(step, axis=1).repeat(step, axis=2)
-    return full[:, : hu.shape[1], : hu.shape[2]]
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
+    in_plane_8 = np.zeros((3, 3, 3), dtype=bool)
+    in_plane_8[1] = True
+    in_plane_4 = np.zeros((3, 3, 3), dtype=bool)
+    in_plane_4[1] = ndimage.generate_binary_structure(2, 1)
+
+    def touching_border(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+        labels, count = ndimage.label(mask, structure)
+        outside = np.zeros(count + 1, dtype=bool)
+        for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+            outside[np.unique(face)] = True
+        outside[0] = True  # not part of ``mask`` at all
+        return outside[labels]
+
+    air = hu < air_hu
+    inside_air = air & ~touching_border(air, in_plane_8)
+    # Fill holes: background pieces that do not reach the slice border are enclosed.
+    lung = inside_air | ~touching_border(~inside_air, in_plane_4)
+    if dilation_mm > 0 and lung.any():
+        step = float(min(spacing_irc[1], spacing_irc[2]))
+        iterations = max(int(math.ceil(dilation_mm / step)), 1)
+        lung = ndimage.binary_dilation(lung, structure=in_plane_4, iterations=iterations)
+    return lung
