@@ -1,0 +1,224 @@
+"""Synthetic LUNA16-format phantoms: determinism, on-disk layout, CSVs, anatomy sanity."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lunaseg.config import SynthConfig
+from lunaseg.ct import load_ct
+from lunaseg.errors import ConfigError
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS
+from lunaseg.synth import (MIN_DIAMETER_MM, NODULE_KINDS, NODULE_LOCATIONS, UID_PREFIX,
+                           make_phantom, synthesize_dataset)
+
+SMALL = (24, 96, 96)
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, SynthConfig, object]:
+    """20 small scans over 3 subsets: enough for scans without nodules to appear."""
+    config = SynthConfig(series=20, seed=5, shape_irc=SMALL, subsets=3)
+    out = tmp_path_factory.mktemp("synth")
+    summary = synthesize_dataset(out, config, progress=False)
+    return out, config, summary
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((40, 160, 160), rng=np.random.default_rng(11), n_nodules=4)
+
+
+def test_same_seed_same_arrays_different_seed_differs():
+    a = make_phantom(SMALL, rng=np.random.default_rng(3))
+    b = make_phantom(SMALL, rng=np.random.default_rng(3))
+    c = make_phantom(SMALL, rng=np.random.default_rng(4))
+    assert a.hu.dtype == np.int16 and a.hu.shape == SMALL
+    assert np.array_equal(a.hu, b.hu) and a.series_uid == b.series_uid
+    assert a.geometry == b.geometry
+    assert np.array_equal(a.lookalike_xyz, b.lookalike_xyz)
+    assert [n.center_xyz.tolist() for n in a.nodules] == [n.center_xyz.tolist() for n in b.nodules]
+    assert not np.array_equal(a.hu, c.hu) and a.series_uid != c.series_uid
+
+
+def test_dataset_bytes_repeat_for_a_seed(dataset, tmp_path):
+    out, config, _ = dataset
+    small = SynthConfig(series=3, seed=config.seed, shape_irc=SMALL, subsets=2)
+    first = tmp_path / "a"
+    second = tmp_path / "b"
+    synthesize_dataset(first, small, progress=False)
+    synthesize_dataset(second, small, progress=False)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(second) for p in second.rglob("*")
+                                     if p.is_file())
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    other = tmp_path / "c"
+    synthesize_dataset(other, SynthConfig(series=3, seed=config.seed + 1, shape_irc=SMALL,
+                                          subsets=2), progress=False)
+    assert (other / "annotations.csv").read_bytes() != (first / "annotations.csv").read_bytes()
+
+
+def test_layout_subsets_and_mhd_pairs(dataset):
+    out, config, summary = dataset
+    assert len(summary.series_uids) == config.series == len(set(summary.series_uids))
+    for k, uid in enumerate(summary.series_uids):
+        assert uid.startswith(UID_PREFIX)
+        mhd = out / f"subset{k % config.subsets}" / f"{uid}.mhd"
+        assert mhd.exists() and mhd.with_suffix(".raw").exists()
+    uid = summary.series_uids[1]
+    ct = load_ct(out / "subset1" / f"{uid}.mhd")
+    assert ct.hu.dtype == np.int16 and ct.hu.shape == SMALL
+    assert np.allclose(ct.geometry.direction, np.eye(3))
+    assert ct.hu.min() >= -1024  # no -2048/-3024 padding: outside is plain air
+    expected = make_phantom(SMALL, rng=np.random.default_rng(
+        np.random.SeedSequence(config.seed).spawn(config.series + 1)[1:][1]),
+        with_nodules=True, max_nodules=config.max_nodules)
+    assert expected.series_uid == uid
+    assert ct.geometry.allclose(expected.geometry)
+
+
+def test_csv_columns_exact(dataset):
+    out, _, _ = dataset
+    assert read_rows(out / "annotations.csv")[0] == list(ANNOTATION_COLUMNS)
+    assert read_rows(out / "annotations_with_malignancy.csv")[0] == list(MALIGNANCY_COLUMNS)
+    assert read_rows(out / "annotations_excluded.csv")[0] == list(ANNOTATION_COLUMNS)
+    assert read_rows(out / "candidates.csv")[0] == list(CANDIDATE_COLUMNS)
+
+
+def test_annotations_inside_volume_and_dense(dataset):
+    out, config, summary = dataset
+    _, rows = read_rows(out / "annotations.csv")
+    assert rows
+    paths = {p.name[:-4]: p for p in out.rglob("*.mhd")}
+    cts = {}
+    for row in rows:
+        uid = row["seriesuid"]
+        ct = cts.setdefault(uid, load_ct(paths[uid]))
+        xyz = np.array([float(row[k]) for k in ("coordX", "coordY", "coordZ")])
+        irc = ct.geometry.xyz_to_irc(xyz)
+        assert np.all(irc >= 0) and np.all(irc < np.asarray(ct.hu.shape)), row
+        assert ct.hu[tuple(irc)] > -700, row  # a nodule is denser than lung air
+        assert 3.0 <= float(row["diameter_mm"]) <= 30.0
+        # It sits in the lung: plenty of lung-air voxels within a few cm around it.
+        lo = np.maximum(irc - [3, 15, 15], 0)
+        around = ct.hu[lo[0]:irc[0] + 4, lo[1]:irc[1] + 16, lo[2]:irc[2] + 16]
+        assert (around < -700).mean() > 0.15, row
+
+
+def test_malignancy_columns(dataset):
+    out, _, _ = dataset
+    _, plain = read_rows(out / "annotations.csv")
+    _, rows = read_rows(out / "annotations_with_malignancy.csv")
+    assert len(rows) == len(plain)
+    for row in rows:
+        ratings = [int(v) for v in row["mal_details"].strip("[]").split(",")]
+        assert all(1 <= v <= 5 for v in ratings)
+        assert int(row["len_mal_details"]) == len(ratings)
+        assert row["mal_bool"] == str(sum(v >= 4 for v in ratings) >= 2)
+        radius = float(row["diameter_mm"]) / 2
+        for axis in "XYZ":
+            centre = float(row[f"coord{axis}"])
+            assert float(row[f"bboxLow{axis}"]) == pytest.approx(centre - radius, abs=1e-5)
+            assert float(row[f"bboxHigh{axis}"]) == pytest.approx(centre + radius, abs=1e-5)
+
+
+def test_some_scans_have_no_nodules(dataset):
+    out, config, summary = dataset
+    _, rows = read_rows(out / "annotations.csv")
+    with_nodules = {row["seriesuid"] for row in rows}
+    empty = set(summary.series_uids) - with_nodules
+    assert len(empty) >= round(config.no_nodule_fraction * config.series)
+    assert len(with_nodules) >= config.series // 2
+
+
+def test_excluded_nodules_are_tiny(dataset):
+    out, _, summary = dataset
+    _, rows = read_rows(out / "annotations_excluded.csv")
+    assert rows and summary.n_excluded == len(rows)
+    assert all(float(row["diameter_mm"]) < MIN_DIAMETER_MM for row in rows)
+
+
+def test_candidates_hold_every_nodule_and_many_negatives(dataset):
+    out, config, summary = dataset
+    _, nodules = read_rows(out / "annotations.csv")
+    _, rows = read_rows(out / "candidates.csv")
+    positives = {(r["seriesuid"], r["coordX"], r["coordY"], r["coordZ"])
+                 for r in rows if r["class"] == "1"}
+    assert positives == {(r["seriesuid"], r["coordX"], r["coordY"], r["coordZ"])
+                         for r in nodules}
+    negatives = [r for r in rows if r["class"] == "0"]
+    assert len(negatives) >= 20 * config.series
+    uids = [r["seriesuid"] for r in rows]
+    assert uids == sorted(uids)  # sorted by series, as LUNA16's file is
+
+
+def test_nodule_records(phantom):
+    assert phantom.nodules
+    for nodule in phantom.nodules:
+        assert nodule.kind in NODULE_KINDS and nodule.location in NODULE_LOCATIONS
+        assert MIN_DIAMETER_MM <= nodule.diameter_mm <= 30
+        irc = phantom.geometry.xyz_to_irc(nodule.center_xyz)
+        assert phantom.hu[tuple(irc)] > -700
+        if nodule.kind == "calcified":
+            assert not nodule.is_malignant
+    for nodule in phantom.excluded:
+        assert nodule.diameter_mm < MIN_DIAMETER_MM
+    assert phantom.lookalike_xyz.ndim == 2 and phantom.lookalike_xyz.shape[1] == 3
+    assert len(phantom.lookalike_xyz) >= 30
+
+
+def test_tissue_statistics(phantom):
+    hu = phantom.hu
+    body = hu > -500
+    lungish = np.zeros(hu.shape, bool)
+    for i in range(hu.shape[0]):
+        filled = ndimage.binary_fill_holes(ndimage.binary_closing(body[i], iterations=2))
+        lungish[i] = ndimage.binary_erosion(filled & ~body[i], iterations=2)
+    assert lungish.mean() > 0.05
+    lung_values = hu[lungish | (ndimage.binary_dilation(lungish, iterations=1) & (hu > -500))]
+    assert -900 < np.median(lung_values) < -800
+    assert (hu > 300).sum() > 500  # ribs, spine, sternum
+    assert (hu[:, :, :] > 300).any(axis=(1, 2)).all()
+    # Vessel cross-sections: many separate dense blobs inside the lungs of every slice.
+    counts = []
+    for i in range(hu.shape[0]):
+        filled = ndimage.binary_fill_holes(lungish[i])
+        counts.append(ndimage.label(filled & (hu[i] > -500))[1])
+    assert np.median(counts) >= 15
+    # Air outside the body is air.
+    assert np.median(hu[:, :3, :]) < -900
+
+
+def test_small_shapes_show_a_whole_chest():
+    tiny = make_phantom((16, 64, 64), rng=np.random.default_rng(0))
+    middle = tiny.hu[8]
+    upper = middle[8:28]  # above the scanner table, which curves up to the image edges
+    assert (upper[:, 0] < -500).all() and (upper[:, -1] < -500).all()  # body inside FOV
+    assert ((middle > -500).mean() > 0.25) and ((middle < -700).mean() > 0.4)
+
+
+def test_explicit_spacing_and_no_nodules():
+    p = make_phantom(SMALL, rng=np.random.default_rng(2), spacing_xyz=(2.0, 2.0, 2.5),
+                     with_nodules=False)
+    assert p.nodules == []
+    assert np.allclose(p.geometry.spacing_xyz, (2.0, 2.0, 2.5))
+
+
+def test_bad_arguments_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="shape_irc"):
+        make_phantom((4, 10, 10), rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="rng"):
+        make_phantom(SMALL, rng=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="series"):
+        synthesize_dataset(tmp_path, SynthConfig(series=0), progress=False)
