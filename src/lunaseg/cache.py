@@ -36,7 +36,7 @@ from lunaseg.ct import load_ct
 from lunaseg.errors import DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, load_candidates, outline_mask_path
-from lunaseg.masks import annotation_mask, positive_slices
+from lunaseg.masks import annotation_mask, body_box, positive_slices
 
 __all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSummary",
            "pad_crop", "FORMAT_VERSION"]
@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _ARRAYS = ("hu.npy", "mask.npy", "chunks.npy", "chunk_masks.npy")
-_BODY_HU = -500.0  # anything denser is body, table or bone; the crop keeps all of it
-_CROP_MARGIN_PX = 8
 MAX_LOOKALIKES = 400  # per series: LUNA16's candidates.csv has ~600 per scan, mostly alike
 
 
@@ -240,20 +238,6 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _body_crop(hu: np.ndarray) -> tuple[int, int, int, int]:
-    """(row0, row1, col0, col1) of the in-plane box holding every non-air voxel, plus margin."""
-    dense = (hu > _BODY_HU).any(axis=0)
-    rows = np.flatnonzero(dense.any(axis=1))
-    cols = np.flatnonzero(dense.any(axis=0))
-    if rows.size == 0:
-        return 0, hu.shape[1], 0, hu.shape[2]
-    row0 = max(int(rows[0]) - _CROP_MARGIN_PX, 0)
-    row1 = min(int(rows[-1]) + 1 + _CROP_MARGIN_PX, hu.shape[1])
-    col0 = max(int(cols[0]) - _CROP_MARGIN_PX, 0)
-    col1 = min(int(cols[-1]) + 1 + _CROP_MARGIN_PX, hu.shape[2])
-    return row0, row1, col0, col1
-
-
 def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: no outline mask (only `lunaseg import-lidc` data has them; "
@@ -274,7 +258,7 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
     else:
         mask = annotation_mask(hu, ct.geometry, [(n[0], n[1]) for n in job.nodules],
                                job.mask_config)
-    row0, row1, col0, col1 = _body_crop(hu)
+    row0, row1, col0, col1 = body_box(hu)
     hu_crop = np.ascontiguousarray(hu[:, row0:row1, col0:col1])
     mask_crop = mask[:, row0:row1, col0:col1]
     tmp = cache_dir / f".tmp-{job.series_uid}-{os.getpid()}"

@@ -120,9 +120,14 @@ def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) 
 
 def negative_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig, count: int,
                   rng: np.random.Generator) -> CropBank:
-    """``count`` chunks away from nodules: half at candidate look-alikes (vessels and the
-    like, the hard negatives, where the dataset lists them), the rest at random dense voxels
-    inside the lungs.  Labels come from the mask, so a crop grazing a nodule stays honest."""
+    """``count`` chunks away from nodules, so the model also learns what is *not* a nodule.
+
+    Half sit on candidate look-alikes (vessels and the like: the hard negatives, where the
+    dataset lists them), a quarter on random tissue inside the lungs and a quarter on random
+    tissue anywhere in the body (chest wall, heart, bone), which whole-slice validation and
+    inference show the model although nodule chunks never do.  Labels come from the mask,
+    so a crop grazing a nodule stays honest.
+    """
     size = np.asarray(config.chunk_irc)
     entries = [cache[uid] for uid in series_uids]
     chunks, labels = [], []
@@ -130,23 +135,25 @@ def negative_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig, 
     while len(chunks) < count and attempts < 50 * count + 100:
         attempts += 1
         entry = entries[rng.integers(len(entries))]
-        if len(entry.lookalikes_irc) and rng.random() < 0.5:
+        draw = rng.random()
+        if len(entry.lookalikes_irc) and draw < 0.5:
             center = entry.lookalikes_irc[rng.integers(len(entry.lookalikes_irc))]
         else:
             hu = entry.hu
             local = np.array([rng.integers(n) for n in hu.shape])
-            if hu[tuple(local)] <= config.min_hu + 300:  # want tissue, not air
+            if hu[tuple(local)] <= _LUNG_HU:  # want tissue, not air
                 continue
             center = local + np.array([0, *entry.crop_rc])
         hu_chunk, mask_chunk = entry.chunk(center, size)
         if mask_chunk[size[0] // 2].any() and len(chunks) % 4:
             continue  # mostly pure negatives; one in four may touch a nodule's edge
-        if (hu_chunk[size[0] // 2] < _LUNG_HU).mean() < _MIN_LUNG_SHARE:
-            continue  # not in the lungs
+        in_lung = (hu_chunk[size[0] // 2] < _LUNG_HU).mean() >= _MIN_LUNG_SHARE
+        if 0.5 <= draw < 0.75 and not in_lung:
+            continue
         chunks.append(hu_chunk)
         labels.append(mask_chunk[size[0] // 2])
     if len(chunks) < count:
-        log.warning("found only %d of %d negative crops in the lungs", len(chunks), count)
+        log.warning("found only %d of %d negative crops", len(chunks), count)
     if not chunks:
         return CropBank(torch.zeros((0, *size), dtype=torch.int16),
                         torch.zeros((0, *size[1:]), dtype=torch.bool))

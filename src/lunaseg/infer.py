@@ -51,6 +51,7 @@ from lunaseg.ct import CT, dicom_series_in, is_image_file, load_ct
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, write_csv
+from lunaseg.masks import body_box
 from lunaseg.masks import lung_mask as compute_lung_mask
 from lunaseg.report import candidate_png, html_report, write_text_atomic
 
@@ -214,7 +215,29 @@ def context_stack(hu: np.ndarray, slice_indices: Sequence[int] | np.ndarray,
 def predict_volume(model: nn.Module, hu: np.ndarray, *, context_slices: int | None = None,
                    batch_size: int = 16, device: str | torch.device = "cpu",
                    amp: bool = False, progress: bool = False, min_hu: float = -1000.0,
-                   max_hu: float = 1000.0) -> np.ndarray:
+                   max_hu: float = 1000.0, crop_to_body: bool = True) -> np.ndarray:
+    """Probability of "nodule" for every voxel of a (I, R, C) HU volume.
+
+    ``crop_to_body`` runs the model only on the in-plane box that holds the body (see
+    :func:`lunaseg.masks.body_box`; typically a third to a half of a 512 x 512 slice is air
+    outside it) and reports probability 0 outside.  Other arguments: :func:`_predict`.
+    """
+    if not crop_to_body or np.asarray(hu).ndim != 3:
+        return _predict(model, hu, context_slices=context_slices, batch_size=batch_size,
+                        device=device, amp=amp, progress=progress, min_hu=min_hu,
+                        max_hu=max_hu)
+    row0, row1, col0, col1 = body_box(hu)
+    prob = np.zeros(hu.shape, dtype=np.float32)
+    prob[:, row0:row1, col0:col1] = _predict(
+        model, hu[:, row0:row1, col0:col1], context_slices=context_slices,
+        batch_size=batch_size, device=device, amp=amp, progress=progress, min_hu=min_hu,
+        max_hu=max_hu)
+    return prob
+
+
+def _predict(model: nn.Module, hu: np.ndarray, *, context_slices: int | None,
+             batch_size: int, device: str | torch.device, amp: bool, progress: bool,
+             min_hu: float, max_hu: float) -> np.ndarray:
     """Probability of "nodule" for every voxel of a (I, R, C) HU volume.
 
     Every slice is fed with ``context_slices`` slices on each side (None: from the model's

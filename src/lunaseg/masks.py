@@ -16,7 +16,10 @@ from scipy import ndimage
 from lunaseg.config import MaskConfig
 from lunaseg.geometry import Geometry
 
-__all__ = ["nodule_radii_irc", "annotation_mask", "positive_slices", "lung_mask"]
+__all__ = ["nodule_radii_irc", "annotation_mask", "positive_slices", "lung_mask", "body_box"]
+
+BODY_HU = -500.0  # anything denser is body, table or bone
+BODY_MARGIN_PX = 8
 
 
 def _grow_radius(line_hu: np.ndarray, center: int, threshold_hu: float, start: int) -> int:
@@ -80,6 +83,19 @@ def annotation_mask(hu: np.ndarray, geometry: Geometry,
         high = np.minimum(center_irc + radii + 1, shape)
         boxes[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
     return boxes & (hu > config.threshold_hu)
+
+
+def body_box(hu: np.ndarray, *, margin_px: int = BODY_MARGIN_PX) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1): the in-plane box holding every voxel denser than air on any
+    slice, plus a margin.  Outside it there is only air (or scanner padding), so the cache
+    and inference can skip it."""
+    dense = (hu > BODY_HU).any(axis=0)
+    rows = np.flatnonzero(dense.any(axis=1))
+    cols = np.flatnonzero(dense.any(axis=0))
+    if rows.size == 0:
+        return 0, hu.shape[1], 0, hu.shape[2]
+    return (max(int(rows[0]) - margin_px, 0), min(int(rows[-1]) + 1 + margin_px, hu.shape[1]),
+            max(int(cols[0]) - margin_px, 0), min(int(cols[-1]) + 1 + margin_px, hu.shape[2]))
 
 
 def positive_slices(mask: np.ndarray) -> np.ndarray:
