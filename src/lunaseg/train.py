@@ -78,6 +78,7 @@ class _Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # train() joined the process group, so train() leaves it
 
     @property
     def is_main(self) -> bool:
@@ -98,9 +99,23 @@ def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group), device
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics.
+
+    DDP broadcasts buffers at the *start* of each forward pass, so after the last step of
+    an epoch each rank holds running statistics updated with its own batch; without this,
+    ranks would validate different models and differ from the saved checkpoint.
+    """
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -251,9 +266,24 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.P
 
     ``max_steps`` stops after that many optimizer steps in total (for tests and benchmarks).
     """
+    dist_info, device = _init_distributed(config.device)
+    try:
+        return _train(config, cache_dir, out_dir, dist_info, device, tb_dir=tb_dir,
+                      resume=resume, compile_model=compile_model, max_steps=max_steps,
+                      progress=progress)
+    finally:
+        if dist_info.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike,
+           dist_info: _Dist, device: torch.device, *, tb_dir: str | os.PathLike | None,
+           resume: str | os.PathLike | None, compile_model: bool, max_steps: int | None,
+           progress: bool) -> TrainResult:
     from tqdm import tqdm
 
-    dist_info, device = _init_distributed(config.device)
     torch.manual_seed(config.seed + dist_info.rank)
     out_dir = Path(out_dir)
     tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / "tensorboard"
@@ -350,10 +380,13 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.P
                 if max_steps is not None and total_steps >= max_steps:
                     break
             bar.close()
+            if dist_info.world_size > 1:
+                _broadcast_buffers(model)
             metrics.all_reduce()
             train_metrics = metrics.compute()
+            # After all_reduce "samples" already counts every rank's samples.
             train_metrics["samples_per_s"] = train_metrics["samples"] / max(
-                time.perf_counter() - started, 1e-9) * dist_info.world_size
+                time.perf_counter() - started, 1e-9)
             logger.scalars("trn", train_metrics, samples_seen)
             record = {"epoch": epoch, "samples_seen": samples_seen,
                       "train": _rounded(train_metrics)}

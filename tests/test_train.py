@@ -1,0 +1,319 @@
+"""The training loop: it learns, checkpoints round-trip, resumes exactly, logs, runs DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lunaseg.train
+from conftest import add_sphere, tiny_volume
+from lunaseg.cache import Cache, prepcache
+from lunaseg.config import AugmentConfig, CacheConfig, DataConfig, TrainConfig
+from lunaseg.ct import write_image
+from lunaseg.datasets import TrainingSampler, split_series
+from lunaseg.geometry import Geometry
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
+from lunaseg.metrics import pixel_counts
+from lunaseg.model import UNetWrapper, build_model, load_checkpoint, load_model
+from lunaseg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, train
+
+CHUNK = (7, 48, 48)
+SCALAR_TAGS = ("loss/all", "percent_all/tp", "percent_all/fn", "percent_all/fp",
+               "pr/precision", "pr/recall", "pr/f1_score")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Train on one thread: on a shared 2-core runner, a second OpenMP thread that has to wait
+    for a busy core makes every step several times slower (the numbers are the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """Four phantom series (the first validates), six nodules of 3.5-6 px radius, 48-px chunks."""
+    root = tmp_path_factory.mktemp("luna")
+    rng = np.random.default_rng(21)
+    geometry = Geometry.identity(spacing_xyz=(0.8, 0.8, 2.0))
+    nodules = [[(8, 30, 30, 5.0)], [(5, 26, 24, 4.0), (11, 38, 36, 6.0)],
+               [(8, 34, 26, 3.5)], [(6, 28, 36, 5.0), (11, 36, 26, 4.5)]]
+    annotations, candidates = [], []
+    for k, series_nodules in enumerate(nodules):
+        uid = f"1.2.840.77.{k + 1}"
+        hu = tiny_volume(rng, (16, 64, 64))
+        for i, r, c, radius in series_nodules:
+            add_sphere(hu, (i, r, c), (2, radius, radius))
+            xyz = geometry.irc_to_xyz(np.array([i, r, c], float))
+            annotations.append([uid, *xyz.round(4), 1.6 * radius])
+            candidates.append([uid, *xyz.round(4), 1])
+        candidates.append([uid, *geometry.irc_to_xyz(np.array([8.0, 20, 44])).round(4), 0])
+        write_image(hu, geometry, root / "subset0" / f"{uid}.mhd")
+    write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, annotations)
+    write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
+    summary = prepcache(root, root / "cache", config=CacheConfig(workers=1, chunk_irc=CHUNK),
+                        progress=False)
+    assert not summary.failed
+    return root / "cache"
+
+
+def _config(*, epochs: int, batch_size: int = 8, epoch_samples: int = 32,
+            **changes) -> TrainConfig:
+    data = DataConfig(chunk_irc=CHUNK, crop_px=32, val_stride=4, epoch_samples=epoch_samples,
+                      negative_crop_fraction=changes.pop("negative_crop_fraction", 0.0),
+                      full_slice_fraction=changes.pop("full_slice_fraction", 0.0))
+    return TrainConfig(data=data, epochs=epochs, batch_size=batch_size, device="cpu",
+                       validation_cadence=changes.pop("validation_cadence", 100), **changes)
+
+
+def _capture_models(monkeypatch: pytest.MonkeyPatch) -> list[UNetWrapper]:
+    """Record every model train() builds, so a test can look at the in-memory weights."""
+    built: list[UNetWrapper] = []
+
+    def recording_build_model(config):
+        built.append(build_model(config))
+        return built[-1]
+
+    monkeypatch.setattr(lunaseg.train, "build_model", recording_build_model)
+    return built
+
+
+def _recall_precision(model: torch.nn.Module, input: torch.Tensor, label: torch.Tensor
+                      ) -> tuple[float, float]:
+    model.eval()
+    with torch.inference_mode():
+        tp, fn, fp = pixel_counts(model(input), label).sum(dim=0).tolist()
+    return tp / (tp + fn), tp / max(tp + fp, 1)
+
+
+def _fixed_training_crops(cache_dir: Path, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training chunk cut at five fixed offsets (centre and corners)."""
+    cache = Cache(cache_dir)
+    sampler = TrainingSampler(cache, split_series(cache.series_uids, data)["train"], data,
+                              torch.device("cpu"))
+    bank = sampler.positives
+    inputs, labels = [], []
+    for row, col in ((8, 8), (0, 0), (0, 16), (16, 0), (16, 16)):
+        hu = bank.hu[:, :, row:row + 32, col:col + 32]
+        inputs.append(sampler._to_input(hu))
+        labels.append(bank.label[:, None, row:row + 32, col:col + 32])
+    return torch.cat(inputs), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_short_run_learns_its_training_crops(cache_dir, tmp_path, monkeypatch):
+    config = _config(epochs=6, batch_size=16, epoch_samples=128)
+    input, label = _fixed_training_crops(cache_dir, config.data)
+    assert input.shape == (25, 7, 32, 32) and label.sum() > 0
+    built = _capture_models(monkeypatch)
+    # train() seeds torch with config.seed before building the model: the same fresh weights.
+    torch.manual_seed(config.seed)
+    start, _ = _recall_precision(build_model(config.model), input, label)
+    result = train(config, cache_dir, tmp_path / "run", progress=False)
+    assert result.epochs_done == 6 and not result.interrupted
+    end, precision = _recall_precision(built[0], input, label)
+    trained, _ = load_model(result.checkpoint)
+    assert _recall_precision(trained, input, label) == (end, precision)
+    assert start < end and end >= 0.8, (start, end)
+    # Not just "everything is nodule": twice the precision of marking every pixel.
+    assert precision > 2 * label.float().mean().item(), precision
+    losses = [record["train"]["loss/all"] for record in result.history]
+    assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@pytest.fixture(scope="module")
+def logged_run(cache_dir, tmp_path_factory) -> tuple[TrainResult, UNetWrapper, TrainConfig]:
+    """Two epochs, validated (with images) after both; the in-memory model is kept."""
+    config = _config(epochs=2, validation_cadence=2)
+    out = tmp_path_factory.mktemp("logged")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        built = _capture_models(monkeypatch)
+        result = train(config, cache_dir, out, progress=False)
+    return result, built[0], config
+
+
+def test_checkpoint_round_trip_and_run_files(logged_run, cache_dir):
+    result, model, config = logged_run
+    out = result.out_dir
+    assert result.checkpoint == out / LAST_CHECKPOINT and result.checkpoint.is_file()
+    assert result.best_checkpoint == out / BEST_CHECKPOINT and result.best_checkpoint.is_file()
+    loaded, checkpoint = load_model(result.checkpoint)
+    assert checkpoint.epoch == 2 and checkpoint.samples_seen == result.samples_seen == 64
+    assert checkpoint.format == "lunaseg-1" and checkpoint.optimizer_state is not None
+    state = model.state_dict()
+    assert state.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in state.items())
+    model.eval()
+    input = torch.from_numpy(np.clip(Cache(cache_dir)[
+        Cache(cache_dir).series_uids[1]].context_stack(8, 3), -1000, 1000).astype(np.float32))
+    with torch.inference_mode():
+        assert torch.equal(model(input[None]), loaded(input[None]))
+    best = load_checkpoint(result.best_checkpoint)
+    assert best.epoch == result.best["epoch"]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2]
+    assert all("val" in record for record in metrics["history"])
+    assert metrics["best"]["epoch"] in (1, 2) and "pr/recall" in metrics["best"]
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits == split_series(Cache(cache_dir).series_uids, config.data)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["data"]["crop_px"] == 32
+    assert list((out / "overlays").glob("epoch002_val_00_slice*.png"))
+
+
+def test_tensorboard_scalars_and_images(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _, _ = logged_run
+    steps = [record["samples_seen"] for record in result.history]
+    assert steps == [32, 64]
+    series = {"trn": len(json.loads((result.out_dir / "splits.json").read_text())["train"]),
+              "val": 1}
+    for split in ("trn", "val"):
+        events = EventAccumulator(str(result.tb_dir / split),
+                                  size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        tags = events.Tags()
+        for tag in SCALAR_TAGS:
+            assert tag in tags["scalars"], (split, tag)
+            assert [event.step for event in events.Scalars(tag)] == steps
+        recall = [event.value for event in events.Scalars("pr/recall")]
+        key = "train" if split == "trn" else "val"
+        np.testing.assert_allclose(recall, [r[key]["pr/recall"] for r in result.history],
+                                   atol=1e-5)
+        for k in range(series[split]):
+            for j in range(6):
+                predictions = events.Images(f"{split}/{k}_prediction_{j}")
+                assert [event.step for event in predictions] == steps
+                labels = events.Images(f"{split}/{k}_label_{j}")
+                assert [event.step for event in labels] == steps[:1]  # the label only once
+                assert predictions[0].width == labels[0].width > 0
+        assert f"{split}/{series[split]}_prediction_0" not in tags["images"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).model_state
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(cache_dir, tmp_path):
+    changes = dict(augment=AugmentConfig.book(), negative_crop_fraction=0.25,
+                   full_slice_fraction=0.25, seed=3)
+    whole = train(_config(epochs=4, **changes), cache_dir, tmp_path / "a", progress=False)
+    half = train(_config(epochs=2, **changes), cache_dir, tmp_path / "b", progress=False)
+    assert half.epochs_done == 2
+    resumed = train(_config(epochs=4), cache_dir, tmp_path / "b",
+                    resume=tmp_path / "b" / LAST_CHECKPOINT, progress=False)
+    assert resumed.epochs_done == 4 and resumed.samples_seen == whole.samples_seen
+    a, b = _state(whole.checkpoint), _state(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different
+    # The resumed run kept the checkpoint's settings, not the bare config it was given.
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["seed"] == 3
+    optimizer_a = load_checkpoint(whole.checkpoint).optimizer_state["state"]
+    optimizer_b = load_checkpoint(resumed.checkpoint).optimizer_state["state"]
+    assert all(torch.equal(optimizer_a[p]["exp_avg_sq"], optimizer_b[p]["exp_avg_sq"])
+               for p in optimizer_a)
+    # Different seeds really train differently (the equality above is not vacuous).
+    other = train(_config(epochs=1, seed=4), cache_dir, tmp_path / "c", progress=False)
+    first = train(_config(epochs=1, seed=3), cache_dir, tmp_path / "d", progress=False)
+    assert any(not torch.equal(value, _state(other.checkpoint)[key])
+               for key, value in _state(first.checkpoint).items())
+
+
+def test_keyboard_interrupt_saves_last_completed_epoch(cache_dir, tmp_path, monkeypatch):
+    original = TrainingSampler.batches
+    fetched = [0]
+
+    def interrupted(self, epoch, batch_size):
+        for batch in original(self, epoch, batch_size):
+            if fetched[0] == 6:  # epoch 1 has 4 steps: Ctrl-C in the middle of epoch 2
+                raise KeyboardInterrupt
+            fetched[0] += 1
+            yield batch
+
+    monkeypatch.setattr(TrainingSampler, "batches", interrupted)
+    out = tmp_path / "run"
+    result = train(_config(epochs=3), cache_dir, out, progress=False)
+    assert result.interrupted and result.epochs_done == 1
+    checkpoint = load_checkpoint(out / LAST_CHECKPOINT)
+    assert checkpoint.epoch == 1
+    assert checkpoint.extra["interrupted_in_epoch"] == 2
+    assert checkpoint.samples_seen == result.samples_seen == 6 * 8
+    assert [record["epoch"] for record in checkpoint.extra["history"]] == [1]
+
+    monkeypatch.setattr(TrainingSampler, "batches", original)
+    resumed = train(_config(epochs=3), cache_dir, out, resume=out / LAST_CHECKPOINT,
+                    progress=False)
+    assert not resumed.interrupted and resumed.epochs_done == 3
+    assert [record["epoch"] for record in resumed.history] == [1, 2, 3]
+    assert resumed.samples_seen == 6 * 8 + 2 * 4 * 8
+    assert load_checkpoint(out / LAST_CHECKPOINT).epoch == 3
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cache_dir: Path, root: Path,
+                config: TrainConfig) -> None:
+    """One DDP rank: train, then leave its weights and what it saw in ``root``."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        built = _capture_models(monkeypatch)
+        result = train(config, cache_dir, root / f"out{rank}", progress=False)
+    torch.save(built[0].state_dict(), root / f"state{rank}.pt")
+    summary = {"samples_seen": result.samples_seen, "epochs_done": result.epochs_done,
+               "group_left_open": dist.is_initialized(),
+               "train_samples": [r["train"]["samples"] for r in result.history]}
+    (root / f"result{rank}.json").write_text(json.dumps(summary))
+
+
+def test_ddp_on_cpu_two_ranks(cache_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    config = _config(epochs=2, batch_size=4, epoch_samples=32)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cache_dir, tmp_path, config), nprocs=2,
+             join=True)
+    results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in (0, 1)]
+    states = [torch.load(tmp_path / f"state{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # (i) one model: parameters and BatchNorm buffers agree on both ranks.
+    assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
+    saved = load_checkpoint(tmp_path / "out0" / LAST_CHECKPOINT).model_state
+    assert all(torch.equal(value, saved[key]) for key, value in states[0].items())
+    # (ii) rank 0 alone writes files.
+    assert not (tmp_path / "out1").exists()
+    written = {p.name for p in (tmp_path / "out0").iterdir()}
+    assert {LAST_CHECKPOINT, BEST_CHECKPOINT, "metrics.json", "splits.json",
+            "config.json", "tensorboard"} <= written
+    # (iii) samples seen count both ranks: 32 per epoch = 4 steps x 4 samples x 2 ranks.
+    for result in results:
+        assert result["samples_seen"] == 64 and result["epochs_done"] == 2
+        assert result["train_samples"] == [32, 32]
+        assert not result["group_left_open"]
