@@ -160,7 +160,10 @@ def test_checkpoint_round_trip_and_run_files(logged_run, cache_dir):
     input = torch.from_numpy(np.clip(Cache(cache_dir)[
         Cache(cache_dir).series_uids[1]].context_stack(8, 3), -1000, 1000).astype(np.float32))
     with torch.inference_mode():
-        assert torch.equal(model(input[None]), loaded(input[None]))
+        # Same weights; the trained model is channels_last, the loaded one is not, so the
+        # convolutions may sum in another order: equal to float rounding, not bit for bit.
+        torch.testing.assert_close(model(input[None]), loaded(input[None]), rtol=1e-5,
+                                   atol=1e-6)
     best = load_checkpoint(result.best_checkpoint)
     assert best.epoch == result.best["epoch"]
 

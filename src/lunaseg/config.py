@@ -113,7 +113,9 @@ class TrainConfig:
     num_workers: int = 0
     lr: float = 1e-3
     fn_weight: float = 8.0
+    bce_weight: float = 0.0  # pixel-wise cross-entropy added to the Dice terms (book: none)
     validation_cadence: int = 5
+    best_min_recall: float | None = None  # None: best = top recall (book); else top F1 above it
     seed: int = 0
     amp: bool = False
     device: str = "auto"

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lunaseg.errors import ConfigError, DataError
+from lunaseg.files import write_atomic, write_text_atomic
 
 __all__ = [
     "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "Finding", "Mark", "Matches",
@@ -573,24 +573,11 @@ def _add_bootstrap(result: FrocResult, events: _Events, rates: np.ndarray, inter
 # --------------------------------------------------------------------------- output
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(handle)`` to a temporary file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def write_result_json(result: FrocResult, path: str | os.PathLike) -> Path:
     """Write ``result.to_dict()`` as JSON atomically (a reader never sees half a file)."""
     path = Path(path)
     text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_text_atomic(text, path)
     return path
 
 
@@ -638,5 +625,5 @@ def plot_froc(result: FrocResult, path_png: str | os.PathLike, *,
     axes.set_title(title or f"FROC: {result.n_nodules} nodules in {result.n_scans} scans")
     axes.legend(loc="upper left")  # FROC curves rise to the right, so this corner is free
     figure.tight_layout()
-    _atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
     return path

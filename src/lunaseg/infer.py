@@ -53,7 +53,8 @@ from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, write_csv
 from lunaseg.masks import body_box
 from lunaseg.masks import lung_mask as compute_lung_mask
-from lunaseg.report import candidate_png, html_report, write_text_atomic
+from lunaseg.files import write_text_atomic
+from lunaseg.report import candidate_png, html_report
 
 __all__ = [
     "Candidate", "SegmentResult", "ScanSource", "ScanOutput", "resolve_device",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -19,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from lunaseg.errors import DataError
+from lunaseg.files import write_bytes_atomic
 from lunaseg.geometry import Geometry
 
 __all__ = ["MontageScan", "render_montage", "scans_from_dataset"]
@@ -85,18 +85,6 @@ def _pick_slices(scan: MontageScan, count: int) -> list[int]:
     return sorted(chosen[:count])
 
 
-def _write_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_montage(scans_or_dir, out_png: str | os.PathLike, *, slices_per_scan: int = 4,
                    max_scans: int = 6, masks: Mapping[str, np.ndarray] | None = None,
                    window_hu: tuple[float, float] = (-1000.0, 400.0),
@@ -155,7 +143,7 @@ def render_montage(scans_or_dir, out_png: str | os.PathLike, *, slices_per_scan:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     out = Path(out_png)
-    _write_atomic(buffer.getvalue(), out)
+    write_bytes_atomic(buffer.getvalue(), out)
     log.info("montage of %d scans written to %s", len(scans), out)
     return out
 

@@ -11,16 +11,16 @@ import base64
 import html
 import io
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from lunaseg.files import write_bytes_atomic, write_text_atomic
+
 __all__ = [
     "window_gray", "overlay_rgb", "mask_overlay_rgb", "overlay_png", "candidate_png",
-    "html_report", "write_bytes_atomic", "write_text_atomic",
+    "html_report",
     "COLOR_FALSE_POSITIVE", "COLOR_FALSE_NEGATIVE", "COLOR_TRUE_POSITIVE",
 ]
 
@@ -31,26 +31,6 @@ COLOR_TRUE_POSITIVE = (0.0, 1.0, 0.0)
 # Candidate overlays: the candidate itself in yellow, other candidates in cyan.
 _COLOR_CANDIDATE = np.array([1.0, 0.85, 0.0])
 _COLOR_OTHER = np.array([0.0, 0.8, 1.0])
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` via a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """UTF-8 text version of :func:`write_bytes_atomic`."""
-    return write_bytes_atomic(text.encode("utf-8"), path)
 
 
 def window_gray(hu: np.ndarray, window_hu: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:

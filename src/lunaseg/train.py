@@ -29,6 +29,7 @@ from lunaseg.config import TrainConfig, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler, pad_to_multiple,
                               rank_share, split_series, validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
+from lunaseg.files import write_json_atomic
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, pixel_counts
 from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, restore_rng_state,
@@ -119,7 +120,8 @@ def _broadcast_buffers(model: nn.Module) -> None:
 
 
 def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
+    # bf16 autocast only on CUDA: CPUs without bf16 units (AVX2) run it ~15x slower.
+    if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -130,7 +132,8 @@ def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
     with _autocast(device, config.amp):
         pred = model(input)
     pred = pred.float()
-    loss = segmentation_loss(pred, label, config.fn_weight, reduction="none")
+    loss = segmentation_loss(pred, label, config.fn_weight, bce_weight=config.bce_weight,
+                             reduction="none")
     return loss, pred
 
 
@@ -152,8 +155,7 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
                                        disable=not progress):
             input = input.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True)
-            if device.type == "cuda":
-                input = input.contiguous(memory_format=torch.channels_last)
+            input = input.contiguous(memory_format=torch.channels_last)
             loss, pred = _forward_loss(model, input, label, config, device)
             metrics.update(loss, pixel_counts(pred, label))
     return metrics
@@ -232,12 +234,19 @@ def _save_png(rgb: np.ndarray, path: Path) -> None:
     matplotlib.image.imsave(path, rgb)
 
 
-def _is_better(metrics: dict, best: dict | None) -> bool:
-    """Best = highest validation recall; ties broken by F1."""
+def _is_better(metrics: dict, best: dict | None, min_recall: float | None = None) -> bool:
+    """Best = highest validation recall, ties broken by F1 (the book's rule).  With
+    ``min_recall``, any validation reaching that recall beats those that do not, and among
+    them the highest F1 wins (a candidate generator must keep recall, then gain precision)."""
     if best is None:
         return True
-    key = (metrics["pr/recall"], metrics["pr/f1_score"])
-    return key > (best["pr/recall"], best["pr/f1_score"])
+
+    def key(m: dict) -> tuple:
+        if min_recall is not None and m["pr/recall"] >= min_recall:
+            return (1, m["pr/f1_score"], m["pr/recall"])
+        return (0, m["pr/recall"], m["pr/f1_score"])
+
+    return key(metrics) > key(best)
 
 
 def _load_splits(path: Path, cache: Cache, config: TrainConfig) -> dict[str, list[str]]:
@@ -250,12 +259,6 @@ def _load_splits(path: Path, cache: Cache, config: TrainConfig) -> dict[str, lis
                             f"(first: {missing[0]}); delete it to split again")
         return splits
     return split_series(cache.series_uids, config.data)
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -307,14 +310,14 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
 
     splits = _load_splits(out_dir / "splits.json", cache, config)
     if dist_info.is_main:
-        _write_json_atomic(splits, out_dir / "splits.json")
-        _write_json_atomic(to_dict(config), out_dir / "config.json")
+        write_json_atomic(splits, out_dir / "splits.json")
+        write_json_atomic(to_dict(config), out_dir / "config.json")
     if not splits["train"]:
         raise DataError(f"{cache.folder}: no series left for training after the split")
 
     model = build_model(config.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last: faster convolutions on GPUs and (by ~40%) with oneDNN on CPUs too.
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if checkpoint is not None:
         model.load_state_dict(checkpoint.model_state)
@@ -365,8 +368,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                        disable=not (progress and dist_info.is_main))
             for input, label in bar:
                 input, label = augment(input, label)
-                if device.type == "cuda":
-                    input = input.contiguous(memory_format=torch.channels_last)
+                input = input.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
                 loss, pred = _forward_loss(train_model, input, label, config, device)
                 loss.mean().backward()
@@ -406,7 +408,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                                   samples_seen, epoch)
                     logger.images("trn", model, cache, splits["train"], config, device,
                                   samples_seen, epoch)
-                if _is_better(val_metrics, best):
+                if _is_better(val_metrics, best, config.best_min_recall):
                     best = {**_rounded(val_metrics), "epoch": epoch}
             history.append(record)
             log.info("epoch %d: %s", epoch, _summary_line(record))
@@ -416,7 +418,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                     shutil.copyfile(out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT)
                     log.info("new best model (val recall %.4f): %s sha1 %s", best["pr/recall"],
                              out_dir / BEST_CHECKPOINT, sha1)
-                _write_json_atomic({"history": history, "best": best},
+                write_json_atomic({"history": history, "best": best},
                                    out_dir / "metrics.json")
             result.epochs_done = epoch
             if max_steps is not None and total_steps >= max_steps:
