@@ -50,6 +50,26 @@ def test_cache_holds_what_training_reads(tiny_luna, tmp_path):
             np.testing.assert_array_equal(stack[channel], entry.hu[index])
 
 
+def test_chunks_anywhere_match_the_full_arrays(tiny_luna, tmp_path):
+    prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
+    cache = Cache(tmp_path / "cache")
+    entry = cache[cache.series_uids[1]]
+    full_mask = entry.mask()
+    assert full_mask.any()
+    i, r, c = entry.nodules[0].center_irc
+    row0, col0 = entry.crop_rc
+    rows, cols = entry.hu.shape[1:]
+    # Centred on a nodule, at every corner and edge (partly outside), and wholly outside.
+    centers = [(i, r, c), (0, row0, col0), (19, row0 + rows - 1, col0 + cols - 1),
+               (10, row0 + 3, col0 + cols // 2 + 5), (5, row0 + rows + 40, col0)]
+    for center in centers:
+        for size in [(7, 32, 32), (3, 13, 9)]:
+            hu, mask = entry.chunk(center, size)
+            start = np.asarray(center) - np.asarray(size) // 2 - np.array([0, row0, col0])
+            np.testing.assert_array_equal(hu, pad_crop(entry.hu, start, size, -1000))
+            np.testing.assert_array_equal(mask, pad_crop(full_mask, start, size, False))
+
+
 def test_incremental_and_corruption_repair(tiny_luna, tmp_path):
     cache_dir = tmp_path / "cache"
     prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)

@@ -3,7 +3,7 @@
 Layout, one folder per series (``<cache>/<series_uid>/``)::
 
     hu.npy           (I, r, c) int16, the CT cropped in-plane to the body's bounding box
-    mask.npy         (I, ceil(r*c/8)) uint8, the nodule mask, bit-packed slice by slice
+    mask.npy         (I, r, ceil(c/8)) uint8, the nodule mask, bit-packed along rows
     chunks.npy       (N, *chunk_irc) int16, one training chunk centred on each nodule
     chunk_masks.npy  (N, *chunk_irc) bool, the mask under each chunk
     meta.json        geometry, crop, nodules, positive slices, checksums; written last
@@ -43,7 +43,7 @@ __all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSu
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ARRAYS = ("hu.npy", "mask.npy", "chunks.npy", "chunk_masks.npy")
 MAX_LOOKALIKES = 400  # per series: LUNA16's candidates.csv has ~600 per scan, mostly alike
 
@@ -119,15 +119,13 @@ class SeriesCache:
 
     def mask_slice(self, index: int) -> np.ndarray:
         """(r, c) bool nodule mask of one slice (cropped like ``hu``)."""
-        rows, cols = self.hu.shape[1:]
-        bits = np.unpackbits(self._packed_mask[index], count=rows * cols)
-        return bits.reshape(rows, cols).view(bool)
+        return np.unpackbits(self._packed_mask[index], axis=-1,
+                             count=self.hu.shape[2]).view(bool)
 
     def mask(self) -> np.ndarray:
         """(I, r, c) bool nodule mask of the whole (cropped) volume."""
-        rows, cols = self.hu.shape[1:]
-        bits = np.unpackbits(np.asarray(self._packed_mask), axis=1, count=rows * cols)
-        return bits.reshape(-1, rows, cols).view(bool)
+        return np.unpackbits(np.asarray(self._packed_mask), axis=-1,
+                             count=self.hu.shape[2]).view(bool)
 
     def context_stack(self, index: int, context_slices: int) -> np.ndarray:
         """(2*context+1, r, c) int16 slices around ``index``; edges repeat the end slices."""
@@ -142,9 +140,18 @@ class SeriesCache:
         start = np.asarray(center_irc, dtype=np.int64) - size // 2
         start[1:] -= self.crop_rc
         hu = pad_crop(self.hu, start, size, fill_hu)
-        mask_rows = [self.mask_slice(i) for i in
-                     np.clip(np.arange(start[0], start[0] + size[0]), 0, self.hu.shape[0] - 1)]
-        mask = pad_crop(np.stack(mask_rows), (0, *start[1:]), size, False)
+        # Unpack only the bytes under the chunk: whole slices would cost 100x more.
+        cols = self.hu.shape[2]
+        col_low = int(np.clip(start[2], 0, cols))
+        col_high = int(np.clip(start[2] + size[2], 0, cols))
+        byte_low, byte_high = col_low // 8, -(-col_high // 8)
+        packed = pad_crop(self._packed_mask, (start[0], start[1], byte_low),
+                          (size[0], size[1], max(byte_high - byte_low, 1)), 0)
+        bits = np.unpackbits(packed, axis=-1).view(bool)
+        mask = np.zeros(tuple(size), dtype=bool)
+        offset = col_low - 8 * byte_low
+        width = col_high - col_low
+        mask[:, :, col_low - start[2]:col_low - start[2] + width] = bits[:, :, offset:offset + width]
         return hu, mask
 
 
@@ -266,7 +273,7 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
     tmp.mkdir(parents=True)
     try:
         np.save(tmp / "hu.npy", hu_crop)
-        np.save(tmp / "mask.npy", np.packbits(mask_crop.reshape(shape[0], -1), axis=1))
+        np.save(tmp / "mask.npy", np.packbits(mask_crop, axis=-1))
         nodules, chunks, chunk_masks = [], [], []
         size = np.asarray(job.chunk_irc)
         for center_xyz, diameter_mm, malignant in job.nodules:

@@ -72,7 +72,7 @@ def annotation_mask(hu: np.ndarray, geometry: Geometry,
     config = config or MaskConfig()
     shape = np.asarray(hu.shape)
     spacing_irc = geometry.spacing_xyz[::-1]
-    boxes = np.zeros(hu.shape, dtype=bool)
+    boxes = np.zeros(hu.shape, dtype=bool)  # the union of (box & dense) over nodules
     for center_xyz, diameter_mm in nodules:
         center_irc = geometry.xyz_to_irc(np.asarray(center_xyz, dtype=np.float64))
         if np.any(center_irc < 0) or np.any(center_irc >= shape):
@@ -81,15 +81,17 @@ def annotation_mask(hu: np.ndarray, geometry: Geometry,
                                  spacing_irc=spacing_irc)
         low = np.maximum(center_irc - radii, 0)  # clamped: no negative-index wrap-around
         high = np.minimum(center_irc + radii + 1, shape)
-        boxes[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
-    return boxes & (hu > config.threshold_hu)
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        # Only voxels inside a box can be in the mask, so test the threshold there alone.
+        boxes[box] |= hu[box] > config.threshold_hu
+    return boxes
 
 
 def body_box(hu: np.ndarray, *, margin_px: int = BODY_MARGIN_PX) -> tuple[int, int, int, int]:
     """(row0, row1, col0, col1): the in-plane box holding every voxel denser than air on any
     slice, plus a margin.  Outside it there is only air (or scanner padding), so the cache
     and inference can skip it."""
-    dense = (hu > BODY_HU).any(axis=0)
+    dense = hu.max(axis=0) > BODY_HU  # a max over slices is cheaper than a 3D compare
     rows = np.flatnonzero(dense.any(axis=1))
     cols = np.flatnonzero(dense.any(axis=0))
     if rows.size == 0:
