@@ -108,7 +108,8 @@ def book_segment(model, path: Path, device: torch.device, batch_size: int, worke
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     prob = np.zeros(ct.hu.shape, dtype=np.float32)
-    model.to(device).eval()
+    # The book's model is in the default memory format (lunaseg's run made it channels_last).
+    model.to(device, memory_format=torch.contiguous_format).eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         for batch, indices in loader:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         write_image(synthetic_ct(shape), geometry, path)
         # Warm-up (kernel selection, compilation) on a small volume, untimed.
         predict_volume(run_model, synthetic_ct((4, args.size, args.size)), device=device,
-                       batch_size=min(args.batch_size, 4), amp=config.amp)
+                       batch_size=args.batch_size, amp=config.amp)
         modes = [("lunaseg", lambda: lunaseg_segment(run_model, path, device, config))]
         if args.book:
             modes.append(("book", lambda: book_segment(model, path, device,

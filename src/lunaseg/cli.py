@@ -198,7 +198,8 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                      help="PNG views for the top N candidates of each scan (default 100)")
     out.add_argument("--no-volumes", action="store_true",
                      help="skip probability.nii.gz and mask.nii.gz")
-    out.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    out.add_argument("--batch-size", type=int, default=0,
+                     help="slices per forward pass (default 0: 1 on CPU, 16 on a GPU)")
     out.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (CUDA)")
     out.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 

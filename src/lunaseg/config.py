@@ -127,7 +127,7 @@ class SegmentConfig:
     """Full-CT inference and candidate extraction (SPEC §11)."""
 
     threshold: float = 0.5  # voxels with probability > threshold are foreground (book: 0.5)
-    batch_size: int = 16
+    batch_size: int = 0  # slices per forward pass; 0 = 1 on CPU, 16 on a GPU
     erosion_iterations: int = 1
     keep_vanished: bool = True  # components erosion would erase stay, un-eroded (book: dropped)
     connectivity: int = 6  # 6 (faces; book / scipy default) or 26 (faces, edges, corners)
