@@ -119,6 +119,18 @@ def test_bad_source_is_reported_and_others_build(tiny_luna, tmp_path):
         prepcache(tmp_path / "cache", tmp_path / "c2", config=SERIAL, progress=False)
 
 
+def test_old_cache_format_is_refused(tiny_luna, tmp_path):
+    prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
+    meta_path = next((tmp_path / "cache").glob("*/meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = 0
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="run `lunaseg prepcache` again"):
+        Cache(tmp_path / "cache")
+    rebuilt = prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
+    assert rebuilt.built == [meta["series_uid"]]
+
+
 def test_pad_crop_pads_instead_of_shifting():
     volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)
     out = pad_crop(volume, (-2, -1, 4), (3, 3, 4), fill=-1)

@@ -52,6 +52,25 @@ def test_false_positives_do_not_touch_the_fn_term():
     assert fn_term(hit) == pytest.approx(fn_term(hit_plus_fp))
 
 
+def test_cross_entropy_term_by_hand():
+    pred = torch.tensor([[[[0.5, 0.25]]]])
+    label = torch.tensor([[[[1.0, 0.0]]]])
+    dice_only = segmentation_loss(pred, label, fn_weight=2.0)
+    both = segmentation_loss(pred, label, fn_weight=2.0, bce_weight=3.0)
+    bce = -(math.log(0.5) + math.log(0.75)) / 2
+    assert both.item() == pytest.approx(dice_only.item() + 3.0 * bce, rel=1e-6)
+
+
+def test_cross_entropy_pushes_back_on_false_positives_where_dice_is_flat():
+    label = torch.zeros(1, 1, 32, 32)  # a negative crop
+    everything = torch.full((1, 1, 32, 32), 0.99, requires_grad=True)
+    segmentation_loss(everything, label).backward()
+    dice_grad = everything.grad.abs().max().item()
+    everything.grad = None
+    segmentation_loss(everything, label, bce_weight=1.0).backward()
+    assert dice_grad < 1e-5 < everything.grad.abs().max().item()
+
+
 def test_loss_has_gradient():
     pred = torch.full((2, 1, 4, 4), 0.3, requires_grad=True)
     label = torch.zeros(2, 1, 4, 4, dtype=torch.bool)

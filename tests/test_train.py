@@ -21,7 +21,7 @@ from lunaseg.geometry import Geometry
 from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
 from lunaseg.metrics import pixel_counts
 from lunaseg.model import UNetWrapper, build_model, load_checkpoint, load_model
-from lunaseg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, train
+from lunaseg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, _is_better, train
 
 CHUNK = (7, 48, 48)
 SCALAR_TAGS = ("loss/all", "percent_all/tp", "percent_all/fn", "percent_all/fp",
@@ -320,3 +320,15 @@ def test_ddp_on_cpu_two_ranks(cache_dir, tmp_path):
         assert result["samples_seen"] == 64 and result["epochs_done"] == 2
         assert result["train_samples"] == [32, 32]
         assert not result["group_left_open"]
+
+
+def test_best_checkpoint_rule():
+    low_recall = {"pr/recall": 0.85, "pr/f1_score": 0.30}
+    high_recall = {"pr/recall": 0.97, "pr/f1_score": 0.02}
+    good = {"pr/recall": 0.92, "pr/f1_score": 0.10}
+    # The book's rule: recall first.
+    assert _is_better(high_recall, good) and not _is_better(good, high_recall)
+    # With a recall floor, F1 decides among validations above it; below it never wins.
+    assert _is_better(good, high_recall, 0.9) and not _is_better(high_recall, good, 0.9)
+    assert not _is_better(low_recall, good, 0.9)
+    assert _is_better({"pr/recall": 0.97, "pr/f1_score": 0.03}, high_recall)

@@ -171,6 +171,9 @@ class Cache:
             except (OSError, ValueError):
                 log.warning("%s: unreadable cache entry; run prepcache to rebuild it", meta_path)
                 continue
+            if meta.get("format") != FORMAT_VERSION:
+                raise DataError(f"{meta_path}: cache format {meta.get('format')} is not this "
+                                f"lunaseg's ({FORMAT_VERSION}); run `lunaseg prepcache` again")
             self._metas[meta["series_uid"]] = meta
 
     @property
@@ -371,10 +374,7 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
     mask_config = mask_config or MaskConfig(method=config.masks)
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(cache_dir.glob(".tmp-*")) + list(cache_dir.glob(".old-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
-    sources = find_series(data_dir)
+    sources = find_series(data_dir)  # first: a wrong --data must not leave folders behind
     if series is not None:
         missing = sorted(set(series) - set(sources))
         if missing:
@@ -382,6 +382,9 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
         sources = {uid: sources[uid] for uid in series}
     if not sources:
         raise DataError(f"{data_dir}: no <series-uid>.mhd files found")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(cache_dir.glob(".tmp-*")) + list(cache_dir.glob(".old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
     candidates = load_candidates(data_dir, series_on_disk=sources.keys())
     summary = PrepcacheSummary()
     jobs = []

@@ -139,7 +139,8 @@ def render_montage(scans_or_dir, out_png: str | os.PathLike, *, slices_per_scan:
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    # Leave the top strip to the title so it does not cover the first row's labels.
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     out = Path(out_png)
