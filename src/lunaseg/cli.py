@@ -68,17 +68,14 @@ def _cmd_prepcache(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from lunaseg.config import AugmentConfig, DataConfig, TrainConfig
 
+    book = AugmentConfig.book()
     augment = AugmentConfig.book() if args.augmented else AugmentConfig()
-    if args.augment_flip:
-        augment.flip = True
-    if args.augment_offset:
-        augment.offset = 0.03
-    if args.augment_scale:
-        augment.scale = 0.2
-    if args.augment_rotate:
-        augment.rotate = True
-    if args.augment_noise:
-        augment.noise_hu = 25.0
+    # Each --augment-X switches on that one augmentation at the book's setting.
+    for flag, name in (("augment_flip", "flip"), ("augment_offset", "offset"),
+                       ("augment_scale", "scale"), ("augment_rotate", "rotate"),
+                       ("augment_noise", "noise_hu")):
+        if getattr(args, flag):
+            setattr(augment, name, getattr(book, name))
     data = DataConfig(val_stride=args.val_stride, test_stride=args.test_stride,
                       crop_px=args.crop, chunk_irc=_ints(args.chunk, 3, "--chunk"),
                       full_ct_validation=args.full_ct,
@@ -179,32 +176,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
+    from lunaseg.config import SegmentConfig
+
+    seg = SegmentConfig()
     group = parser.add_argument_group("candidate extraction")
-    group.add_argument("--threshold", type=float, default=0.5,
-                       help="probability above which a voxel is foreground (default 0.5)")
-    group.add_argument("--erosion", type=int, default=1,
+    group.add_argument("--threshold", type=float, default=seg.threshold,
+                       help=f"probability above which a voxel is foreground "
+                            f"(default {seg.threshold})")
+    group.add_argument("--erosion", type=int, default=seg.erosion_iterations,
                        help="binary erosion iterations before labelling; components that "
                             "would vanish are kept (default 1)")
-    group.add_argument("--min-voxels", type=int, default=1,
+    group.add_argument("--min-voxels", type=int, default=seg.min_voxels,
                        help="drop components smaller than this (default 1)")
     group.add_argument("--drop-vanished", action="store_true",
                        help="drop components erosion erases entirely (the book's behaviour)")
-    group.add_argument("--connectivity", type=int, choices=(6, 26), default=6,
+    group.add_argument("--connectivity", type=int, choices=(6, 26), default=seg.connectivity,
                        help="3D neighbourhood of connected components (default 6)")
     group.add_argument("--lung-mask", action="store_true",
                        help="keep only candidates touching a lung mask computed from HU")
     out = parser.add_argument_group("outputs and speed")
-    out.add_argument("--overlays", type=int, default=100,
+    out.add_argument("--overlays", type=int, default=seg.overlays,
                      help="PNG views for the top N candidates of each scan (default 100)")
     out.add_argument("--no-volumes", action="store_true",
                      help="skip probability.nii.gz and mask.nii.gz")
-    out.add_argument("--batch-size", type=int, default=0,
+    out.add_argument("--batch-size", type=int, default=seg.batch_size,
                      help="slices per forward pass (default 0: 1 on CPU, 16 on a GPU)")
     out.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (CUDA)")
     out.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lunaseg.config import DataConfig, SynthConfig, TrainConfig
+
+    train, data, synth_defaults = TrainConfig(), DataConfig(), SynthConfig()
     parser = argparse.ArgumentParser(
         prog="lunaseg", description="Lung-nodule candidate segmentation on chest CT "
                                     "(LUNA16 / LIDC-IDRI).")
@@ -225,11 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a synthetic LUNA16-layout dataset")
     synth.add_argument("--out", required=True, help="dataset folder to create")
-    synth.add_argument("--series", type=int, default=12, help="number of scans (default 12)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument("--shape", default="128,512,512",
+    synth.add_argument("--series", type=int, default=synth_defaults.series,
+                       help=f"number of scans (default {synth_defaults.series})")
+    synth.add_argument("--seed", type=int, default=synth_defaults.seed, help="random seed")
+    synth.add_argument("--shape", default=",".join(map(str, synth_defaults.shape_irc)),
                        help="volume size as I,R,C = slices,rows,cols (default 128,512,512)")
-    synth.add_argument("--subsets", type=int, default=2, help="subsetN folders (default 2)")
+    synth.add_argument("--subsets", type=int, default=synth_defaults.subsets,
+                       help="subsetN folders")
     synth.set_defaults(func=_cmd_synth)
 
     prep = commands.add_parser("prepcache", help="cache what training and validation read")
@@ -242,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="nodule masks from the book's HU heuristic or from LIDC outlines")
     prep.add_argument("--bound-by-diameter", action="store_true",
                       help="cap the heuristic's box at the annotated diameter")
-    prep.add_argument("--chunk", default="7,96,96", help="training chunk I,R,C (default 7,96,96)")
+    prep.add_argument("--chunk", default=",".join(map(str, data.chunk_irc)),
+                      help="training chunk I,R,C (default %(default)s)")
     prep.set_defaults(func=_cmd_prepcache)
 
     tr = commands.add_parser("train", help="train the U-Net (torchrun for several GPUs)")
@@ -250,16 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cache", help="cache folder (default DATA/cache)")
     tr.add_argument("--out", default="runs/seg", help="run folder: checkpoints, overlays, logs")
     tr.add_argument("--tb-dir", help="TensorBoard folder (default OUT/tensorboard)")
-    tr.add_argument("--epochs", type=int, default=1)
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--num-workers", type=int, default=0, help="validation loader workers")
-    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    tr.add_argument("--fn-weight", type=float, default=8.0,
-                    help="weight of the false-negative Dice term (default 8)")
-    tr.add_argument("--bce-weight", type=float, default=0.0,
+    tr.add_argument("--epochs", type=int, default=train.epochs)
+    tr.add_argument("--batch-size", type=int, default=train.batch_size)
+    tr.add_argument("--num-workers", type=int, default=train.num_workers,
+                    help="validation loader workers")
+    tr.add_argument("--lr", type=float, default=train.lr, help="Adam learning rate")
+    tr.add_argument("--fn-weight", type=float, default=train.fn_weight,
+                    help=f"weight of the false-negative Dice term (default {train.fn_weight:g})")
+    tr.add_argument("--bce-weight", type=float, default=train.bce_weight,
                     help="add pixel-wise cross-entropy with this weight (default 0, as the "
                          "book); it cuts false positives Dice barely penalises")
-    tr.add_argument("--validation-cadence", type=int, default=5,
+    tr.add_argument("--validation-cadence", type=int, default=train.validation_cadence,
                     help="validate at epoch 1 and every N epochs (and the last)")
     tr.add_argument("--best-min-recall", type=float, default=None, metavar="RECALL",
                     help="pick the best checkpoint by F1 among validations reaching this "
@@ -275,12 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of training steps on whole slices (chapter exercise 4)")
     tr.add_argument("--epoch-samples", type=int, default=0,
                     help="samples per epoch (default: one pass over the nodule chunks)")
-    tr.add_argument("--val-stride", type=int, default=10, help="every N-th series validates")
-    tr.add_argument("--test-stride", type=int, default=0,
+    tr.add_argument("--val-stride", type=int, default=data.val_stride,
+                    help=f"every N-th series validates (default {data.val_stride})")
+    tr.add_argument("--test-stride", type=int, default=data.test_stride,
                     help="every N-th remaining series is held out for testing (0 = none)")
     tr.add_argument("--full-ct", action="store_true", help="validate on every slice")
-    tr.add_argument("--crop", type=int, default=64, help="training crop size in pixels")
-    tr.add_argument("--chunk", default="7,96,96", help="cached chunk size I,R,C")
+    tr.add_argument("--crop", type=int, default=data.crop_px, help="training crop size in pixels")
+    tr.add_argument("--chunk", default=",".join(map(str, data.chunk_irc)),
+                    help="cached chunk size I,R,C")
     tr.add_argument("--comment", default="", help="a note stored with the run")
     tr.add_argument("--resume", help="checkpoint to continue from")
     tr.add_argument("--seed", type=int, default=0)
