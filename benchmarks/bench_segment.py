@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, read_geometry, write_image
 from lunaseg.geometry import Geometry
-from lunaseg.infer import extract_candidates, predict_volume, resolve_device
-from lunaseg.model import build_model
+from lunaseg.infer import extract_candidates, predict_volume
+from lunaseg.model import build_model, resolve_device
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

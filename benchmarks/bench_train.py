@@ -48,7 +48,8 @@ from lunaseg.datasets import TrainingSampler
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, pixel_counts
 from lunaseg.model import build_model
-from lunaseg.train import batches_for_benchmark, resolve_device
+from lunaseg.model import resolve_device
+from lunaseg.train import batches_for_benchmark
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -117,6 +117,12 @@ class SegmentationAugmentation(nn.Module):
             device = torch.device(device.type, index)
         return str(device)
 
+    def reseed(self, seed: int) -> None:
+        """Start every device's random stream afresh from ``seed`` (the trainer does this
+        each epoch, so a resumed run draws exactly what an uninterrupted one would)."""
+        self.seed = int(seed)
+        self._generators.clear()
+
     def generator(self, device: torch.device | str) -> torch.Generator:
         """The module's generator for ``device``, created on first use."""
         key = self._device_key(device)

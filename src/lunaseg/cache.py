@@ -65,21 +65,22 @@ def pad_crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int],
              fill: float | int) -> np.ndarray:
     """``volume[start : start + size]`` on every axis; outside the volume, axis 0 repeats its
     first/last slice and the other axes are filled with ``fill`` (padding, never shifting)."""
-    start = np.asarray(start, dtype=np.int64)
-    size = np.asarray(size, dtype=np.int64)
-    shape = np.asarray(volume.shape, dtype=np.int64)
-    index = np.clip(np.arange(start[0], start[0] + size[0]), 0, shape[0] - 1)
-    low = np.maximum(start[1:], 0)
-    high = np.minimum(start[1:] + size[1:], shape[1:])
-    out = np.full(tuple(size), fill, dtype=volume.dtype)
-    if np.all(high > low):
-        dst_low = low - start[1:]
-        dst_high = dst_low + (high - low)
-        if index[0] + size[0] - 1 == index[-1]:  # no slice clipping: one contiguous read
-            block = volume[index[0]:index[-1] + 1, low[0]:high[0], low[1]:high[1]]
-        else:
-            block = volume[index][:, low[0]:high[0], low[1]:high[1]]
-        out[:, dst_low[0]:dst_high[0], dst_low[1]:dst_high[1]] = block
+    # Plain integer arithmetic: this runs thousands of times a second, and NumPy calls on
+    # three-element arrays would cost more than the copy itself.
+    i0, r0, c0 = (int(v) for v in start)
+    ni, nr, nc = (int(v) for v in size)
+    si, sr, sc = volume.shape
+    out = np.full((ni, nr, nc), fill, dtype=volume.dtype)
+    r_low, r_high = max(r0, 0), min(r0 + nr, sr)
+    c_low, c_high = max(c0, 0), min(c0 + nc, sc)
+    if r_high <= r_low or c_high <= c_low:
+        return out
+    target = out[:, r_low - r0:r_high - r0, c_low - c0:c_high - c0]
+    if 0 <= i0 and i0 + ni <= si:  # no slice repeats: one strided read
+        target[...] = volume[i0:i0 + ni, r_low:r_high, c_low:c_high]
+    else:
+        index = [min(max(i, 0), si - 1) for i in range(i0, i0 + ni)]
+        target[...] = volume[index, r_low:r_high, c_low:c_high]
     return out
 
 
@@ -102,11 +103,13 @@ class SeriesCache:
     @cached_property
     def hu(self) -> np.ndarray:
         """(I, r, c) int16, cropped in-plane at ``crop_rc``."""
-        return np.load(self.folder / "hu.npy", mmap_mode="r")
+        # A plain ndarray view of the memory map: np.memmap's per-index Python overhead
+        # would dominate small reads.
+        return np.asarray(np.load(self.folder / "hu.npy", mmap_mode="r"))
 
     @cached_property
     def _packed_mask(self) -> np.ndarray:
-        return np.load(self.folder / "mask.npy", mmap_mode="r")
+        return np.asarray(np.load(self.folder / "mask.npy", mmap_mode="r"))
 
     @cached_property
     def chunks(self) -> np.ndarray:
@@ -142,8 +145,8 @@ class SeriesCache:
         hu = pad_crop(self.hu, start, size, fill_hu)
         # Unpack only the bytes under the chunk: whole slices would cost 100x more.
         cols = self.hu.shape[2]
-        col_low = int(np.clip(start[2], 0, cols))
-        col_high = int(np.clip(start[2] + size[2], 0, cols))
+        col_low = min(max(int(start[2]), 0), cols)
+        col_high = min(max(int(start[2] + size[2]), 0), cols)
         byte_low, byte_high = col_low // 8, -(-col_high // 8)
         packed = pad_crop(self._packed_mask, (start[0], start[1], byte_low),
                           (size[0], size[1], max(byte_high - byte_low, 1)), 0)

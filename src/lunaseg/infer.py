@@ -52,12 +52,13 @@ from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, write_csv
 from lunaseg.masks import body_box
+from lunaseg.model import resolve_device
 from lunaseg.masks import lung_mask as compute_lung_mask
 from lunaseg.files import write_text_atomic
 from lunaseg.report import candidate_png, html_report
 
 __all__ = [
-    "Candidate", "SegmentResult", "ScanSource", "ScanOutput", "resolve_device",
+    "Candidate", "SegmentResult", "ScanSource", "ScanOutput",
     "model_context_slices", "context_indices", "context_stack", "predict_volume",
     "extract_candidates", "segment_ct", "find_scans", "segment_inputs",
     "CANDIDATE_CSV_COLUMNS", "SUBMISSION_COLUMNS",
@@ -126,22 +127,6 @@ class SegmentResult:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` (or None) -> CUDA when available, else CPU; anything else as torch reads it."""
-    if isinstance(device, torch.device):
-        return device
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"segment.device: not a torch device: {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"segment.device is {device!r} but CUDA is not available; "
-                          "use 'cpu' or 'auto'")
-    return resolved
 
 
 def _model_in_channels(model: nn.Module) -> int | None:

@@ -96,6 +96,22 @@ class _UpBlock(nn.Module):
         return self.conv_block(torch.cat([up, skip], dim=1))
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or None) -> CUDA when available, else CPU; anything else as torch reads it."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: not a torch device: {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available; "
+                          "use 'cpu' or 'auto'")
+    return resolved
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"model.{name} must be an integer >= {minimum}, got {value!r}")

@@ -28,14 +28,14 @@ from lunaseg.cache import Cache
 from lunaseg.config import TrainConfig, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler, pad_to_multiple,
                               rank_share, split_series, validation_items)
-from lunaseg.errors import CheckpointError, ConfigError, DataError
+from lunaseg.errors import CheckpointError, DataError
 from lunaseg.files import write_json_atomic
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, pixel_counts
-from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, restore_rng_state,
-                           save_checkpoint)
+from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, resolve_device,
+                           restore_rng_state, save_checkpoint)
 
-__all__ = ["TrainResult", "train", "evaluate_slices", "resolve_device", "LAST_CHECKPOINT",
+__all__ = ["TrainResult", "train", "evaluate_slices", "LAST_CHECKPOINT",
            "BEST_CHECKPOINT"]
 
 log = logging.getLogger(__name__)
@@ -59,19 +59,6 @@ class TrainResult:
     epochs_done: int = 0
     samples_seen: int = 0
     interrupted: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 @dataclass
@@ -358,8 +345,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         for epoch in range(start_epoch, config.epochs + 1):
             # Every epoch reseeds its own randomness, so a resumed run repeats exactly the
             # epochs an uninterrupted one would have run.
-            augment._generators.clear()
-            augment.seed = config.seed * 7919 + epoch * 104729 + dist_info.rank
+            augment.reseed(config.seed * 7919 + epoch * 104729 + dist_info.rank)
             model.train()
             metrics = SegmentationMetrics(device)
             started = time.perf_counter()
