@@ -24,7 +24,6 @@ Conventions (the LUNA16 rules, with the choices the rules leave open written dow
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lunaseg.errors import ConfigError, DataError
-from lunaseg.files import write_atomic, write_text_atomic
+from lunaseg.files import csv_number, csv_rows, write_atomic, write_text_atomic
 
 __all__ = [
     "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "Finding", "Mark", "Matches",
@@ -94,37 +93,6 @@ def _as_xyz(value: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- CSV readers
 
 
-def _open_rows(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
-    """Yield (line number, row) of a headed CSV after checking the header has ``required``."""
-    try:
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = [name.strip() for name in (reader.fieldnames or [])]
-            reader.fieldnames = columns  # tolerate "seriesuid, coordX" style headers
-            missing = [name for name in required if name not in columns]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                                f"found {', '.join(columns) or 'no header'}")
-            for row in reader:
-                # reader.line_num is the physical line just read (header is line 1).
-                yield reader.line_num, row
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    except (csv.Error, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a valid CSV file ({error})") from None
-
-
-def _number(row: Mapping[str, str | None], key: str, path: Path, line: int) -> float:
-    text = row.get(key)
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: line {line}: {key} is not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise DataError(f"{path}: line {line}: {key} is not finite: {text!r}")
-    return value
-
-
 def _uid(row: Mapping[str, str | None], path: Path, line: int) -> str:
     uid = (row.get("seriesuid") or "").strip()
     if not uid:
@@ -133,7 +101,7 @@ def _uid(row: Mapping[str, str | None], path: Path, line: int) -> str:
 
 
 def _center(row: Mapping[str, str | None], path: Path, line: int) -> np.ndarray:
-    return np.array([_number(row, key, path, line) for key in ("coordX", "coordY", "coordZ")])
+    return np.array([csv_number(row, key, path, line) for key in ("coordX", "coordY", "coordZ")])
 
 
 def read_annotations(path: str | os.PathLike, *,
@@ -147,13 +115,13 @@ def read_annotations(path: str | os.PathLike, *,
     path = Path(path)
     findings: dict[str, list[Finding]] = {}
     required = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-    for line, row in _open_rows(path, required):
+    for line, row in csv_rows(path, required):
         uid = _uid(row, path, line)
         center = _center(row, path, line)
         if excluded and not (row.get("diameter_mm") or "").strip():
             diameter = -1.0
         else:
-            diameter = _number(row, "diameter_mm", path, line)
+            diameter = csv_number(row, "diameter_mm", path, line)
         if diameter <= 0:
             if not excluded:
                 raise DataError(f"{path}: line {line}: diameter_mm must be positive for a "
@@ -172,10 +140,10 @@ def read_candidates(path: str | os.PathLike) -> dict[str, list[Mark]]:
     path = Path(path)
     marks: dict[str, list[Mark]] = {}
     required = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
-    for line, row in _open_rows(path, required):
+    for line, row in csv_rows(path, required):
         uid = _uid(row, path, line)
         marks.setdefault(uid, []).append(
-            Mark(_center(row, path, line), _number(row, "probability", path, line)))
+            Mark(_center(row, path, line), csv_number(row, "probability", path, line)))
     return marks
 
 

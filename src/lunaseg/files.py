@@ -1,18 +1,24 @@
-"""Atomic file writes: a reader (or a killed run) never sees half a file.
+"""Small-file IO: atomic writes and checked CSV reading.
 
-Everything is written to a temporary sibling and renamed over the target, which is atomic
-on one filesystem; the old file stays whole until the new one is complete.
+Writes never leave half a file behind, for a reader or after a killed run: everything is
+written to a temporary sibling and renamed over the target, which is atomic on one
+filesystem, so the old file stays whole until the new one is complete.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
-__all__ = ["write_atomic", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+from lunaseg.errors import DataError
+
+__all__ = ["write_atomic", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
+           "csv_rows", "csv_number"]
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
@@ -41,3 +47,35 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
     """Indented JSON; NaN and infinities are refused (they are not JSON)."""
     return write_text_atomic(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
+
+
+def csv_rows(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
+    """Yield (line number, row) of a headed CSV after checking the header has ``required``."""
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = [name.strip() for name in (reader.fieldnames or [])]
+            reader.fieldnames = columns  # tolerate "seriesuid, coordX" style headers
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                f"found {', '.join(columns) or 'no header'}")
+            for row in reader:
+                # reader.line_num is the physical line just read (header is line 1).
+                yield reader.line_num, row
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a valid CSV file ({error})") from None
+
+
+def csv_number(row: Mapping[str, str | None], key: str, path: Path, line: int) -> float:
+    """``row[key]`` as a finite float, or a one-line DataError naming file, line and column."""
+    text = row.get(key)
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: line {line}: {key} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}: line {line}: {key} is not finite: {text!r}")
+    return value

@@ -7,9 +7,9 @@ download: rows for series that are not on disk are dropped and counted in one wa
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 
 from lunaseg.errors import DataError
+from lunaseg.files import csv_number, csv_rows, write_text_atomic
 
 __all__ = [
     "Nodule", "CandidateRow", "CandidateInfo", "find_series", "read_nodules", "read_candidates",
@@ -91,32 +92,9 @@ def find_series(root: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
-def _read_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            missing = [name for name in required if name not in columns]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                                f"found {', '.join(columns) or 'none'}")
-            return list(reader)
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    except csv.Error as error:
-        raise DataError(f"{path}: not a valid CSV file ({error})") from None
-
-
-def _float(row: dict[str, str], key: str, path: Path, line: int) -> float:
-    try:
-        return float(row[key])
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: line {line}: {key} is not a number: {row[key]!r}") from None
-
-
 def _xyz(row: dict[str, str], path: Path, line: int) -> tuple[float, float, float]:
-    return (_float(row, "coordX", path, line), _float(row, "coordY", path, line),
-            _float(row, "coordZ", path, line))
+    return (csv_number(row, "coordX", path, line), csv_number(row, "coordY", path, line),
+            csv_number(row, "coordZ", path, line))
 
 
 def _keep_on_disk(items: list, available: Iterable[str] | None, what: str, path: Path) -> list:
@@ -138,10 +116,10 @@ def read_nodules(path: str | os.PathLike, *,
     ``available`` (series UIDs on disk) drops the other rows with one warning.
     """
     path = Path(path)
-    rows = _read_rows(path, ANNOTATION_COLUMNS)
-    has_malignancy = bool(rows) and "mal_bool" in rows[0]
+    rows = list(csv_rows(path, ANNOTATION_COLUMNS))
+    has_malignancy = bool(rows) and "mal_bool" in rows[0][1]
     nodules = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         malignant = None
         if has_malignancy:
             flag = row["mal_bool"].strip().lower()
@@ -150,7 +128,7 @@ def read_nodules(path: str | os.PathLike, *,
                                 f"{row['mal_bool']!r}")
             malignant = flag in ("true", "1")
         nodules.append(Nodule(row["seriesuid"], _xyz(row, path, line),
-                              _float(row, "diameter_mm", path, line), malignant))
+                              csv_number(row, "diameter_mm", path, line), malignant))
     return _keep_on_disk(nodules, available, "annotations", path)
 
 
@@ -164,9 +142,8 @@ def read_candidates(path: str | os.PathLike, *,
                     available: Iterable[str] | None = None) -> list[CandidateRow]:
     """Rows of candidates.csv / candidates_V2.csv."""
     path = Path(path)
-    rows = _read_rows(path, CANDIDATE_COLUMNS)
     out = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in csv_rows(path, CANDIDATE_COLUMNS):
         label = row["class"].strip()
         if label not in ("0", "1"):
             raise DataError(f"{path}: line {line}: class must be 0 or 1, got {label!r}")
@@ -219,17 +196,9 @@ def load_candidates(root: str | os.PathLike, *,
 
 
 def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    """Write a CSV atomically (temp file + rename), so a killed run leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a CSV atomically, so a killed run leaves the old file whole."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return write_text_atomic(buffer.getvalue(), path)
