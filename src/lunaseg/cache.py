@@ -374,7 +374,7 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
 
     started = time.perf_counter()
     config = config or CacheConfig()
-    mask_config = mask_config or MaskConfig(method=config.masks)
+    mask_config = mask_config or MaskConfig()
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     sources = find_series(data_dir)  # first: a wrong --data must not leave folders behind

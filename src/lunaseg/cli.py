@@ -58,8 +58,7 @@ def _cmd_prepcache(args: argparse.Namespace) -> int:
 
     config = _cache_config(args)
     summary = prepcache(args.data, args.cache, config=config,
-                        mask_config=MaskConfig(method=args.masks,
-                                               bound_by_diameter=args.bound_by_diameter),
+                        mask_config=MaskConfig(bound_by_diameter=args.bound_by_diameter),
                         check=args.check, progress=not args.quiet)
     print(summary.line())
     return 1 if summary.failed else 0

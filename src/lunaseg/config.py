@@ -26,7 +26,6 @@ class MaskConfig:
     threshold_hu: float = -700.0  # nodule tissue is denser than this; lung air is not
     min_radius_vox: int = 2  # the book's first radius tried on each axis
     bound_by_diameter: bool = False  # the book ignores the diameter; True caps the box by it
-    method: str = "heuristic"  # "heuristic" (book) or "outline" (LIDC reader outlines)
 
 
 @dataclass

@@ -119,26 +119,39 @@ def _sphere_box(geometry, shape: tuple[int, ...], center_xyz, diameter_mm: float
     return tuple(slice(a, b) for a, b in zip(low, high)), inside
 
 
-def _why_missed(nodule, folder: Path, threshold: float, candidates: list[dict],
-                capped: bool) -> str:
-    """Sort a miss into: cut by the mark cap, merged with a neighbour, removed after
+@dataclass
+class _ScanVolumes:
+    """What `lunaseg segment` wrote for one scan, read back once to explain its misses."""
+
+    geometry: object  # lunaseg.geometry.Geometry
+    prob: np.ndarray
+    mask: np.ndarray
+    candidates: list[dict]
+
+    @classmethod
+    def read(cls, folder: Path) -> "_ScanVolumes":
+        import SimpleITK as sitk
+
+        from lunaseg.ct import read_geometry
+
+        geometry, _ = read_geometry(folder / "probability.nii.gz")
+        prob = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "probability.nii.gz")))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
+        candidates = json.loads((folder / "candidates.json").read_text())["candidates"]
+        return cls(geometry, prob, mask, candidates)
+
+
+def _why_missed(nodule, scan: _ScanVolumes, threshold: float) -> str:
+    """Sort a miss (not cut by the mark cap) into: merged with a neighbour, removed after
     thresholding, below threshold, or never segmented."""
-    import SimpleITK as sitk
-
-    from lunaseg.ct import read_geometry
-
-    if capped:
-        return "found, but ranked below the 100-marks-per-scan limit"
-    geometry, shape = read_geometry(folder / "probability.nii.gz")
-    box, inside = _sphere_box(geometry, shape, nodule.center_xyz, nodule.diameter_mm)
+    box, inside = _sphere_box(scan.geometry, scan.prob.shape, nodule.center_xyz,
+                              nodule.diameter_mm)
     if box is None or not inside.any():
         return "outside the scanned volume"
-    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "probability.nii.gz")))
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
-    best_p = float(prob[box][inside].max())
-    if (mask[box][inside] > 0).any():
+    best_p = float(scan.prob[box][inside].max())
+    if (scan.mask[box][inside] > 0).any():
         nearest = min((float(np.linalg.norm(np.asarray(c["center_xyz"]) - nodule.center_xyz))
-                       for c in candidates), default=float("nan"))
+                       for c in scan.candidates), default=float("nan"))
         return (f"merged with a neighbour: its voxels are segmented but the nearest "
                 f"component centre lies {nearest:.1f} mm away (radius "
                 f"{nodule.diameter_mm / 2:.1f} mm)")
@@ -176,16 +189,18 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                             if excluded_file.exists() else None),
                   series=series, max_marks_per_scan=segment.max_candidates)
     folders = {o.series_uid: o.folder for o in outputs}
-    misses = []
+    misses, scans = [], {}
     for nodule in result.nodules:
         if nodule.hit:
             continue
-        folder = folders[nodule.series_uid]
-        candidates = json.loads((folder / "candidates.json").read_text())["candidates"]
+        if nodule.hit_any:
+            reason = "found, but ranked below the 100-marks-per-scan limit"
+        else:
+            if nodule.series_uid not in scans:  # read each scan's volumes once
+                scans[nodule.series_uid] = _ScanVolumes.read(folders[nodule.series_uid])
+            reason = _why_missed(nodule, scans[nodule.series_uid], segment.threshold)
         misses.append({"series_uid": nodule.series_uid, "center_xyz": list(nodule.center_xyz),
-                       "diameter_mm": nodule.diameter_mm,
-                       "reason": _why_missed(nodule, folder, segment.threshold, candidates,
-                                             nodule.hit_any)})
+                       "diameter_mm": nodule.diameter_mm, "reason": reason})
     seconds = float(np.mean([o.seconds for o in outputs])) if outputs else None
     report = EvaluationReport(out_dir, result, misses, seconds)
     _write_outputs(result, out_dir, misses, f"{model_path.name} on the {split} split")
