@@ -195,6 +195,44 @@ def test_sampler_full_slices_padded_to_multiple_of_four(cache):
                                           cache[uid].mask_slice(index))
 
 
+def test_hard_negatives_are_cut_at_the_models_false_positives(cache):
+    uids = split_series(cache.series_uids, _config())["train"]
+    config = _config(negative_crop_fraction=0.5, hard_negative_fraction=0.5,
+                     hard_negative_slices=40, epoch_samples=64)
+    sampler = TrainingSampler(cache, uids, config, CPU, seed=2)
+    static = sampler.negatives
+    # A fake model that is wrong at one fixed pixel of every slice (cropped frame) and
+    # right everywhere else.
+    spot_rc = (20, 15)
+
+    def predict(input: torch.Tensor) -> torch.Tensor:
+        prob = torch.zeros((1, 1, *input.shape[-2:]))
+        prob[0, 0, spot_rc[0], spot_rc[1]] = 0.9
+        return prob
+
+    mined = sampler.mine_hard_negatives(predict, epoch=2)
+    assert mined == round(0.5 * len(static))
+    assert len(sampler.negatives) == len(static)
+    hard = sampler.negatives.hu[-mined:]
+    # Each hard chunk is centred on the false-positive pixel of some training slice.
+    half = CHUNK[1] // 2
+    for chunk in hard.numpy():
+        centre = chunk[CHUNK[0] // 2]
+        assert any(
+            np.array_equal(centre[half - 3:half + 4, half - 3:half + 4],
+                           cache[uid].hu[i, spot_rc[0] - 3:spot_rc[0] + 4,
+                                         spot_rc[1] - 3:spot_rc[1] + 4])
+            for uid in uids for i in range(cache[uid].hu.shape[0]))
+    # Deterministic per epoch; a model without false positives leaves the initial pool.
+    again = TrainingSampler(cache, uids, config, CPU, seed=2)
+    again.mine_hard_negatives(predict, epoch=2)
+    assert torch.equal(again.negatives.hu, sampler.negatives.hu)
+    assert sampler.mine_hard_negatives(lambda x: torch.zeros((1, 1, *x.shape[-2:])), 3) == 0
+    assert sampler.negatives is static
+    with pytest.raises(ConfigError, match="hard_negative_fraction"):
+        TrainingSampler(cache, uids, _config(hard_negative_fraction=0.5), CPU)
+
+
 def _epoch(sampler: TrainingSampler, epoch: int = 1) -> list[torch.Tensor]:
     return [torch.cat([input.flatten(), label.flatten().float()])
             for input, label in sampler.batches(epoch, 8)]

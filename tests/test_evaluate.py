@@ -196,6 +196,10 @@ def test_linear_and_step_readings():
     step = froc(annotations, marks, interpolation="step", bootstrap=0)
     assert list(step.sensitivities_at.values()) == pytest.approx([0, 0, 0, 0, .5, .5, 1])
     assert step.cpm == pytest.approx(2 / 7)
+    # The candidate budget is always read as a step: a threshold that really exists.
+    assert [froc(annotations, marks, fp_budget=b, bootstrap=0).sensitivity_at_budget
+            for b in (1.0, 2.0, 5.0, 6.0, 20.0)] == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert linear.fp_budget == 20.0 and linear.to_dict()["sensitivity_at_budget"] == 1.0
 
 
 def test_no_marks_scores_zero():
@@ -208,12 +212,14 @@ def test_no_marks_scores_zero():
 def test_no_nodules_gives_undefined_sensitivity():
     result = froc({}, {"a": far_marks(0.5)}, bootstrap=20)
     assert np.isnan(result.cpm) and result.cpm_ci is None
+    assert np.isnan(result.sensitivity_at_budget)
     assert result.to_dict()["cpm"] is None
 
 
 @pytest.mark.parametrize("kwargs", [
     {"fp_rates": ()}, {"fp_rates": (0.0, 1.0)}, {"max_marks_per_scan": 0},
-    {"bootstrap": -1}, {"interpolation": "cubic"},
+    {"bootstrap": -1}, {"interpolation": "cubic"}, {"fp_budget": 0.0},
+    {"fp_budget": float("nan")},
 ])
 def test_bad_options_raise_config_error(kwargs):
     with pytest.raises(ConfigError):

@@ -183,6 +183,39 @@ def test_candidates_sorted_and_min_voxels():
     assert [c.voxels for c in extract_candidates(prob, hu, Geometry.identity(), config)] == [9, 4]
 
 
+def test_score_ranks_by_mean_or_max_probability():
+    prob = np.zeros((3, 20, 20), dtype=np.float32)
+    prob[1, 2:6, 2:6] = 0.6  # a large, uncertain blob with one saturated voxel
+    prob[1, 3, 3] = 1.0
+    prob[1, 12:14, 12:14] = 0.9  # a small, confident blob
+    hu = np.zeros(prob.shape, dtype=np.int16)
+    config = SegmentConfig(erosion_iterations=0, score="mean")
+    by_mean = extract_candidates(prob, hu, Geometry.identity(), config)
+    assert [c.probability for c in by_mean] == pytest.approx([0.9, (15 * 0.6 + 1) / 16])
+    assert by_mean[1].max_probability == 1.0
+    config.score = "max"
+    by_max = extract_candidates(prob, hu, Geometry.identity(), config)
+    assert [c.probability for c in by_max] == pytest.approx([1.0, 0.9])
+    assert by_max[0].voxels == 16
+
+
+def test_center_weighting_by_probability_ignores_a_dense_neighbour():
+    # A confident blob next to a barely-segmented dense bone: HU weighting pulls the centre
+    # towards the bone, probability weighting stays on the blob.
+    prob = np.zeros((1, 5, 20), dtype=np.float32)
+    hu = np.zeros(prob.shape, dtype=np.int16)
+    prob[0, 2, 4:10] = 0.99
+    prob[0, 2, 10:13] = 0.51
+    hu[0, 2, 10:13] = 1000
+    config = SegmentConfig(erosion_iterations=0)
+    (by_p,) = extract_candidates(prob, hu, Geometry.identity(), config)
+    config.center_weighting = "hu"
+    (by_hu,) = extract_candidates(prob, hu, Geometry.identity(), config)
+    expected = (6.5 * 0.99 * 6 + 11 * 0.51 * 3) / (0.99 * 6 + 0.51 * 3)
+    assert by_p.center_irc[2] == pytest.approx(expected, abs=1e-4)
+    assert by_hu.center_irc[2] > by_p.center_irc[2] + 1
+
+
 def test_lung_mask_drops_components_outside_the_lungs():
     shape = (5, 64, 64)
     hu = np.full(shape, -1000, dtype=np.int16)  # room air
@@ -205,7 +238,8 @@ def test_lung_mask_drops_components_outside_the_lungs():
 
 
 @pytest.mark.parametrize("option, value", [("connectivity", 8), ("threshold", 1.5),
-                                           ("center_weighting", "mass"), ("min_voxels", 0)])
+                                           ("center_weighting", "mass"), ("min_voxels", 0),
+                                           ("score", "median")])
 def test_bad_segment_options_are_named(option, value):
     config = SegmentConfig(**{option: value})
     prob = np.zeros((2, 4, 4), dtype=np.float32)

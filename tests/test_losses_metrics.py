@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lunaseg.losses import dice_loss, segmentation_loss
-from lunaseg.metrics import SegmentationMetrics, pixel_counts
+from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
 
 
 def _pair():
@@ -110,6 +110,25 @@ def test_metrics_by_hand():
     assert m["pr/recall"] == pytest.approx(recall)
     assert m["pr/f1_score"] == pytest.approx(2 * precision * recall / (precision + recall))
     assert (m["count/tp"], m["count/fn"], m["count/fp"], m["samples"]) == (4, 6, 12, 3)
+
+
+def test_blob_counts_by_hand():
+    label = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    pred = torch.zeros(2, 1, 8, 8)
+    label[0, 0, 1:3, 1:3] = True  # nodule A, found by one touching pixel
+    label[0, 0, 5:7, 5:7] = True  # nodule B, missed
+    pred[0, 0, 2, 2] = 0.9
+    pred[0, 0, 0:2, 5] = 0.8  # a false-positive blob
+    pred[0, 0, 7, 0] = 0.7  # another, diagonal to nothing
+    pred[0, 0, 4, 4] = 0.4  # below threshold: nothing
+    pred[1, 0, 3, 3] = pred[1, 0, 4, 4] = 0.9  # one blob (8-connected), no nodule
+    counts = blob_counts(pred, label)
+    assert counts.tolist() == [[1, 2, 2], [0, 0, 1]]
+    metrics = SegmentationMetrics()
+    metrics.update(torch.zeros(2), pixel_counts(pred, label), counts)
+    m = metrics.compute()
+    assert m["blobs/recall"] == 0.5 and m["blobs/fp_per_slice"] == 1.5
+    assert "blobs/recall" not in SegmentationMetrics().compute()  # none recorded, no tags
 
 
 def test_metrics_zero_divisions():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -21,7 +22,8 @@ from lunaseg.geometry import Geometry
 from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
 from lunaseg.metrics import pixel_counts
 from lunaseg.model import UNetWrapper, build_model, load_checkpoint, load_model
-from lunaseg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, _is_better, train
+from lunaseg.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, _is_better, _set_lr,
+                           train)
 
 CHUNK = (7, 48, 48)
 SCALAR_TAGS = ("loss/all", "percent_all/tp", "percent_all/fn", "percent_all/fp",
@@ -69,7 +71,9 @@ def _config(*, epochs: int, batch_size: int = 8, epoch_samples: int = 32,
             **changes) -> TrainConfig:
     data = DataConfig(chunk_irc=CHUNK, crop_px=32, val_stride=4, epoch_samples=epoch_samples,
                       negative_crop_fraction=changes.pop("negative_crop_fraction", 0.0),
-                      full_slice_fraction=changes.pop("full_slice_fraction", 0.0))
+                      full_slice_fraction=changes.pop("full_slice_fraction", 0.0),
+                      hard_negative_fraction=changes.pop("hard_negative_fraction", 0.0),
+                      hard_negative_slices=8)
     return TrainConfig(data=data, epochs=epochs, batch_size=batch_size, device="cpu",
                        validation_cadence=changes.pop("validation_cadence", 100), **changes)
 
@@ -216,10 +220,15 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(cache_dir, tmp_path):
+    # Everything that draws random numbers or depends on the epoch: augmentation, negative
+    # and whole-slice mixing, hard negatives mined with the current model, the cosine rate.
     changes = dict(augment=AugmentConfig.book(), negative_crop_fraction=0.25,
-                   full_slice_fraction=0.25, seed=3)
+                   full_slice_fraction=0.25, hard_negative_fraction=0.5, lr_schedule="cosine",
+                   seed=3)
     whole = train(_config(epochs=4, **changes), cache_dir, tmp_path / "a", progress=False)
-    half = train(_config(epochs=2, **changes), cache_dir, tmp_path / "b", progress=False)
+    # A run of 4 epochs killed after 2 (4 steps per epoch).
+    half = train(_config(epochs=4, **changes), cache_dir, tmp_path / "b", max_steps=8,
+                 progress=False)
     assert half.epochs_done == 2
     resumed = train(_config(epochs=4), cache_dir, tmp_path / "b",
                     resume=tmp_path / "b" / LAST_CHECKPOINT, progress=False)
@@ -332,3 +341,19 @@ def test_best_checkpoint_rule():
     assert _is_better(good, high_recall, 0.9) and not _is_better(high_recall, good, 0.9)
     assert not _is_better(low_recall, good, 0.9)
     assert _is_better({"pr/recall": 0.97, "pr/f1_score": 0.03}, high_recall)
+
+
+def test_cosine_learning_rate_by_hand():
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+    config = TrainConfig(lr=0.01, lr_schedule="cosine", lr_final_fraction=0.1)
+
+    def lr_at(progress: float) -> float:
+        _set_lr(optimizer, config, progress)
+        return optimizer.param_groups[0]["lr"]
+
+    # From lr down to lr * 0.1 along half a cosine; halfway is the mean of the two.
+    assert [lr_at(0.0), lr_at(0.5), lr_at(1.0)] == pytest.approx([0.01, 0.0055, 0.001])
+    assert lr_at(0.25) == pytest.approx(0.001 + 0.009 * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr_at(2.0) == pytest.approx(0.001)  # past the end (resumed with fewer epochs)
+    config.lr_schedule = "constant"
+    assert lr_at(0.7) == 0.01

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from lunaseg import __version__
 from lunaseg.errors import ConfigError, LunasegError
+from lunaseg.evaluate import CANDIDATE_FP_BUDGET
 
 log = logging.getLogger("lunaseg")
 
@@ -80,9 +81,11 @@ def _train_config(args: argparse.Namespace):
                       full_ct_validation=args.full_ct,
                       negative_crop_fraction=args.negative_crops,
                       full_slice_fraction=args.mix_full_slices,
+                      hard_negative_fraction=args.hard_negatives,
                       epoch_samples=args.epoch_samples)
     return TrainConfig(data=data, augment=augment, epochs=args.epochs,
                        batch_size=args.batch_size, num_workers=args.num_workers, lr=args.lr,
+                       lr_schedule=args.lr_schedule,
                        fn_weight=args.fn_weight, bce_weight=args.bce_weight,
                        validation_cadence=args.validation_cadence,
                        best_min_recall=args.best_min_recall,
@@ -116,6 +119,7 @@ def _segment_config(args: argparse.Namespace):
     return SegmentConfig(threshold=args.threshold, batch_size=args.batch_size,
                          erosion_iterations=args.erosion, min_voxels=args.min_voxels,
                          lung_mask=args.lung_mask, connectivity=args.connectivity,
+                         score=args.score, center_weighting=args.center_weighting,
                          keep_vanished=not args.drop_vanished, overlays=args.overlays,
                          write_volumes=not args.no_volumes, amp=args.amp, device=args.device)
 
@@ -140,13 +144,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         report = pipeline.evaluate_model(args.data, args.model, args.out,
                                          split=args.split, cache_dir=args.cache,
                                          segment=_segment_config(args),
-                                         progress=not args.quiet)
+                                         fp_budget=args.fp_budget, progress=not args.quiet)
     else:
         if args.annotations is None or args.candidates is None:
             raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "
                               "(or --data DIR --model CKPT)")
         report = pipeline.score_files(args.annotations, args.candidates, args.out,
-                                      excluded=args.excluded, series=args.series)
+                                      excluded=args.excluded, series=args.series,
+                                      fp_budget=args.fp_budget)
     print(report)
     return 0
 
@@ -166,7 +171,14 @@ def _cmd_import_lidc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lunaseg import pipeline
 
-    result = pipeline.run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    settings = pipeline.DemoSettings.quick() if args.quick else pipeline.DemoSettings()
+    if args.series is not None:
+        settings.synth.series = args.series
+    if args.shape is not None:
+        settings.synth.shape_irc = _ints(args.shape, 3, "--shape")
+    if args.epochs is not None:
+        settings.train.epochs = args.epochs
+    result = pipeline.run_demo(args.out, settings=settings, progress=not args.quiet)
     print(result)
     return 0
 
@@ -193,6 +205,13 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                        help="3D neighbourhood of connected components (default 6)")
     group.add_argument("--lung-mask", action="store_true",
                        help="keep only candidates touching a lung mask computed from HU")
+    group.add_argument("--score", choices=("mean", "max"), default=seg.score,
+                       help="ranking score: mean or max (book) probability of a component "
+                            f"(default {seg.score})")
+    group.add_argument("--center-weighting", choices=("probability", "hu", "uniform"),
+                       default=seg.center_weighting,
+                       help="weights of the centre of mass (book: hu; default "
+                            f"{seg.center_weighting})")
     out = parser.add_argument_group("outputs and speed")
     out.add_argument("--overlays", type=int, default=seg.overlays,
                      help="PNG views for the top N candidates of each scan (default 100)")
@@ -224,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="lunaseg-demo", help="output folder (default ./lunaseg-demo)")
     demo.add_argument("--quick", action="store_true",
                       help="a much smaller run (about a minute) to check the installation")
+    demo.add_argument("--series", type=int, default=None,
+                      help="number of phantoms (default 96; --quick: 6)")
+    demo.add_argument("--shape", default=None,
+                      help="phantom size I,R,C (default 64,256,256; 64,512,512 has real CT's "
+                           "0.8 mm pixels and takes about twice as long)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 24)")
     demo.set_defaults(func=_cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic LUNA16-layout dataset")
@@ -261,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-workers", type=int, default=train.num_workers,
                     help="validation loader workers")
     tr.add_argument("--lr", type=float, default=train.lr, help="Adam learning rate")
+    tr.add_argument("--lr-schedule", choices=("constant", "cosine"), default=train.lr_schedule,
+                    help="constant (book) or cosine decay over the run")
     tr.add_argument("--fn-weight", type=float, default=train.fn_weight,
                     help=f"weight of the false-negative Dice term (default {train.fn_weight:g})")
     tr.add_argument("--bce-weight", type=float, default=train.bce_weight,
@@ -280,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of training crops cut around look-alikes away from nodules")
     tr.add_argument("--mix-full-slices", type=float, default=0.0, metavar="FRACTION",
                     help="share of training steps on whole slices (chapter exercise 4)")
+    tr.add_argument("--hard-negatives", type=float, default=0.0, metavar="FRACTION",
+                    help="each epoch, re-cut this share of the negative crops where the model "
+                         "currently finds false positives (needs --negative-crops)")
     tr.add_argument("--epoch-samples", type=int, default=0,
                     help="samples per epoch (default: one pass over the nodule chunks)")
     tr.add_argument("--val-stride", type=int, default=data.val_stride,
@@ -318,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", help="cache folder for --data (default DATA/cache)")
     ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val")
     ev.add_argument("--out", default="evaluation", help="folder for JSON, FROC plot, CSVs")
+    ev.add_argument("--fp-budget", type=float, default=CANDIDATE_FP_BUDGET,
+                    help="also report sensitivity at this many false-positive candidates per "
+                         f"scan (default {CANDIDATE_FP_BUDGET:g})")
     _add_segment_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
 

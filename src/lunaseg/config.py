@@ -64,6 +64,10 @@ class DataConfig:
     full_ct_validation: bool = False  # validate on every slice, not just positive ones
     negative_crop_fraction: float = 0.0  # share of training crops cut from lung far from nodules
     full_slice_fraction: float = 0.0  # share of training samples that are whole slices
+    # Each epoch, this share of the negative pool is re-cut at the model's own false
+    # positives, found on ``hard_negative_slices`` random training slices (0 = off).
+    hard_negative_fraction: float = 0.0
+    hard_negative_slices: int = 64
     epoch_samples: int = 0  # 0 = one pass over the positive chunks per epoch
 
     @property
@@ -111,6 +115,10 @@ class TrainConfig:
     batch_size: int = 16
     num_workers: int = 0
     lr: float = 1e-3
+    # "constant" (book) or "cosine": decays per step to lr * lr_final_fraction at the last
+    # epoch, which settles the weights so the last checkpoint is a good one, not a lucky one.
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.02
     fn_weight: float = 8.0
     bce_weight: float = 0.0  # pixel-wise cross-entropy added to the Dice terms (book: none)
     validation_cadence: int = 5
@@ -130,7 +138,10 @@ class SegmentConfig:
     erosion_iterations: int = 1
     keep_vanished: bool = True  # components erosion would erase stay, un-eroded (book: dropped)
     connectivity: int = 6  # 6 (faces; book / scipy default) or 26 (faces, edges, corners)
-    center_weighting: str = "hu"  # "hu" (book: clipped HU + 1001), "probability" or "uniform"
+    # Centre of mass weights: "probability" (the model's confidence), "hu" (book: clipped
+    # HU + 1001, which a dense neighbour such as the pleura pulls off the nodule), "uniform".
+    center_weighting: str = "probability"
+    score: str = "max"  # ranking score: "max" (book) or "mean" probability of the component
     min_voxels: int = 1
     lung_mask: bool = False  # keep only components touching a lung mask computed from HU
     max_candidates: int = 100  # LUNA16 scores at most 100 marks per scan

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from lunaseg.cache import Cache
@@ -188,6 +189,12 @@ class TrainingSampler:
             rng = np.random.default_rng([self.seed, 1])
             self.negatives = negative_bank(self.cache, self.series_uids, self.config, count,
                                            rng).to(self.device)
+        self._static_negatives = self.negatives
+        hard = self.config.hard_negative_fraction
+        if not 0 <= hard <= 1:
+            raise ConfigError(f"hard_negative_fraction must be in [0, 1], got {hard}")
+        if hard > 0 and self.negatives is None:
+            raise ConfigError("hard_negative_fraction needs negative_crop_fraction > 0")
         self._slices = [(uid, int(i)) for uid in self.series_uids
                         for i in self.cache[uid].positive_indices]
 
@@ -213,6 +220,66 @@ class TrainingSampler:
                 yield self._full_slice_batch(batch_size, rng)
             else:
                 yield self._crop_batch(batch_size, generator, rng)
+
+    def mine_hard_negatives(self, predict: Callable[[torch.Tensor], torch.Tensor],
+                            epoch: int) -> int:
+        """Re-cut ``hard_negative_fraction`` of the negative pool at the model's false positives.
+
+        ``predict`` maps a (1, C, H, W) float input to (1, 1, H, W) probabilities (call this
+        under ``torch.no_grad``).  Random training slices are segmented; every
+        false-positive blob (probability > 0.5, no nodule label) becomes a crop centre, so
+        the model is shown exactly what it still gets wrong: vessel branches, pleura, the
+        diaphragm.  The rest of the pool stays the initial mix.  Deterministic for a given
+        model and epoch, so a resumed run mines the same crops.  Returns the number of hard
+        crops now in the pool.
+        """
+        fraction = self.config.hard_negative_fraction
+        if not fraction or self._static_negatives is None or not len(self._static_negatives):
+            return 0
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 3])
+        size = np.asarray(self.config.chunk_irc)
+        centers: list[tuple[str, np.ndarray]] = []
+        for _ in range(self.config.hard_negative_slices):
+            uid = self.series_uids[rng.integers(len(self.series_uids))]
+            entry = self.cache[uid]
+            index = int(rng.integers(entry.hu.shape[0]))
+            stack = pad_to_multiple(entry.context_stack(index, self.config.context_slices), 4,
+                                    int(self.config.min_hu))
+            prob = predict(self._to_input(torch.from_numpy(stack[None]).to(self.device)))
+            height, width = entry.hu.shape[1:]
+            wrong = (prob[0, 0, :height, :width] > 0.5).cpu().numpy() & ~entry.mask_slice(index)
+            blobs, count = ndimage.label(wrong)
+            if not count:
+                continue
+            # One centre per blob, at a random pixel of it: big vessel trees do not crowd out
+            # the many small false positives.
+            pixels = np.flatnonzero(blobs)
+            order = rng.permutation(pixels.size)
+            owners = blobs.ravel()[pixels[order]]
+            _, first = np.unique(owners, return_index=True)
+            for flat in pixels[order[first]]:
+                row, col = divmod(int(flat), width)
+                centers.append((uid, np.array([index, row + entry.crop_rc[0],
+                                               col + entry.crop_rc[1]])))
+        want = min(len(centers), int(round(fraction * len(self._static_negatives))))
+        static = self._static_negatives
+        if want == 0:
+            self.negatives = static
+            return 0
+        chosen = rng.choice(len(centers), size=want, replace=False)
+        chunks, labels = [], []
+        for k in chosen:
+            uid, center = centers[k]
+            hu_chunk, mask_chunk = self.cache[uid].chunk(center, size)
+            chunks.append(hu_chunk)
+            labels.append(mask_chunk[size[0] // 2])
+        keep = torch.from_numpy(rng.choice(len(static), size=len(static) - want,
+                                           replace=False)).to(static.hu.device)
+        self.negatives = CropBank(
+            torch.cat([static.hu[keep], torch.from_numpy(np.stack(chunks)).to(self.device)]),
+            torch.cat([static.label[keep],
+                       torch.from_numpy(np.stack(labels)).to(self.device)]))
+        return want
 
     def _crop_batch(self, batch_size: int, generator: torch.Generator,
                     rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,9 @@ Conventions (the LUNA16 rules, with the choices the rules leave open written dow
   sensitivity; at an FP rate several points share, the highest of their sensitivities is used.
 * The candidate-stage sensitivity ignores the mark cap: it is the share of nodules that any mark
   hits, which is what a candidate generator is judged on.
+* ``sensitivity_at_budget`` reads the curve conservatively (step, a real threshold) at a
+  candidate-stage budget of ``CANDIDATE_FP_BUDGET`` false positives per scan: "how many nodules
+  survive if a second stage may only look at this many wrong places per scan".
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from lunaseg.errors import ConfigError, DataError
 from lunaseg.files import csv_number, csv_rows, write_atomic, write_text_atomic
 
 __all__ = [
-    "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "Finding", "Mark", "Matches",
+    "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "Finding", "Mark", "Matches",
     "NoduleRecord", "FrocResult", "read_annotations", "read_candidates", "match_marks", "froc",
     "plot_froc", "write_result_json",
 ]
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # official kit: excluded findings with diameter < 0
 LUNA_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+CANDIDATE_FP_BUDGET = 20.0  # FP candidates per scan a second (classification) stage can afford
 
 # Largest (bootstrap replicates x scored events) block handled at once; bounds memory to ~100 MB.
 _BLOCK_ELEMENTS = 4_000_000
@@ -230,7 +234,8 @@ class FrocResult:
     """A scored submission.  Curve arrays have one entry per distinct probability, descending.
 
     ``sensitivities_at`` maps each FP rate to the sensitivity read off the curve; ``cpm`` is their
-    mean.  The CI fields are None without bootstrapping; ``band_*`` hold a 95% band of the curve at
+    mean; ``sensitivity_at_budget`` is the step reading at ``fp_budget`` FPs per scan.  The CI
+    fields are None without bootstrapping; ``band_*`` hold a 95% band of the curve at
     ``band_fps`` for plotting.
     """
 
@@ -243,6 +248,8 @@ class FrocResult:
     cpm_ci: tuple[float, float] | None
     sensitivities_ci: dict[float, tuple[float, float]] | None
     candidate_sensitivity: float
+    fp_budget: float
+    sensitivity_at_budget: float
     candidates_per_scan: float
     marks_per_scan: float
     n_nodules: int
@@ -274,6 +281,8 @@ class FrocResult:
             "sensitivities_ci": (None if self.sensitivities_ci is None else
                                  {_rate_key(r): ci(p) for r, p in self.sensitivities_ci.items()}),
             "candidate_sensitivity": _finite(self.candidate_sensitivity),
+            "fp_budget": self.fp_budget,
+            "sensitivity_at_budget": _finite(self.sensitivity_at_budget),
             "candidates_per_scan": _finite(self.candidates_per_scan),
             "marks_per_scan": _finite(self.marks_per_scan),
             "n_nodules": self.n_nodules,
@@ -399,6 +408,7 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
          series: Iterable[str] | None = None,
          max_marks_per_scan: int | None = 100,
          fp_rates: Sequence[float] = LUNA_FP_RATES,
+         fp_budget: float = CANDIDATE_FP_BUDGET,
          interpolation: Literal["linear", "step"] = "linear",
          bootstrap: int = 1000,
          rng: int | np.random.Generator | None = 0) -> FrocResult:
@@ -413,6 +423,8 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
     rates = np.asarray(fp_rates, dtype=np.float64).reshape(-1)
     if rates.size == 0 or not np.all(np.isfinite(rates)) or np.any(rates <= 0):
         raise ConfigError(f"fp_rates must be positive numbers, got {list(fp_rates)}")
+    if not (math.isfinite(fp_budget) and fp_budget > 0):
+        raise ConfigError(f"fp_budget must be a positive number, got {fp_budget}")
     if max_marks_per_scan is not None and max_marks_per_scan < 1:
         raise ConfigError(f"max_marks_per_scan must be >= 1 or None, got {max_marks_per_scan}")
     if bootstrap < 0:
@@ -481,8 +493,11 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
     n_scans = len(uids)
     fp_counts, sens, _ = _curves(events, np.ones((1, n_scans), dtype=np.int64))
     at = _read_curves(fp_counts, sens, rates, n_scans, interpolation)[0]
+    at_budget = float(_read_curves(fp_counts, sens, np.array([float(fp_budget)]), n_scans,
+                                   "step")[0, 0])
     if not records:
         at[:] = np.nan  # no nodules: sensitivity is undefined, not zero
+        at_budget = float("nan")
     result = FrocResult(
         fps_per_scan=fp_counts[0, 1:] / n_scans, sensitivity=sens[0, 1:],
         thresholds=probability[ends],
@@ -491,6 +506,7 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
         cpm=float(at.mean()), cpm_ci=None, sensitivities_ci=None,
         candidate_sensitivity=(float(np.mean([r.hit_any for r in records]))
                                if records else float("nan")),
+        fp_budget=float(fp_budget), sensitivity_at_budget=at_budget,
         candidates_per_scan=n_marks / n_scans, marks_per_scan=n_scored / n_scans,
         n_nodules=len(records), n_scans=n_scans, max_marks_per_scan=cap,
         interpolation=interpolation, bootstrap=bootstrap, nodules=records)

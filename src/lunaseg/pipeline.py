@@ -14,9 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, SegmentConfig, SynthConfig,
-                            TrainConfig, from_dict, to_dict)
+from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, MaskConfig, SegmentConfig,
+                            SynthConfig, TrainConfig, from_dict, to_dict)
 from lunaseg.errors import DataError
+from lunaseg.evaluate import CANDIDATE_FP_BUDGET
 from lunaseg.files import write_json_atomic
 
 __all__ = ["EvaluationReport", "score_files", "evaluate_model", "DemoSettings", "run_demo"]
@@ -39,7 +40,8 @@ class EvaluationReport:
         r = self.froc
         lines = [f"scans {r.n_scans}, nodules {r.n_nodules}, candidates per scan "
                  f"{r.candidates_per_scan:.1f}",
-                 f"candidate sensitivity {r.candidate_sensitivity:.3f}",
+                 f"candidate sensitivity {r.candidate_sensitivity:.3f}; at <= {r.fp_budget:g} "
+                 f"false positives per scan {r.sensitivity_at_budget:.3f}",
                  f"CPM {r.cpm:.3f}" + (f" (95% CI {r.cpm_ci[0]:.3f}-{r.cpm_ci[1]:.3f})"
                                        if r.cpm_ci else ""),
                  "sensitivity at FP/scan: " + ", ".join(
@@ -66,13 +68,14 @@ def _write_outputs(result, out_dir: Path, misses: list[dict], title: str) -> Non
 
 def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
                 out_dir: str | os.PathLike, *, excluded: str | os.PathLike | None = None,
-                series: Sequence[str] | None = None) -> EvaluationReport:
+                series: Sequence[str] | None = None,
+                fp_budget: float = CANDIDATE_FP_BUDGET) -> EvaluationReport:
     """LUNA16 FROC/CPM of a submission CSV against an annotations CSV."""
     from lunaseg.evaluate import froc, read_annotations, read_candidates
 
     result = froc(read_annotations(annotations), read_candidates(candidates),
                   excluded=read_annotations(excluded, excluded=True) if excluded else None,
-                  series=series)
+                  series=series, fp_budget=fp_budget)
     misses = [{"series_uid": n.series_uid, "center_xyz": list(n.center_xyz),
                "diameter_mm": n.diameter_mm,
                "reason": "cut by the 100-marks-per-scan limit" if n.hit_any else "no mark"}
@@ -141,16 +144,23 @@ class _ScanVolumes:
         return cls(geometry, prob, mask, candidates)
 
 
-def _why_missed(nodule, scan: _ScanVolumes, threshold: float) -> str:
-    """Sort a miss (not cut by the mark cap) into: merged with a neighbour, removed after
+def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) -> str:
+    """Sort a miss into: ranked below the mark cap, merged with a neighbour, removed after
     thresholding, below threshold, or never segmented."""
+    center = np.asarray(nodule.center_xyz)
+    hitting = [k for k, c in enumerate(scan.candidates)
+               if np.linalg.norm(np.asarray(c["center_xyz"]) - center) <= nodule.diameter_mm / 2]
+    if hitting:  # candidates.json lists every candidate, the submission only the top ones
+        best = scan.candidates[hitting[0]]
+        return (f"found, but ranked {hitting[0] + 1} (p {best['probability']:.3f}), below the "
+                f"{max_marks}-marks-per-scan limit")
     box, inside = _sphere_box(scan.geometry, scan.prob.shape, nodule.center_xyz,
                               nodule.diameter_mm)
     if box is None or not inside.any():
         return "outside the scanned volume"
     best_p = float(scan.prob[box][inside].max())
     if (scan.mask[box][inside] > 0).any():
-        nearest = min((float(np.linalg.norm(np.asarray(c["center_xyz"]) - nodule.center_xyz))
+        nearest = min((float(np.linalg.norm(np.asarray(c["center_xyz"]) - center))
                        for c in scan.candidates), default=float("nan"))
         return (f"merged with a neighbour: its voxels are segmented but the nearest "
                 f"component centre lies {nearest:.1f} mm away (radius "
@@ -166,6 +176,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    out_dir: str | os.PathLike, *, split: str = "val",
                    cache_dir: str | os.PathLike | None = None,
                    segment: SegmentConfig | None = None,
+                   fp_budget: float = CANDIDATE_FP_BUDGET,
                    progress: bool = True) -> EvaluationReport:
     """Segment every scan of a split and score it the LUNA16 way, explaining every miss."""
     from lunaseg.evaluate import froc, read_annotations, read_candidates
@@ -187,7 +198,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                   read_candidates(out_dir / "segment" / "submission.csv"),
                   excluded=(read_annotations(excluded_file, excluded=True)
                             if excluded_file.exists() else None),
-                  series=series, max_marks_per_scan=segment.max_candidates)
+                  series=series, max_marks_per_scan=segment.max_candidates,
+                  fp_budget=fp_budget)
     folders = {o.series_uid: o.folder for o in outputs}
     misses, scans = [], {}
     for nodule in result.nodules:
@@ -198,7 +210,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
         else:
             if nodule.series_uid not in scans:  # read each scan's volumes once
                 scans[nodule.series_uid] = _ScanVolumes.read(folders[nodule.series_uid])
-            reason = _why_missed(nodule, scans[nodule.series_uid], segment.threshold)
+            reason = _why_missed(nodule, scans[nodule.series_uid], segment.threshold,
+                                 segment.max_candidates)
         misses.append({"series_uid": nodule.series_uid, "center_xyz": list(nodule.center_xyz),
                        "diameter_mm": nodule.diameter_mm, "reason": reason})
     seconds = float(np.mean([o.seconds for o in outputs])) if outputs else None
@@ -215,17 +228,20 @@ class DemoSettings:
     """What ``lunaseg demo`` runs: sized to finish in minutes on a 2-core CPU."""
 
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
-        series=48, seed=2026, shape_irc=(64, 256, 256), subsets=2))
-    # The book's recipe plus what cuts false positives: negative crops (look-alikes, lung,
-    # body), whole slices, a cross-entropy term, and the best checkpoint chosen by F1 among
-    # those keeping recall >= 0.9.
+        series=96, seed=2026, shape_irc=(64, 256, 256), subsets=2))
+    masks: MaskConfig = field(default_factory=MaskConfig)  # the book's heuristic
+    # The book's U-Net and Dice loss plus what cuts false positives (each measured; see the
+    # README): negative crops (look-alikes, lung, body), whole slices, hard negatives re-cut
+    # every epoch at the model's own false positives, a cross-entropy term beside a lighter
+    # false-negative weight, and a cosine learning-rate decay so the last epoch is the one
+    # to keep (the demo segments with checkpoint.pt, not with the best-recall one).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         data=DataConfig(val_stride=6, chunk_irc=(7, 64, 64), crop_px=48,
                         negative_crop_fraction=0.6, full_slice_fraction=0.2,
-                        epoch_samples=2048),
+                        hard_negative_fraction=0.5, epoch_samples=2048),
         augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
-        epochs=8, batch_size=32, bce_weight=0.25, validation_cadence=2, best_min_recall=0.9,
-        device="auto"))
+        epochs=24, batch_size=32, fn_weight=1.0, bce_weight=2.0, lr_schedule="cosine",
+        validation_cadence=6, device="auto"))
     segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(overlays=10))
 
     @classmethod
@@ -238,6 +254,7 @@ class DemoSettings:
         settings.train.data.epoch_samples = 256
         settings.train.epochs = 2
         settings.train.validation_cadence = 1
+        settings.train.data.hard_negative_slices = 8
         return settings
 
 
@@ -256,16 +273,19 @@ class DemoResult:
     def __str__(self) -> str:
         lines = [f"lunaseg demo finished in {sum(self.seconds.values()):.0f} s ("
                  + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()) + ")"]
-        best = self.train.best
-        if best:
-            lines.append(f"validation (pixels on positive slices, epoch {best['epoch']}): recall "
-                         f"{best['pr/recall']:.3f}, precision {best['pr/precision']:.3f}, "
-                         f"F1 {best['pr/f1_score']:.3f}")
+        last = next((h for h in reversed(self.train.history) if "val" in h), None)
+        if last:
+            val = last["val"]
+            lines.append(f"validation (pixels on slices with nodules, epoch {last['epoch']}): "
+                         f"recall {val['pr/recall']:.3f}, precision {val['pr/precision']:.3f}, "
+                         f"F1 {val['pr/f1_score']:.3f}")
         if self.evaluation is not None:
             r = self.evaluation.froc
-            lines.append(f"candidates on held-out scans: sensitivity "
-                         f"{r.candidate_sensitivity:.3f} at {r.candidates_per_scan:.1f} "
-                         f"candidates per scan; CPM {r.cpm:.3f}")
+            lines.append(f"candidates on {r.n_scans} held-out scans ({r.n_nodules} nodules): "
+                         f"sensitivity {r.candidate_sensitivity:.3f} with "
+                         f"{r.candidates_per_scan:.1f} marks per scan, "
+                         f"{r.sensitivity_at_budget:.3f} at <= {r.fp_budget:g} false positives "
+                         f"per scan; CPM {r.cpm:.3f}")
         lines += [f"data:        {self.data_dir}",
                   f"checkpoints: {self.train.checkpoint}"
                   + (f", {self.train.best_checkpoint}" if self.train.best_checkpoint else ""),
@@ -316,7 +336,7 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     """The main job on built-in data: synthetic LUNA16-format phantoms -> prepcache ->
     training with validation -> candidates on the validation scans, scored the LUNA16 way."""
     from lunaseg.cache import prepcache
-    from lunaseg.train import BEST_CHECKPOINT, train
+    from lunaseg.train import LAST_CHECKPOINT, train
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     out_dir = Path(out_dir)
@@ -330,7 +350,7 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     started = time.perf_counter()
     chunk = settings.train.data.chunk_irc
     summary = prepcache(data_dir, data_dir / "cache", config=CacheConfig(chunk_irc=chunk),
-                        progress=progress)
+                        mask_config=settings.masks, progress=progress)
     log.info("%s", summary.line())
     seconds["prepcache"] = time.perf_counter() - started
 
@@ -343,8 +363,8 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     seconds["train"] = time.perf_counter() - started
 
     evaluation = None
-    model_path = run_dir / BEST_CHECKPOINT
-    if model_path.exists():
+    model_path = run_dir / LAST_CHECKPOINT
+    if model_path.exists() and not result.interrupted:
         started = time.perf_counter()
         evaluation = evaluate_model(data_dir, model_path, out_dir / "evaluation", split="val",
                                     segment=settings.segment, progress=progress)

@@ -28,10 +28,10 @@ from lunaseg.cache import Cache
 from lunaseg.config import TrainConfig, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler, pad_to_multiple,
                               rank_share, split_series, validation_items)
-from lunaseg.errors import CheckpointError, DataError
+from lunaseg.errors import CheckpointError, ConfigError, DataError
 from lunaseg.files import write_json_atomic
 from lunaseg.losses import segmentation_loss
-from lunaseg.metrics import SegmentationMetrics, pixel_counts
+from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
 from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, resolve_device,
                            restore_rng_state, save_checkpoint)
 
@@ -124,6 +124,33 @@ def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
     return loss, pred
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, progress: float) -> None:
+    """Learning rate at ``progress`` (0 = first step, 1 = end of the last epoch).
+
+    Computed from the position alone, so a resumed run needs no scheduler state.
+    """
+    lr = config.lr
+    if config.lr_schedule == "cosine":
+        final = config.lr * config.lr_final_fraction
+        lr = final + (config.lr - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _mine_hard_negatives(model: nn.Module, sampler: TrainingSampler, config: TrainConfig,
+                         device: torch.device, epoch: int) -> int:
+    """Let the sampler re-cut part of its negative pool where ``model`` is wrong now."""
+    model.eval()
+
+    def predict(input: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, config.amp):
+            return model(input.contiguous(memory_format=torch.channels_last)).float()
+
+    # no_grad, not inference_mode: the new crops are tensors that training keeps using.
+    with torch.no_grad():
+        return sampler.mine_hard_negatives(predict, epoch)
+
+
 def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]],
                     config: TrainConfig, device: torch.device, *, batch_size: int | None = None,
                     progress: bool = False) -> SegmentationMetrics:
@@ -144,7 +171,7 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
             label = label.to(device, non_blocking=True)
             input = input.contiguous(memory_format=torch.channels_last)
             loss, pred = _forward_loss(model, input, label, config, device)
-            metrics.update(loss, pixel_counts(pred, label))
+            metrics.update(loss, pixel_counts(pred, label), blob_counts(pred, label))
     return metrics
 
 
@@ -274,6 +301,9 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
            progress: bool) -> TrainResult:
     from tqdm import tqdm
 
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got "
+                          f"{config.lr_schedule!r}")
     torch.manual_seed(config.seed + dist_info.rank)
     out_dir = Path(out_dir)
     tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / "tensorboard"
@@ -346,13 +376,18 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
             # Every epoch reseeds its own randomness, so a resumed run repeats exactly the
             # epochs an uninterrupted one would have run.
             augment.reseed(config.seed * 7919 + epoch * 104729 + dist_info.rank)
+            if epoch > 1 and config.data.hard_negative_fraction:
+                mined = _mine_hard_negatives(model, sampler, config, device, epoch)
+                log.info("epoch %d: %d of %d negative crops re-cut at false positives", epoch,
+                         mined, len(sampler.negatives) if sampler.negatives else 0)
             model.train()
             metrics = SegmentationMetrics(device)
             started = time.perf_counter()
             bar = tqdm(sampler.batches(epoch, config.batch_size), total=steps_per_epoch,
                        desc=f"epoch {epoch}/{config.epochs}", unit="step",
                        disable=not (progress and dist_info.is_main))
-            for input, label in bar:
+            for step, (input, label) in enumerate(bar):
+                _set_lr(optimizer, config, (epoch - 1 + step / steps_per_epoch) / config.epochs)
                 input, label = augment(input, label)
                 input = input.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
@@ -434,8 +469,12 @@ def _summary_line(record: dict) -> str:
     for split in ("train", "val"):
         if split in record:
             m = record[split]
-            parts.append(f"{split} loss {m['loss/all']:.4f} recall {m['pr/recall']:.3f} "
-                         f"precision {m['pr/precision']:.3f} fp {m['percent_all/fp']:.0f}%")
+            part = (f"{split} loss {m['loss/all']:.4f} recall {m['pr/recall']:.3f} "
+                    f"precision {m['pr/precision']:.3f} fp {m['percent_all/fp']:.0f}%")
+            if "blobs/recall" in m:
+                part += (f", nodule blobs found {m['blobs/recall']:.3f}, "
+                         f"{m['blobs/fp_per_slice']:.1f} FP blobs per slice")
+            parts.append(part)
     return "; ".join(parts)
 
 

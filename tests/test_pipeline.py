@@ -1,0 +1,36 @@
+"""The demo end to end (its quick size): every stage runs and leaves what it promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import SimpleITK as sitk
+
+from lunaseg.pipeline import run_demo
+
+
+def test_quick_demo_runs_every_stage(tmp_path):
+    result = run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert set(result.seconds) == {"synth", "prepcache", "train", "segment+evaluate"}
+    assert result.train.epochs_done == 2 and result.train.checkpoint.is_file()
+    assert result.montage is not None and result.montage.stat().st_size > 10_000
+    evaluation = result.evaluation
+    assert evaluation is not None
+    froc = json.loads((evaluation.out_dir / "froc.json").read_text())
+    assert froc["n_scans"] == 2 and froc["n_nodules"] == evaluation.froc.n_nodules > 0
+    assert (evaluation.out_dir / "froc.png").stat().st_size > 10_000
+    # Every held-out scan got its volumes (aligned with the input) and a report.
+    segment = evaluation.out_dir / "segment"
+    folders = [p for p in segment.iterdir() if p.is_dir()]
+    assert len(folders) == 2
+    for folder in folders:
+        assert (folder / "report.html").is_file()
+        source = next((result.data_dir).rglob(f"{folder.name}.mhd"))
+        mask, image = (sitk.ReadImage(str(folder / "mask.nii.gz")),
+                       sitk.ReadImage(str(source)))
+        assert mask.GetSize() == image.GetSize()
+        assert mask.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-4)
+        assert mask.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-3)
+    text = str(result)
+    assert "candidates on 2 held-out scans" in text and "CPM" in text
