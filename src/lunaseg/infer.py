@@ -19,17 +19,19 @@ Decisions (and how they differ from the book):
 * Connected components use 6-connectivity by default (scipy's and the book's choice): it
   merges fewer neighbouring structures than 26-connectivity, and merging loses nodules
   while splitting only adds a false positive.  ``SegmentConfig.connectivity = 26`` is there.
-* Centre: the book's HU-weighted centre of mass (weights = HU clipped to [-1000, 1000]
-  plus 1001, so every voxel weighs > 0 and dense tissue pulls harder); ``center_weighting``
-  can choose "probability" or "uniform".  ``center_xyz`` = ``Geometry.irc_to_xyz`` of that
-  (continuous) voxel position, which is right for any direction matrix.
+* Centre: the centre of mass weighted by probability.  The book weights by HU (clipped to
+  [-1000, 1000] plus 1001), so a dense neighbour the model barely marks, such as the pleura
+  or a vessel wall, pulls a small nodule's centre outside its radius; ``center_weighting``
+  = "hu" restores that, "uniform" weighs every voxel alike.  ``center_xyz`` =
+  ``Geometry.irc_to_xyz`` of that (continuous) voxel position, which is right for any
+  direction matrix.
 * Diameter: of the sphere with the component's physical volume
   (voxels * |det(direction)| * prod(spacing)).
-* Ranking score (the submission's ``probability``): the component's mean probability by
-  default, its maximum with ``SegmentConfig.score = "max"`` (the book's habit).  A trained
-  model saturates at p = 1.0 on most dense blobs, so maxima tie by the hundred; the mean
-  still orders them, and in our measurements it ranks nodules above vessel ends and pleura.
-  Ties are broken by the other of the two, then by size.
+* Ranking score (the submission's ``probability``): the component's maximum probability
+  (the book's habit), or its mean with ``SegmentConfig.score = "mean"``.  A trained model
+  saturates at p = 1.0 on many blobs, so maxima tie; ties are broken by the other of the
+  two, then by size.  Which ranks better depends on the model
+  (``benchmarks/bench_candidates.py`` measures both).
 """
 
 from __future__ import annotations
