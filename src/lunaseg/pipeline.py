@@ -147,10 +147,14 @@ class _ScanVolumes:
 def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) -> str:
     """Sort a miss into: ranked below the mark cap, merged with a neighbour, removed after
     thresholding, below threshold, or never segmented."""
+    from lunaseg.evaluate import Finding, Mark, match_marks
+
     center = np.asarray(nodule.center_xyz)
-    hitting = [k for k, c in enumerate(scan.candidates)
-               if np.linalg.norm(np.asarray(c["center_xyz"]) - center) <= nodule.diameter_mm / 2]
-    if hitting:  # candidates.json lists every candidate, the submission only the top ones
+    # candidates.json lists every candidate, the submission only the top ones: a hit among
+    # the rest was found but ranked out (matched by the scorer's own rule).
+    marks = [Mark(c["center_xyz"], c["probability"]) for c in scan.candidates]
+    hitting = np.flatnonzero(match_marks([Finding(center, nodule.diameter_mm)], marks).hits[:, 0])
+    if hitting.size:
         best = scan.candidates[hitting[0]]
         return (f"found, but ranked {hitting[0] + 1} (p {best['probability']:.3f}), below the "
                 f"{max_marks}-marks-per-scan limit")
