@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from lunaseg.cache import Cache, pad_crop, prepcache
-from lunaseg.config import CacheConfig
+from lunaseg.config import CacheConfig, SynthConfig
 from lunaseg.ct import load_ct
 from lunaseg.errors import DataError
-from lunaseg.luna import find_series
+from lunaseg.luna import find_series, outline_mask_path
 from lunaseg.masks import annotation_mask
+from lunaseg.synth import synthesize_dataset
 
 SERIAL = CacheConfig(workers=1, chunk_irc=(7, 32, 32))
 
@@ -48,6 +49,24 @@ def test_cache_holds_what_training_reads(tiny_luna, tmp_path):
         assert stack.shape == (7, rows, cols)
         for channel, index in enumerate([0, 0, 0, 0, 1, 2, 3]):
             np.testing.assert_array_equal(stack[channel], entry.hu[index])
+
+
+def test_phantom_masks_replace_the_heuristic(tmp_path):
+    data = tmp_path / "synth"
+    synthesize_dataset(data, SynthConfig(series=3, seed=1, shape_irc=(24, 96, 96),
+                                         no_nodule_fraction=0.0), progress=False)
+    config = CacheConfig(workers=1, chunk_irc=(7, 32, 32), masks="outline")
+    prepcache(data, tmp_path / "cache", config=config, progress=False)
+    cache = Cache(tmp_path / "cache")
+    assert sum(len(cache[uid].nodules) for uid in cache.series_uids) > 0
+    for uid in find_series(data):
+        entry = cache[uid]
+        truth = load_ct(outline_mask_path(data, uid)).hu > 0
+        row0, col0 = entry.crop_rc
+        rows, cols = entry.hu.shape[1:]
+        np.testing.assert_array_equal(entry.mask(), truth[:, row0:row0 + rows, col0:col0 + cols])
+        for k, nodule in enumerate(entry.nodules):
+            assert entry.chunk_masks[k][3, 16, 16]  # the centre of each nodule is in its mask
 
 
 def test_chunks_anywhere_match_the_full_arrays(tiny_luna, tmp_path):

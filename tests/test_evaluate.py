@@ -202,6 +202,31 @@ def test_linear_and_step_readings():
     assert linear.fp_budget == 20.0 and linear.to_dict()["sensitivity_at_budget"] == 1.0
 
 
+def test_sensitivity_by_size_uses_the_budget_threshold():
+    # Two scans.  Nodules of 3.5 mm (p .9), 3.8 mm (p .2), 5 mm (never marked), 12 mm (p .6).
+    # FPs: .95 and .7 in scan a, .3 in scan b.  With a budget of 1 FP per scan (2 in all) the
+    # last point within it is p = .6 (FPs .95, .7), so only the 3.5 and 12 mm nodules count.
+    annotations = {"a": [nodule(d=3.5), nodule(x=100.0, d=12.0)],
+                   "b": [nodule(d=3.8), nodule(x=100.0, d=5.0)]}
+    marks = {"a": [mark(0.9), mark(0.6, x=100.0)] + far_marks(0.95, 0.7),
+             "b": [mark(0.2)] + far_marks(0.3)}
+    result = froc(annotations, marks, fp_budget=1.0, bootstrap=0)
+    assert result.budget_threshold == 0.6
+    assert result.sensitivity_at_budget == 0.5
+    bands = result.by_size()
+    assert [(b.label, b.nodules, b.found, b.found_at_budget) for b in bands] == [
+        ("< 4 mm", 2, 2, 1), ("4-6 mm", 1, 0, 0), ("10-20 mm", 1, 1, 1)]
+    # The bands add up to the headline figures.
+    assert sum(b.found_at_budget for b in bands) / result.n_nodules == result.sensitivity_at_budget
+    assert sum(b.found for b in bands) / result.n_nodules == result.candidate_sensitivity
+    assert [b["band"] for b in result.to_dict()["by_size"]] == ["< 4 mm", "4-6 mm", "10-20 mm"]
+    assert [b.label for b in result.by_size(edges_mm=(10.0,))] == ["< 10 mm", ">= 10 mm"]
+    # A budget below the first point admits no threshold at all.
+    tight = froc(annotations, marks, fp_budget=0.1, bootstrap=0)
+    assert tight.budget_threshold is None
+    assert sum(b.found_at_budget for b in tight.by_size()) == 0
+
+
 def test_no_marks_scores_zero():
     result = froc({"a": [nodule()]}, {}, bootstrap=10)
     assert result.cpm == 0.0 and result.candidate_sensitivity == 0.0

@@ -34,3 +34,8 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert mask.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-3)
     text = str(result)
     assert "candidates on 2 held-out scans" in text and "CPM" in text
+    counts = sum(band["nodules"] for band in froc["by_size"])
+    assert counts == froc["n_nodules"] and "by diameter (found / at <= 20 FP" in text
+    # The phantoms come with their true nodule voxels and what each nodule is.
+    assert len(list((result.data_dir / "masks").glob("*.mha"))) == 6
+    assert (result.data_dir / "phantom_nodules.csv").is_file()

@@ -12,8 +12,10 @@ from scipy import ndimage
 from lunaseg.config import SynthConfig
 from lunaseg.ct import load_ct
 from lunaseg.errors import ConfigError
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS
-from lunaseg.synth import (MIN_DIAMETER_MM, NODULE_KINDS, NODULE_LOCATIONS, UID_PREFIX,
+from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS,
+                          outline_mask_path)
+from lunaseg.synth import (MIN_DIAMETER_MM, NODULE_KINDS, NODULE_LOCATIONS,
+                           PHANTOM_NODULE_COLUMNS, PHANTOM_NODULES_FILE, UID_PREFIX,
                            make_phantom, synthesize_dataset)
 
 SMALL = (24, 96, 96)
@@ -96,6 +98,17 @@ def test_csv_columns_exact(dataset):
     assert read_rows(out / "candidates.csv")[0] == list(CANDIDATE_COLUMNS)
 
 
+def test_phantom_nodules_describe_every_annotation(dataset):
+    out, _, _ = dataset
+    columns, described = read_rows(out / PHANTOM_NODULES_FILE)
+    assert tuple(columns) == PHANTOM_NODULE_COLUMNS
+    _, annotations = read_rows(out / "annotations.csv")
+    assert [{c: r[c] for c in ANNOTATION_COLUMNS} for r in described] == annotations
+    assert {r["kind"] for r in described} <= set(NODULE_KINDS)
+    assert {r["location"] for r in described} <= set(NODULE_LOCATIONS)
+    assert {r["shape"] for r in described} <= {"round", "lobulated", "spiculated"}
+
+
 def test_annotations_inside_volume_and_dense(dataset):
     out, config, summary = dataset
     _, rows = read_rows(out / "annotations.csv")
@@ -176,6 +189,40 @@ def test_nodule_records(phantom):
         assert nodule.diameter_mm < MIN_DIAMETER_MM
     assert phantom.lookalike_xyz.ndim == 2 and phantom.lookalike_xyz.shape[1] == 3
     assert len(phantom.lookalike_xyz) >= 30
+
+
+def test_nodule_mask_is_the_annotated_nodules(phantom):
+    mask = phantom.nodule_mask
+    assert mask.shape == phantom.hu.shape and mask.dtype == bool
+    labels, count = ndimage.label(mask)
+    spacing_irc = phantom.geometry.spacing_xyz[::-1]
+    voxel_mm3 = float(np.prod(spacing_irc))
+    for nodule in phantom.nodules:
+        irc = tuple(phantom.geometry.xyz_to_irc(nodule.center_xyz))
+        assert mask[irc], nodule  # every annotated centre is inside the mask
+        if nodule.shape == "round":
+            # A round nodule's component holds about its sphere's volume.
+            sphere_mm3 = np.pi / 6 * nodule.diameter_mm ** 3
+            component_mm3 = (labels == labels[irc]).sum() * voxel_mm3
+            assert 0.5 * sphere_mm3 < component_mm3 < 2.0 * sphere_mm3, nodule
+    for nodule in phantom.excluded:  # tiny findings stay out: they are not annotated
+        assert not mask[tuple(phantom.geometry.xyz_to_irc(nodule.center_xyz))]
+    assert count <= len(phantom.nodules)  # nothing else (no pleural bump, no vessel)
+    # Denser than lung (around -850 HU) even for ground glass (-520 to -330 HU before noise).
+    assert np.percentile(phantom.hu[mask], 10) > -750
+
+
+def test_dataset_masks_open_with_the_scans_geometry(dataset):
+    out, config, summary = dataset
+    for k, uid in enumerate(summary.series_uids[:4]):
+        ct = load_ct(out / f"subset{k % config.subsets}" / f"{uid}.mhd")
+        mask = load_ct(outline_mask_path(out, uid))
+        assert mask.hu.shape == ct.hu.shape and mask.geometry.allclose(ct.geometry)
+        rows = [r for r in read_rows(out / "annotations.csv")[1] if r["seriesuid"] == uid]
+        for row in rows:
+            xyz = np.array([float(row[c]) for c in ("coordX", "coordY", "coordZ")])
+            assert mask.hu[tuple(ct.geometry.xyz_to_irc(xyz))] == 1
+        assert (mask.hu > 0).any() == bool(rows)
 
 
 def test_tissue_statistics(phantom):

@@ -253,8 +253,8 @@ def _crc32(path: Path) -> int:
 
 def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:
     if not path.exists():
-        raise DataError(f"{path}: no outline mask (only `lunaseg import-lidc` data has them; "
-                        f"use --masks heuristic)")
+        raise DataError(f"{path}: no outline mask (`lunaseg import-lidc` and "
+                        f"`lunaseg synth` write them; else use --masks heuristic)")
     outline = load_ct(path)
     if outline.hu.shape != shape or not outline.geometry.allclose(geometry, atol=1e-3):
         raise DataError(f"{path}: outline mask does not match its CT's size or geometry")

@@ -42,7 +42,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                          shape_irc=_ints(args.shape, 3, "--shape"))
     summary = synthesize_dataset(args.out, config, progress=not args.quiet)
     print(f"synth: {len(summary.series_uids)} series, {summary.n_nodules} nodules in {args.out} "
-          f"({summary.seconds_per_scan:.2f} s per scan)")
+          f"({summary.seconds_per_scan:.2f} s per scan); true nodule masks in "
+          f"{Path(args.out) / 'masks'}")
     return 0
 
 
@@ -178,6 +179,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         settings.synth.shape_irc = _ints(args.shape, 3, "--shape")
     if args.epochs is not None:
         settings.train.epochs = args.epochs
+    settings.cache.masks = args.masks
     result = pipeline.run_demo(args.out, settings=settings, progress=not args.quiet)
     print(result)
     return 0
@@ -249,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="phantom size I,R,C (default 64,256,256; 64,512,512 has real CT's "
                            "0.8 mm pixels and takes about twice as long)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 24)")
+    demo.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
+                      help="train on the book's HU-heuristic masks (default) or on the "
+                           "phantoms' true nodule voxels")
     demo.set_defaults(func=_cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic LUNA16-layout dataset")
@@ -269,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--check", action="store_true",
                       help="verify every entry's checksums and rebuild damaged ones")
     prep.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
-                      help="nodule masks from the book's HU heuristic or from LIDC outlines")
+                      help="nodule masks from the book's HU heuristic, or from masks/<uid>.mha "
+                           "(LIDC reader outlines, or the true voxels of synthetic phantoms)")
     prep.add_argument("--bound-by-diameter", action="store_true",
                       help="cap the heuristic's box at the annotated diameter")
     prep.add_argument("--chunk", default=",".join(map(str, data.chunk_irc)),

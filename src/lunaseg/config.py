@@ -47,7 +47,7 @@ class CacheConfig:
 
     chunk_irc: tuple[int, int, int] = (7, 96, 96)  # training chunk around each nodule
     workers: int = 0  # 0 = all CPUs
-    masks: str = "heuristic"  # "heuristic" or "outline" (LIDC imports only)
+    masks: str = "heuristic"  # "heuristic" or "outline" (LIDC imports and phantoms)
 
 
 @dataclass

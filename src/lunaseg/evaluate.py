@@ -23,6 +23,8 @@ Conventions (the LUNA16 rules, with the choices the rules leave open written dow
 * ``sensitivity_at_budget`` reads the curve conservatively (step, a real threshold) at a
   candidate-stage budget of ``CANDIDATE_FP_BUDGET`` false positives per scan: "how many nodules
   survive if a second stage may only look at this many wrong places per scan".
+* ``FrocResult.by_size()`` splits both sensitivities by nodule diameter, since small nodules
+  are where detectors differ; its budget column uses the same threshold as the curve.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from lunaseg.errors import ConfigError, DataError
 from lunaseg.files import csv_number, csv_rows, write_atomic, write_text_atomic
 
 __all__ = [
-    "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "Finding", "Mark", "Matches",
-    "NoduleRecord", "FrocResult", "read_annotations", "read_candidates", "match_marks", "froc",
-    "plot_froc", "write_result_json",
+    "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "DIAMETER_BANDS_MM",
+    "Finding", "Mark", "Matches", "NoduleRecord", "SizeBand", "FrocResult", "size_band_label",
+    "read_annotations", "read_candidates", "match_marks", "froc", "plot_froc",
+    "write_result_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # official kit: excluded findings with diameter < 0
 LUNA_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 CANDIDATE_FP_BUDGET = 20.0  # FP candidates per scan a second (classification) stage can afford
+# Band edges for per-size sensitivity: LUNA16 nodules start at 3 mm; Lung-RADS splits at 4, 6
+# and 8-10 mm for follow-up, and nodules past 20 mm are rare and easy.
+DIAMETER_BANDS_MM = (4.0, 6.0, 10.0, 20.0)
 
 # Largest (bootstrap replicates x scored events) block handled at once; bounds memory to ~100 MB.
 _BLOCK_ELEMENTS = 4_000_000
@@ -229,12 +235,37 @@ class NoduleRecord:
     rank: int | None
 
 
+@dataclass(frozen=True)
+class SizeBand:
+    """Sensitivities of the nodules with ``low_mm <= diameter < high_mm``."""
+
+    low_mm: float
+    high_mm: float  # inf for the last band
+    nodules: int
+    found: int  # hit by any candidate (the candidate-stage sensitivity)
+    found_at_budget: int  # hit at the threshold where the scans hold ``fp_budget`` FPs each
+
+    @property
+    def label(self) -> str:
+        return size_band_label(self.low_mm, self.high_mm)
+
+
+def size_band_label(low_mm: float, high_mm: float) -> str:
+    """``"< 4 mm"``, ``"4-6 mm"`` or ``">= 20 mm"``: one name for a band everywhere."""
+    if low_mm <= 0:
+        return f"< {high_mm:g} mm"
+    if math.isinf(high_mm):
+        return f">= {low_mm:g} mm"
+    return f"{low_mm:g}-{high_mm:g} mm"
+
+
 @dataclass
 class FrocResult:
     """A scored submission.  Curve arrays have one entry per distinct probability, descending.
 
     ``sensitivities_at`` maps each FP rate to the sensitivity read off the curve; ``cpm`` is their
-    mean; ``sensitivity_at_budget`` is the step reading at ``fp_budget`` FPs per scan.  The CI
+    mean; ``sensitivity_at_budget`` is the step reading at ``fp_budget`` FPs per scan, taken at
+    probability ``budget_threshold`` (None when the top threshold already exceeds the budget).  The CI
     fields are None without bootstrapping; ``band_*`` hold a 95% band of the curve at
     ``band_fps`` for plotting.
     """
@@ -261,6 +292,20 @@ class FrocResult:
     band_fps: np.ndarray | None = None
     band_lo: np.ndarray | None = None
     band_hi: np.ndarray | None = None
+    budget_threshold: float | None = None
+
+    def by_size(self, edges_mm: Sequence[float] = DIAMETER_BANDS_MM) -> list[SizeBand]:
+        """Per-diameter sensitivities; bands without nodules are left out."""
+        edges = [0.0, *sorted(float(e) for e in edges_mm), math.inf]
+        cut = math.inf if self.budget_threshold is None else self.budget_threshold
+        bands = []
+        for low, high in zip(edges[:-1], edges[1:]):
+            inside = [r for r in self.nodules if low <= r.diameter_mm < high]
+            if inside:
+                bands.append(SizeBand(
+                    low, high, len(inside), sum(r.hit_any for r in inside),
+                    sum(r.hit and r.best_probability >= cut for r in inside)))
+        return bands
 
     @property
     def misses(self) -> list[NoduleRecord]:
@@ -285,6 +330,10 @@ class FrocResult:
             "sensitivity_at_budget": _finite(self.sensitivity_at_budget),
             "candidates_per_scan": _finite(self.candidates_per_scan),
             "marks_per_scan": _finite(self.marks_per_scan),
+            "budget_threshold": self.budget_threshold,
+            "by_size": [{"band": b.label, "low_mm": b.low_mm, "high_mm": _finite(b.high_mm),
+                         "nodules": b.nodules, "found": b.found,
+                         "found_at_budget": b.found_at_budget} for b in self.by_size()],
             "n_nodules": self.n_nodules,
             "n_scans": self.n_scans,
             "max_marks_per_scan": self.max_marks_per_scan,
@@ -495,6 +544,10 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
     at = _read_curves(fp_counts, sens, rates, n_scans, interpolation)[0]
     at_budget = float(_read_curves(fp_counts, sens, np.array([float(fp_budget)]), n_scans,
                                    "step")[0, 0])
+    # The step reading's point: the last one within the budget (column 0 is the origin).
+    allowed = math.floor(float(fp_budget) * n_scans + 1e-9)
+    point = int(np.searchsorted(fp_counts[0], allowed, side="right")) - 1
+    budget_threshold = float(probability[ends[point - 1]]) if point > 0 else None
     if not records:
         at[:] = np.nan  # no nodules: sensitivity is undefined, not zero
         at_budget = float("nan")
@@ -509,7 +562,8 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
         fp_budget=float(fp_budget), sensitivity_at_budget=at_budget,
         candidates_per_scan=n_marks / n_scans, marks_per_scan=n_scored / n_scans,
         n_nodules=len(records), n_scans=n_scans, max_marks_per_scan=cap,
-        interpolation=interpolation, bootstrap=bootstrap, nodules=records)
+        interpolation=interpolation, bootstrap=bootstrap, nodules=records,
+        budget_threshold=budget_threshold)
     if bootstrap:
         _add_bootstrap(result, events, rates, interpolation, bootstrap, _to_generator(rng))
     return result

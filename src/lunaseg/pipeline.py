@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +46,8 @@ class EvaluationReport:
                                        if r.cpm_ci else ""),
                  "sensitivity at FP/scan: " + ", ".join(
                      f"{rate:g}: {value:.3f}" for rate, value in r.sensitivities_at.items())]
+        if r.nodules:
+            lines.append(_by_size_line(r))
         if self.seconds_per_scan is not None:
             lines.append(f"seconds per scan (read -> candidates -> files): "
                          f"{self.seconds_per_scan:.2f}")
@@ -55,6 +57,13 @@ class EvaluationReport:
                          f"{miss['diameter_mm']:.1f} mm: {miss['reason']}")
         lines.append(f"results: {self.out_dir / 'froc.json'}, {self.out_dir / 'froc.png'}")
         return "\n".join(lines)
+
+
+def _by_size_line(result) -> str:
+    """One line of per-diameter counts: where a detector's misses are."""
+    return (f"by diameter (found / at <= {result.fp_budget:g} FP per scan / nodules): "
+            + "; ".join(f"{b.label} {b.found}/{b.found_at_budget}/{b.nodules}"
+                        for b in result.by_size()))
 
 
 def _write_outputs(result, out_dir: Path, misses: list[dict], title: str) -> None:
@@ -233,7 +242,10 @@ class DemoSettings:
 
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
         series=96, seed=2026, shape_irc=(64, 256, 256), subsets=2))
-    masks: MaskConfig = field(default_factory=MaskConfig)  # the book's heuristic
+    # The book's heuristic masks.  The phantoms' true voxels (cache.masks = "outline") were
+    # measured too and found no more nodules (see the README).
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # its chunk follows train.data
     # The book's U-Net and Dice loss plus what cuts false positives (each measured; see the
     # README): negative crops (look-alikes, lung, body), whole slices, hard negatives re-cut
     # every epoch at the model's own false positives, a cross-entropy term beside a lighter
@@ -290,6 +302,8 @@ class DemoResult:
                          f"{r.candidates_per_scan:.1f} marks per scan, "
                          f"{r.sensitivity_at_budget:.3f} at <= {r.fp_budget:g} false positives "
                          f"per scan; CPM {r.cpm:.3f}")
+            if r.nodules:
+                lines.append(_by_size_line(r))
         lines += [f"data:        {self.data_dir}",
                   f"checkpoints: {self.train.checkpoint}"
                   + (f", {self.train.best_checkpoint}" if self.train.best_checkpoint else ""),
@@ -306,11 +320,13 @@ class DemoResult:
 
 def _synth_if_needed(data_dir: Path, config: SynthConfig, progress: bool) -> None:
     """Synthesize unless the folder already holds this exact configuration's output."""
-    from lunaseg.synth import synthesize_dataset
+    from lunaseg.synth import PHANTOM_NODULES_FILE, synthesize_dataset
 
     marker = data_dir / "synth_config.json"
     wanted = json.dumps(to_dict(config), sort_keys=True)
-    if marker.exists() and marker.read_text() == wanted:
+    # Older versions wrote no masks or phantom_nodules.csv: such a folder is made again.
+    if (marker.exists() and marker.read_text() == wanted
+            and (data_dir / PHANTOM_NODULES_FILE).exists()):
         log.info("%s already holds this synthetic dataset; reusing it", data_dir)
         return
     if data_dir.exists():
@@ -352,8 +368,8 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     seconds["synth"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    chunk = settings.train.data.chunk_irc
-    summary = prepcache(data_dir, data_dir / "cache", config=CacheConfig(chunk_irc=chunk),
+    cache_config = replace(settings.cache, chunk_irc=settings.train.data.chunk_irc)
+    summary = prepcache(data_dir, data_dir / "cache", config=cache_config,
                         mask_config=settings.masks, progress=progress)
     log.info("%s", summary.line())
     seconds["prepcache"] = time.perf_counter() - started

@@ -4,7 +4,11 @@ A phantom is an anatomical model, not a texture: body wall (skin, fat, muscle), 
 sternum, heart and great vessels, two lungs with textured parenchyma, space-filling vessel
 trees that taper from the hilum (the hard negatives: a vessel cut across looks like a nodule),
 airways, a scanner table and correlated scanner noise.  Nodules of four kinds and three
-locations are placed inside the lungs and reported in LUNA16's CSV formats.
+locations are placed inside the lungs and reported in LUNA16's CSV formats; their exact
+voxels are also written as a mask (``masks/<uid>.mha``, the layout ``lunaseg import-lidc``
+uses for reader outlines), so ``prepcache --masks outline`` can train on true shapes and
+show what the book's HU heuristic costs.  ``phantom_nodules.csv`` adds each nodule's kind,
+location and shape to the annotation columns, so misses can be broken down by them.
 
 Everything is sized relative to the body, and the body relative to the field of view, so a
 small (32, 128, 128) volume still shows a whole chest, only at a coarser resolution.  Nodule
@@ -32,11 +36,13 @@ from lunaseg.config import SynthConfig
 from lunaseg.ct import CT, write_image
 from lunaseg.errors import ConfigError
 from lunaseg.geometry import Geometry
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS, write_csv
+from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS,
+                          outline_mask_path, write_csv)
 
 __all__ = [
     "SynthNodule", "Phantom", "SynthSummary", "make_phantom", "synthesize_dataset",
     "make_series_uid", "NODULE_KINDS", "NODULE_LOCATIONS", "MIN_DIAMETER_MM",
+    "PHANTOM_NODULE_COLUMNS", "PHANTOM_NODULES_FILE",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,9 @@ UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 NODULE_KINDS = ("solid", "part_solid", "ground_glass", "calcified")
 NODULE_LOCATIONS = ("isolated", "juxta_pleural", "juxta_vascular")
 MIN_DIAMETER_MM = 3.0  # LUNA16 annotates nodules >= 3 mm; smaller ones are "excluded"
+# Not a LUNA16 file: the annotation columns plus what each nodule is, for breakdowns of misses.
+PHANTOM_NODULES_FILE = "phantom_nodules.csv"
+PHANTOM_NODULE_COLUMNS = ANNOTATION_COLUMNS + ("kind", "location", "shape")
 AIR_HU = -1000.0
 HU_MIN, HU_MAX = -1024, 3071  # the range a 12-bit CT scanner reconstructs
 SLAB_SLICES = 8  # slices built at once: small enough to stay in cache, big enough to vectorise
@@ -76,6 +85,8 @@ class Phantom:
     nodules: list[SynthNodule]
     excluded: list[SynthNodule]  # nodules < 3 mm: present in the image, never annotated
     lookalike_xyz: np.ndarray  # (M, 3) float64 mm: vessel cuts, bifurcations, airway walls...
+    # (I, R, C) bool: voxels at least half inside an annotated nodule (spicules included).
+    nodule_mask: np.ndarray | None = None
 
     def to_ct(self) -> CT:
         """The image part as a ``lunaseg.ct.CT``."""
@@ -746,11 +757,13 @@ class _PhantomBuilder:
             for _ in range(n_nodules):
                 spec = self._draw_nodule(tiny=False)
                 if spec is not None:
+                    spec["annotated"] = True
                     self.nodule_specs.append(spec)
                     self.nodules.append(spec["record"])
         for _ in range(int(rng.integers(0, 3))):
             spec = self._draw_nodule(tiny=True)
             if spec is not None:
+                spec["annotated"] = False
                 self.nodule_specs.append(spec)
                 self.excluded.append(spec["record"])
 
@@ -852,12 +865,14 @@ class _PhantomBuilder:
         ratings = np.clip(np.rint(latent + rng.normal(0, 0.7, readers)), 1, 5).astype(int)
         return [int(v) for v in ratings]
 
-    def nodule_tubes(self) -> list[tuple[str, _Tubes, float]]:
-        """Each nodule as tubes (spheres = zero-length tubes) with a HU level and a blend mode."""
+    def nodule_tubes(self) -> list[tuple[str, _Tubes, float, bool]]:
+        """Each nodule as tubes (spheres = zero-length tubes) with a blend mode, a HU level and
+        whether it belongs to an annotated nodule (the truth mask)."""
         rng = self.rng
         out = []
         for spec in self.nodule_specs:
             c, r, kind, shape = spec["center"], spec["radius"], spec["kind"], spec["shape"]
+            annotated = spec["annotated"]
             # Never thinner than most of a voxel, so a tiny nodule still shows its centre.
             r_draw = max(r, 0.45 * float(self.spacing.max()))
             centers, radii = [c], [r_draw]
@@ -878,16 +893,18 @@ class _PhantomBuilder:
                 end = c + d * r * rng.uniform(1.4, 2.4, (k, 1))
                 spikes = _Tubes(start, end, np.full(k, rng.uniform(0.4, 0.8)), np.full(k, 0.15))
             if kind == "solid":
-                out.append(("blend", _Tubes.concat([body, spikes]), rng.uniform(25, 60)))
+                out.append(("blend", _Tubes.concat([body, spikes]), rng.uniform(25, 60),
+                            annotated))
             elif kind == "calcified":
-                out.append(("blend", body, rng.uniform(30, 55)))
+                out.append(("blend", body, rng.uniform(30, 55), annotated))
                 core = body.select(np.arange(1)).scaled_radii(rng.uniform(0.5, 1.0))
-                out.append(("blend", core, rng.uniform(250, 800)))
+                out.append(("blend", core, rng.uniform(250, 800), annotated))
             else:
-                out.append(("max", _Tubes.concat([body, spikes]), rng.uniform(-520, -330)))
+                out.append(("max", _Tubes.concat([body, spikes]), rng.uniform(-520, -330),
+                            annotated))
                 if kind == "part_solid":
                     core = body.select(np.arange(1)).scaled_radii(rng.uniform(0.3, 0.55))
-                    out.append(("blend", core, rng.uniform(10, 50)))
+                    out.append(("blend", core, rng.uniform(10, 50), annotated))
         # Pleural bumps (plaques, scars): soft-tissue caps on the lung wall, hard negatives.
         self.bump_centers = []
         for _ in range(int(rng.integers(1, 6))):
@@ -897,7 +914,7 @@ class _PhantomBuilder:
             rad = rng.uniform(1.5, 3.5)
             self.bump_centers.append(center)
             out.append(("blend", _Tubes(center[None], center[None], np.array([rad]),
-                                        np.array([rad])), rng.uniform(0, 40)))
+                                        np.array([rad])), rng.uniform(0, 40), False))
         return out
 
     # ----- look-alikes -----
@@ -1047,8 +1064,10 @@ class _PhantomBuilder:
         soft = _TubeRaster(self.soft_tubes, self.shape, self.spacing, splat_below_mm=0.0)
         walls = _TubeRaster(self.walls, self.shape, self.spacing, splat_below_mm=0.0)
         lumens = _TubeRaster(self.lumens, self.shape, self.spacing, splat_below_mm=0.0)
-        nodules = [(mode, _TubeRaster(t, self.shape, self.spacing, splat_below_mm=0.0), hu)
-                   for mode, t, hu in self.nodule_tubes()]
+        nodules = [(mode, _TubeRaster(t, self.shape, self.spacing, splat_below_mm=0.0), hu,
+                    annotated) for mode, t, hu, annotated in self.nodule_tubes()]
+        self.nodule_mask = np.zeros(self.shape, bool)
+        flat_mask = self.nodule_mask.reshape(-1)
         # Low-frequency lung texture on a coarse grid, interpolated per slab.
         step = 7.0 * s
         coarse_shape = tuple(int(e // step) + 3 for e in a.extent)
@@ -1066,15 +1085,23 @@ class _PhantomBuilder:
             self._blend_sparse(flat_slab, soft.render_sparse(k0, k1), a.muscle_hu)
             self._blend_sparse(flat_slab, walls.render_sparse(k0, k1), a.muscle_hu - 20)
             self._blend_sparse(flat_slab, lumens.render_sparse(k0, k1), AIR_HU)
-            for mode, raster, hu in nodules:
-                self._blend_sparse(flat_slab, raster.render_sparse(k0, k1), hu,
-                                   only_denser=mode == "max")
+            for mode, raster, hu, annotated in nodules:
+                index, occupancy = raster.render_sparse(k0, k1)
+                self._blend_sparse(flat_slab, (index, occupancy), hu, only_denser=mode == "max")
+                if annotated:
+                    flat_mask[index[occupancy >= 0.5] + k0 * rows * cols] = True
             self._bones(slab, z)
             _psf(slab, psf_weight)
             for i in range(k1 - k0):
                 slab[i] += noise_hu * noise.draw(rng)
             np.clip(np.rint(slab), HU_MIN, HU_MAX, out=slab)
             out[k0:k1] = slab
+        # A nodule narrower than a voxel may fill none by half; its centre voxel still counts.
+        for spec in self.nodule_specs:
+            if not spec["annotated"]:
+                continue
+            center = np.rint(spec["center"] / self.spacing).astype(int)
+            self.nodule_mask[tuple(np.clip(center, 0, np.asarray(self.shape) - 1))] = True
         return out
 
     @staticmethod
@@ -1248,7 +1275,8 @@ def make_phantom(shape_irc=(128, 512, 512), *, rng: np.random.Generator,
     hu = builder.render()
     lookalike = builder.to_xyz(builder.lookalikes())
     return Phantom(hu=hu, geometry=builder.geometry, series_uid=uid, nodules=builder.nodules,
-                   excluded=builder.excluded, lookalike_xyz=lookalike.reshape(-1, 3))
+                   excluded=builder.excluded, lookalike_xyz=lookalike.reshape(-1, 3),
+                   nodule_mask=builder.nodule_mask)
 
 
 def _fmt(value: float) -> str:
@@ -1268,9 +1296,11 @@ def _nodule_rows(uid: str, nodule: SynthNodule) -> tuple[list, list]:
 
 
 def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -> SynthSummary:
-    """Write ``config.series`` phantoms and LUNA16's four CSVs under ``out_dir``.
+    """Write ``config.series`` phantoms, their nodule masks, LUNA16's four CSVs and
+    ``phantom_nodules.csv`` (what each annotated nodule is).
 
-    Scan k goes to ``subset{k % config.subsets}``; the same config writes byte-identical files.
+    Scan k goes to ``subset{k % config.subsets}``, its mask to ``masks/<uid>.mha``; the same
+    config writes byte-identical files.
     """
     from tqdm import tqdm  # imported here so importing lunaseg.synth stays light
 
@@ -1291,7 +1321,7 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     # Exactly round(fraction * series) scans without nodules, chosen at random.
     n_empty = int(round(config.no_nodule_fraction * config.series))
     empty = set(plan_rng.permutation(config.series)[:n_empty].tolist())
-    annotations, detailed, excluded, candidates, uids = [], [], [], [], []
+    annotations, detailed, described, excluded, candidates, uids = [], [], [], [], [], []
     started = time.perf_counter()
     for k in tqdm(range(config.series), desc="synth", unit="scan", disable=not progress):
         rng = np.random.default_rng(children[k])
@@ -1301,11 +1331,14 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
         uids.append(uid)
         write_image(phantom.hu, phantom.geometry,
                     out_dir / f"subset{k % config.subsets}" / f"{uid}.mhd")
+        write_image(phantom.nodule_mask.astype(np.uint8), phantom.geometry,
+                    outline_mask_path(out_dir, uid), compress=True)
         rows = []
         for nodule in phantom.nodules:
             plain, detail = _nodule_rows(uid, nodule)
             annotations.append(plain)
             detailed.append(detail)
+            described.append([*plain, nodule.kind, nodule.location, nodule.shape])
             rows.append([*plain[:4], 1])
         for nodule in phantom.excluded:
             excluded.append(_nodule_rows(uid, nodule)[0])
@@ -1323,6 +1356,7 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     write_csv(out_dir / "annotations_with_malignancy.csv", MALIGNANCY_COLUMNS, detailed)
     write_csv(out_dir / "annotations_excluded.csv", ANNOTATION_COLUMNS, excluded)
     write_csv(out_dir / "candidates.csv", CANDIDATE_COLUMNS, candidate_rows)
+    write_csv(out_dir / PHANTOM_NODULES_FILE, PHANTOM_NODULE_COLUMNS, described)
     log.info("wrote %d synthetic scans (%d nodules, %d excluded) to %s in %.2f s per scan",
              config.series, len(annotations), len(excluded), out_dir, seconds)
     return SynthSummary(out_dir=out_dir, series_uids=uids, n_nodules=len(annotations),
