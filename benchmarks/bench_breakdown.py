@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from lunaseg.errors import DataError
 from lunaseg.evaluate import DIAMETER_BANDS_MM, size_band_label
 from lunaseg.files import csv_number, csv_rows
 from lunaseg.synth import PHANTOM_NODULES_FILE
@@ -43,15 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluation", required=True, type=Path,
                         help="output folder of `lunaseg evaluate` (has froc.json)")
     args = parser.parse_args(argv)
+    try:
+        return _report(args.data, args.evaluation)
+    except (OSError, DataError) as error:
+        print(f"bench_breakdown: {error}", file=sys.stderr)
+        return 1
 
-    result = json.loads((args.evaluation / "froc.json").read_text())
+
+def _report(data: Path, evaluation: Path) -> int:
+    result = json.loads((evaluation / "froc.json").read_text())
     cut = result["budget_threshold"]
     outcome = {}
     for nodule in result["nodules"]:
         at_budget = nodule["hit"] and cut is not None and nodule["best_probability"] >= cut
         outcome[_key(nodule["series_uid"], nodule["center_xyz"])] = (nodule["hit_any"],
                                                                      at_budget)
-    path = args.data / PHANTOM_NODULES_FILE
+    path = data / PHANTOM_NODULES_FILE
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
     unmatched = 0
     for line, row in csv_rows(path, required=("seriesuid", "coordX", "coordY", "coordZ",
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             tally[1] += found[0]
             tally[2] += found[1]
     if not groups:
-        print(f"no nodule of {path} is in {args.evaluation / 'froc.json'}", file=sys.stderr)
+        print(f"no nodule of {path} is in {evaluation / 'froc.json'}", file=sys.stderr)
         return 1
     budget = result["fp_budget"]
     print(f"{result['n_nodules']} nodules in {result['n_scans']} scans "
@@ -82,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         # Size bands in size order; the other groups alphabetically.
         names = BAND_ORDER if group == "size" else sorted(values)
         for value in [name for name in names if name in values]:
-            total, found, at_budget = values[value]
-            print(f"  {value:34s} {found:4d} {at_budget:4d} {total:4d}")
+            total, hits, hits_at_budget = values[value]
+            print(f"  {value:34s} {hits:4d} {hits_at_budget:4d} {total:4d}")
     return 0
 
 

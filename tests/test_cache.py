@@ -65,7 +65,7 @@ def test_phantom_masks_replace_the_heuristic(tmp_path):
         row0, col0 = entry.crop_rc
         rows, cols = entry.hu.shape[1:]
         np.testing.assert_array_equal(entry.mask(), truth[:, row0:row0 + rows, col0:col0 + cols])
-        for k, nodule in enumerate(entry.nodules):
+        for k in range(len(entry.nodules)):
             assert entry.chunk_masks[k][3, 16, 16]  # the centre of each nodule is in its mask
 
 

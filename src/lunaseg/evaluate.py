@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # official kit: excluded findings with diameter < 0
 LUNA_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 CANDIDATE_FP_BUDGET = 20.0  # FP candidates per scan a second (classification) stage can afford
-# Band edges for per-size sensitivity: LUNA16 nodules start at 3 mm; Lung-RADS splits at 4, 6
-# and 8-10 mm for follow-up, and nodules past 20 mm are rare and easy.
+# Band edges for per-size sensitivity.  LUNA16 nodules start at 3 mm and those under 4 mm are
+# where detectors differ most; 6 mm is the Fleischner / Lung-RADS follow-up cut; 10 and 20 mm
+# split the larger, rarer ones.
 DIAMETER_BANDS_MM = (4.0, 6.0, 10.0, 20.0)
 
 # Largest (bootstrap replicates x scored events) block handled at once; bounds memory to ~100 MB.
@@ -265,8 +266,8 @@ class FrocResult:
 
     ``sensitivities_at`` maps each FP rate to the sensitivity read off the curve; ``cpm`` is their
     mean; ``sensitivity_at_budget`` is the step reading at ``fp_budget`` FPs per scan, taken at
-    probability ``budget_threshold`` (None when the top threshold already exceeds the budget).  The CI
-    fields are None without bootstrapping; ``band_*`` hold a 95% band of the curve at
+    probability ``budget_threshold`` (None when the top threshold already exceeds the budget).
+    The CI fields are None without bootstrapping; ``band_*`` hold a 95% band of the curve at
     ``band_fps`` for plotting.
     """
 
