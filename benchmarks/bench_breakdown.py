@@ -53,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(data: Path, evaluation: Path) -> int:
     result = json.loads((evaluation / "froc.json").read_text())
-    cut = result["budget_threshold"]
-    outcome = {}
-    for nodule in result["nodules"]:
-        at_budget = nodule["hit"] and cut is not None and nodule["best_probability"] >= cut
-        outcome[_key(nodule["series_uid"], nodule["center_xyz"])] = (nodule["hit_any"],
-                                                                     at_budget)
+    outcome = {_key(nodule["series_uid"], nodule["center_xyz"]):
+               (nodule["hit_any"], nodule["hit_at_budget"]) for nodule in result["nodules"]}
     path = data / PHANTOM_NODULES_FILE
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
     unmatched = 0

@@ -295,17 +295,21 @@ class FrocResult:
     band_hi: np.ndarray | None = None
     budget_threshold: float | None = None
 
+    def hit_at_budget(self, record: NoduleRecord) -> bool:
+        """Whether ``record`` counts in ``sensitivity_at_budget`` (scored at or above the
+        budget's threshold)."""
+        return (record.hit and self.budget_threshold is not None
+                and record.best_probability >= self.budget_threshold)
+
     def by_size(self, edges_mm: Sequence[float] = DIAMETER_BANDS_MM) -> list[SizeBand]:
         """Per-diameter sensitivities; bands without nodules are left out."""
         edges = [0.0, *sorted(float(e) for e in edges_mm), math.inf]
-        cut = math.inf if self.budget_threshold is None else self.budget_threshold
         bands = []
         for low, high in zip(edges[:-1], edges[1:]):
             inside = [r for r in self.nodules if low <= r.diameter_mm < high]
             if inside:
-                bands.append(SizeBand(
-                    low, high, len(inside), sum(r.hit_any for r in inside),
-                    sum(r.hit and r.best_probability >= cut for r in inside)))
+                bands.append(SizeBand(low, high, len(inside), sum(r.hit_any for r in inside),
+                                      sum(self.hit_at_budget(r) for r in inside)))
         return bands
 
     @property
@@ -351,6 +355,7 @@ class FrocResult:
             "nodules": [{
                 "series_uid": r.series_uid, "center_xyz": list(r.center_xyz),
                 "diameter_mm": r.diameter_mm, "hit": r.hit, "hit_any": r.hit_any,
+                "hit_at_budget": self.hit_at_budget(r),
                 "best_probability": r.best_probability, "rank": r.rank,
             } for r in self.nodules],
         }

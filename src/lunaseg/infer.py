@@ -74,9 +74,8 @@ log = logging.getLogger(__name__)
 SUBMISSION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 CANDIDATE_CSV_COLUMNS = (
     "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_probability",
-    "mean_probability",
-    "diameter_mm", "volume_mm3", "voxels", "index", "row", "col", "first_slice", "last_slice",
-    "mean_hu", "uneroded",
+    "mean_probability", "diameter_mm", "volume_mm3", "voxels", "index", "row", "col",
+    "first_slice", "last_slice", "mean_hu", "uneroded",
 )
 _CENTER_WEIGHTINGS = ("hu", "probability", "uniform")
 _SCORES = ("mean", "max")
@@ -695,8 +694,7 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                                         png_folder / f"cand_{candidate.rank:03d}.png",
                                         spacing_irc=spacing_irc, title=title))
     columns = ["rank", "probability", "max_probability", "mean_probability", "diameter_mm",
-               "voxels",
-               "center_xyz", "center_irc", "slice_span", "mean_hu", "uneroded"]
+               "voxels", "center_xyz", "center_irc", "slice_span", "mean_hu", "uneroded"]
     rows = []
     for candidate in result.candidates:
         row = candidate.to_dict()

@@ -17,7 +17,9 @@ import numpy as np
 from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, MaskConfig, SegmentConfig,
                             SynthConfig, TrainConfig, from_dict, to_dict)
 from lunaseg.errors import DataError
-from lunaseg.evaluate import CANDIDATE_FP_BUDGET
+from lunaseg.evaluate import (CANDIDATE_FP_BUDGET, Finding, Mark, froc, match_marks,
+                              plot_froc, read_annotations, read_candidates,
+                              write_result_json)
 from lunaseg.files import write_json_atomic
 
 __all__ = ["EvaluationReport", "score_files", "evaluate_model", "DemoSettings", "run_demo"]
@@ -67,8 +69,6 @@ def _by_size_line(result) -> str:
 
 
 def _write_outputs(result, out_dir: Path, misses: list[dict], title: str) -> None:
-    from lunaseg.evaluate import plot_froc, write_result_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     write_result_json(result, out_dir / "froc.json")
     plot_froc(result, out_dir / "froc.png", title=title)
@@ -80,8 +80,6 @@ def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
                 series: Sequence[str] | None = None,
                 fp_budget: float = CANDIDATE_FP_BUDGET) -> EvaluationReport:
     """LUNA16 FROC/CPM of a submission CSV against an annotations CSV."""
-    from lunaseg.evaluate import froc, read_annotations, read_candidates
-
     result = froc(read_annotations(annotations), read_candidates(candidates),
                   excluded=read_annotations(excluded, excluded=True) if excluded else None,
                   series=series, fp_budget=fp_budget)
@@ -156,8 +154,6 @@ class _ScanVolumes:
 def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) -> str:
     """Sort a miss into: ranked below the mark cap, merged with a neighbour, removed after
     thresholding, below threshold, or never segmented."""
-    from lunaseg.evaluate import Finding, Mark, match_marks
-
     center = np.asarray(nodule.center_xyz)
     # candidates.json lists every candidate, the submission only the top ones: a hit among
     # the rest was found but ranked out (matched by the scorer's own rule).
@@ -192,7 +188,6 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    fp_budget: float = CANDIDATE_FP_BUDGET,
                    progress: bool = True) -> EvaluationReport:
     """Segment every scan of a split and score it the LUNA16 way, explaining every miss."""
-    from lunaseg.evaluate import froc, read_annotations, read_candidates
     from lunaseg.infer import segment_inputs
     from lunaseg.luna import ANNOTATION_FILES, EXCLUDED_FILE, find_series
 
