@@ -29,7 +29,8 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
     assert json.loads((run / "splits.json").read_text())["val"]
 
     assert main(["-q", "segment", str(data), "--model", str(run / "checkpoint.best.pt"),
-                 "--out", str(seg), "--overlays", "2", "--device", "cpu"]) == 0
+                 "--out", str(seg), "--overlays", "2", "--tta", "2", "--device", "cpu"]) == 0
+    assert json.loads((seg / "segment_config.json").read_text())["tta"] == 2
     with open(seg / "submission.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert rows and set(rows[0]) == {"seriesuid", "coordX", "coordY", "coordZ", "probability"}

@@ -108,6 +108,52 @@ def test_predict_volume_with_real_unet_when_available():
     assert model_context_slices(model) == 3
 
 
+class DiagonalShift(nn.Module):
+    """Output pixel (r, c) = centre-slice input at (r - 1, c - 1): anything but mirror-symmetric."""
+
+    in_channels = 7
+    depth = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, 3:4]
+        out = torch.zeros_like(centre)
+        out[..., 1:, 1:] = centre[..., :-1, :-1]
+        return out
+
+
+@pytest.mark.parametrize("tta", [2, 4])
+def test_tta_averages_mirrored_views(tta):
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-1000, 1000, size=(3, 12, 16)).astype(np.float32)
+    out = predict_volume(DiagonalShift(), hu, tta=tta, crop_to_body=False)
+    # Mirroring left-right, shifting, mirroring back shifts the other way: each view reads
+    # one diagonal neighbour.  Compare inside the one-pixel frame the shifts leave empty.
+    up_left, up_right = hu[:, :-2, :-2], hu[:, :-2, 2:]
+    down_left, down_right = hu[:, 2:, :-2], hu[:, 2:, 2:]
+    expected = (up_left + up_right) / 2 if tta == 2 else \
+        (up_left + up_right + down_left + down_right) / 4
+    np.testing.assert_allclose(out[:, 1:-1, 1:-1], expected, rtol=1e-6, atol=1e-3)
+
+
+def test_tta_makes_a_real_unet_mirror_equivariant():
+    model_module = pytest.importorskip("lunaseg.model")
+    torch.manual_seed(0)
+    model = model_module.build_model()
+    hu = np.random.default_rng(2).integers(-1000, 400, size=(7, 32, 40)).astype(np.int16)
+    mirrored = np.ascontiguousarray(hu[:, :, ::-1])
+    plain = predict_volume(model, hu, crop_to_body=False)
+    plain_mirrored = predict_volume(model, mirrored, crop_to_body=False)[:, :, ::-1]
+    assert np.abs(plain - plain_mirrored).max() > 1e-3  # one view depends on the side
+    both = predict_volume(model, hu, tta=2, crop_to_body=False)
+    both_mirrored = predict_volume(model, mirrored, tta=2, crop_to_body=False)[:, :, ::-1]
+    np.testing.assert_allclose(both, both_mirrored, atol=1e-5)
+
+
+def test_tta_must_be_one_two_or_four():
+    with pytest.raises(ConfigError, match="tta"):
+        predict_volume(DiagonalShift(), np.zeros((2, 8, 8), np.float32), tta=3)
+
+
 # --------------------------------------------------------------------------- candidates
 
 
@@ -239,7 +285,7 @@ def test_lung_mask_drops_components_outside_the_lungs():
 
 @pytest.mark.parametrize("option, value", [("connectivity", 8), ("threshold", 1.5),
                                            ("center_weighting", "mass"), ("min_voxels", 0),
-                                           ("score", "median")])
+                                           ("score", "median"), ("tta", 3)])
 def test_bad_segment_options_are_named(option, value):
     config = SegmentConfig(**{option: value})
     prob = np.zeros((2, 4, 4), dtype=np.float32)

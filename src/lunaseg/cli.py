@@ -122,7 +122,8 @@ def _segment_config(args: argparse.Namespace):
                          lung_mask=args.lung_mask, connectivity=args.connectivity,
                          score=args.score, center_weighting=args.center_weighting,
                          keep_vanished=not args.drop_vanished, overlays=args.overlays,
-                         write_volumes=not args.no_volumes, amp=args.amp, device=args.device)
+                         write_volumes=not args.no_volumes, amp=args.amp, tta=args.tta,
+                         device=args.device)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -180,6 +181,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         settings.train.epochs = args.epochs
     settings.cache.masks = args.masks
+    if args.tta is not None:
+        settings.segment.tta = args.tta
     result = pipeline.run_demo(args.out, settings=settings, progress=not args.quiet)
     print(result)
     return 0
@@ -214,6 +217,10 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                        default=seg.center_weighting,
                        help="weights of the centre of mass (book: hu; default "
                             f"{seg.center_weighting})")
+    group.add_argument("--tta", type=int, choices=(1, 2, 4), default=seg.tta,
+                       help="average the model over 1, 2 (+ left-right) or 4 (+ up-down) "
+                            "mirrored views of each slice: fewer false positives for up to "
+                            f"4x the network time (default {seg.tta})")
     out = parser.add_argument_group("outputs and speed")
     out.add_argument("--overlays", type=int, default=seg.overlays,
                      help="PNG views for the top N candidates of each scan (default 100)")
@@ -254,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
                       help="train on the book's HU-heuristic masks (default) or on the "
                            "phantoms' true nodule voxels")
+    demo.add_argument("--tta", type=int, choices=(1, 2, 4), default=None,
+                      help="mirrored views averaged when segmenting (default 4)")
     demo.set_defaults(func=_cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic LUNA16-layout dataset")
