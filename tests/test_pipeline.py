@@ -39,3 +39,23 @@ def test_quick_demo_runs_every_stage(tmp_path):
     # The phantoms come with their true nodule voxels and what each nodule is.
     assert len(list((result.data_dir / "masks").glob("*.mha"))) == 6
     assert (result.data_dir / "phantom_nodules.csv").is_file()
+
+
+def test_demo_data_is_reused_only_from_the_same_generator(tmp_path):
+    from lunaseg.config import SynthConfig
+    from lunaseg.pipeline import _synth_if_needed
+
+    data = tmp_path / "data"
+    config = SynthConfig(series=1, seed=4, shape_irc=(16, 64, 64), subsets=1)
+    _synth_if_needed(data, config, progress=False)
+    scan = next(data.glob("subset0/*.raw"))
+    stamp = scan.stat().st_mtime_ns
+    _synth_if_needed(data, config, progress=False)
+    assert scan.stat().st_mtime_ns == stamp  # same config and generator: reused
+    marker = data / "synth_config.json"
+    old = json.loads(marker.read_text())
+    del old["phantom_version"]  # what an older lunaseg wrote
+    marker.write_text(json.dumps(old, sort_keys=True))
+    (data / "stale.txt").write_text("from an older run")
+    _synth_if_needed(data, config, progress=False)
+    assert not (data / "stale.txt").exists() and scan.is_file()  # made again

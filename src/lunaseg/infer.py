@@ -243,11 +243,13 @@ def predict_volume(model: nn.Module, hu: np.ndarray, *, context_slices: int | No
 
 def _forward_views(model: nn.Module, batch: torch.Tensor, tta: int) -> torch.Tensor:
     """The model's output averaged over the ``tta`` mirror views of ``batch``."""
+    if tta == 1:
+        return model(batch)
     total = None
     for dims in TTA_FLIPS[tta]:
-        output = model(batch.flip(dims)).flip(dims) if dims else model(batch)
-        total = output if total is None else total + output
-    return total if tta == 1 else total / tta
+        output = (model(batch.flip(dims)).flip(dims) if dims else model(batch)).float()
+        total = output if total is None else total + output  # summed in float32, not bf16
+    return total / tta
 
 
 def _predict(model: nn.Module, hu: np.ndarray, *, context_slices: int | None,

@@ -253,8 +253,8 @@ class DemoSettings:
         augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
         epochs=24, batch_size=32, fn_weight=1.0, bce_weight=2.0, lr_schedule="cosine",
         validation_cadence=6, device="auto"))
-    # Four mirrored views per slice: half the candidates of one view and a few more nodules
-    # found, for about 20 % more segment time at this size (see the README).
+    # Four mirrored views per slice: about half the candidates of one view at the same
+    # sensitivity, for 4x the network time (a minute more here; see the README).
     segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(overlays=10, tta=4))
 
     @classmethod
@@ -317,13 +317,12 @@ class DemoResult:
 
 def _synth_if_needed(data_dir: Path, config: SynthConfig, progress: bool) -> None:
     """Synthesize unless the folder already holds this exact configuration's output."""
-    from lunaseg.synth import PHANTOM_NODULES_FILE, synthesize_dataset
+    from lunaseg.synth import PHANTOM_VERSION, synthesize_dataset
 
     marker = data_dir / "synth_config.json"
-    wanted = json.dumps(to_dict(config), sort_keys=True)
-    # Older versions wrote no masks or phantom_nodules.csv: such a folder is made again.
-    if (marker.exists() and marker.read_text() == wanted
-            and (data_dir / PHANTOM_NODULES_FILE).exists()):
+    # A folder from an older phantom generator is made again, not reused.
+    wanted = json.dumps({**to_dict(config), "phantom_version": PHANTOM_VERSION}, sort_keys=True)
+    if marker.exists() and marker.read_text() == wanted:
         log.info("%s already holds this synthetic dataset; reusing it", data_dir)
         return
     if data_dir.exists():

@@ -42,7 +42,7 @@ from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLU
 __all__ = [
     "SynthNodule", "Phantom", "SynthSummary", "make_phantom", "synthesize_dataset",
     "make_series_uid", "NODULE_KINDS", "NODULE_LOCATIONS", "MIN_DIAMETER_MM",
-    "PHANTOM_NODULE_COLUMNS", "PHANTOM_NODULES_FILE",
+    "PHANTOM_NODULE_COLUMNS", "PHANTOM_NODULES_FILE", "PHANTOM_VERSION",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ NODULE_LOCATIONS = ("isolated", "juxta_pleural", "juxta_vascular")
 MIN_DIAMETER_MM = 3.0  # LUNA16 annotates nodules >= 3 mm; smaller ones are "excluded"
 # Not a LUNA16 file: the annotation columns plus what each nodule is, for breakdowns of misses.
 PHANTOM_NODULES_FILE = "phantom_nodules.csv"
+# Bumped whenever the same seed starts giving different files (2: true nodule masks and
+# phantom_nodules.csv added), so a saved dataset from an older generator is not reused.
+PHANTOM_VERSION = 2
 PHANTOM_NODULE_COLUMNS = ANNOTATION_COLUMNS + ("kind", "location", "shape")
 AIR_HU = -1000.0
 HU_MIN, HU_MAX = -1024, 3071  # the range a 12-bit CT scanner reconstructs
