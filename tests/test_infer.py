@@ -407,7 +407,8 @@ def test_overlay_png_and_html_report(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_predict_volume_cuda_bf16_matches_cpu():
+@pytest.mark.parametrize("tta", [1, 4])
+def test_predict_volume_cuda_bf16_matches_cpu(tta):
     model_module = pytest.importorskip("lunaseg.model")
     torch.manual_seed(0)
     model = model_module.build_model()
@@ -415,8 +416,8 @@ def test_predict_volume_cuda_bf16_matches_cpu():
     model.input_batchnorm.running_mean.fill_(-500.0)
     model.input_batchnorm.running_var.fill_(400.0 ** 2)
     hu, _ = sphere_phantom(shape=(9, 50, 45))
-    on_cpu = predict_volume(model, hu, device="cpu")
-    on_gpu = predict_volume(model, hu, device="cuda", amp=True, batch_size=4)
+    on_cpu = predict_volume(model, hu, device="cpu", tta=tta)
+    on_gpu = predict_volume(model, hu, device="cuda", amp=True, batch_size=4, tta=tta)
     assert on_gpu.dtype == np.float32 and on_gpu.shape == hu.shape
     np.testing.assert_allclose(on_gpu, on_cpu, atol=0.05)
 
