@@ -149,8 +149,8 @@ class SegmentConfig:
     write_volumes: bool = True  # probability.nii.gz and mask.nii.gz per scan
     amp: bool = False  # bf16 autocast + channels_last (CUDA only)
     # Test-time augmentation: average the model over 1 (off), 2 (+ left-right mirror) or
-    # 4 (+ up-down mirrors) views of each slice.  4 views halve the candidates per scan and
-    # find a few more nodules, at up to 4x the network time (see the README).
+    # 4 (+ up-down mirrors) views of each slice.  4 views halve the candidates per scan at
+    # about the same sensitivity, for up to 4x the network time (see the README).
     tta: int = 1
     device: str = "auto"
 

@@ -29,8 +29,9 @@ Decisions (and how they differ from the book):
   (voxels * |det(direction)| * prod(spacing)).
 * Test-time augmentation (``SegmentConfig.tta``, off by default): the probability is the
   mean over mirrored copies of each slice, each mirrored back.  A model trained with flips
-  should not care, and where it does (noise-driven blobs, faint small nodules) the mean
-  votes them down or up; measured on held-out phantoms it halves the candidates.
+  should not care; where it does, the blob is one it is unsure of, and the mean votes it
+  down.  Measured on held-out phantoms, four views halve the candidates per scan at about
+  the same sensitivity.
 * Ranking score (the submission's ``probability``): the component's maximum probability
   (the book's habit), or its mean with ``SegmentConfig.score = "mean"``.  A trained model
   saturates at p = 1.0 on many blobs, so maxima tie; ties are broken by the other of the
@@ -261,8 +262,8 @@ def _predict(model: nn.Module, hu: np.ndarray, *, context_slices: int | None,
     input channels).  Any in-plane size works: the slices are padded with ``min_hu`` (air)
     up to the U-Net's multiple and the output is cropped back.  ``amp`` turns on bf16
     autocast on CUDA (ignored on CPU); ``batch_size`` 0 picks one for the device; ``tta``
-    averages 1, 2 or 4 mirror views (:data:`TTA_FLIPS`).  The model is moved to ``device`` (channels_last) and run in eval mode (its previous mode
-    is restored).
+    averages 1, 2 or 4 mirror views (:data:`TTA_FLIPS`).  The model is moved to ``device``
+    (channels_last) and run in eval mode (its previous mode is restored).
     Returns (I, R, C) float32 in [0, 1].
     """
     hu = np.asarray(hu)
