@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, read_geometry, write_image
 from lunaseg.geometry import Geometry
-from lunaseg.infer import extract_candidates, predict_volume
+from lunaseg.infer import TTA_FLIPS, extract_candidates, predict_volume
 from lunaseg.model import build_model, resolve_device
 
 
@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         views = [int(v) for v in args.tta.split(",")]
     except ValueError:
         parser.error(f"--tta: expected integers like 1,4, got {args.tta!r}")
-    if not views or any(v not in (1, 2, 4) for v in views):
-        parser.error(f"--tta: each value must be 1, 2 or 4, got {args.tta!r}")
+    if not views or any(v not in TTA_FLIPS for v in views):
+        parser.error(f"--tta: each value must be one of {', '.join(map(str, TTA_FLIPS))}, "
+                     f"got {args.tta!r}")
     # The book's 4 workers exceed the CPUs of small machines; that is what is measured.
     warnings.filterwarnings("ignore", message="This DataLoader will create")
 

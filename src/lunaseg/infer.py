@@ -242,6 +242,12 @@ def predict_volume(model: nn.Module, hu: np.ndarray, *, context_slices: int | No
     return prob
 
 
+def _check_tta(tta: int) -> None:
+    if tta not in TTA_FLIPS:
+        raise ConfigError(f"segment.tta must be one of {', '.join(map(str, TTA_FLIPS))}, "
+                          f"got {tta}")
+
+
 def _forward_views(model: nn.Module, batch: torch.Tensor, tta: int) -> torch.Tensor:
     """The model's output averaged over the ``tta`` mirror views of ``batch``."""
     if tta == 1:
@@ -271,9 +277,7 @@ def _predict(model: nn.Module, hu: np.ndarray, *, context_slices: int | None,
         raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
     if batch_size < 0:
         raise ConfigError(f"segment.batch_size must be >= 0 (0 = auto), got {batch_size}")
-    if tta not in TTA_FLIPS:
-        raise ConfigError(f"segment.tta must be one of {', '.join(map(str, TTA_FLIPS))}, "
-                          f"got {tta}")
+    _check_tta(tta)
     if not max_hu > min_hu:
         raise ValueError(f"need min_hu < max_hu, got {min_hu}, {max_hu}")
     device = resolve_device(device)
@@ -367,9 +371,7 @@ def _check_segment_config(config: SegmentConfig) -> None:
                           f"{config.batch_size}")
     if config.overlays < 0:
         raise ConfigError(f"segment.overlays must be >= 0, got {config.overlays}")
-    if config.tta not in TTA_FLIPS:
-        raise ConfigError(f"segment.tta must be one of {', '.join(map(str, TTA_FLIPS))}, "
-                          f"got {config.tta}")
+    _check_tta(config.tta)
 
 
 def _components(foreground: np.ndarray, config: SegmentConfig,
