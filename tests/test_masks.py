@@ -96,6 +96,22 @@ def test_real_nodule_on_lidc_0001():
     assert set(positive_slices(capped)) <= set(range(2, 13))
 
 
+def test_lung_mask_ignores_small_air_pockets():
+    """A few air voxels in the back wall are not lung, so the spine beside them can be
+    filtered out; the lungs themselves stay whole."""
+    shape = (6, 64, 64)
+    hu = np.full(shape, -1000, dtype=np.int16)  # room air
+    r, c = np.ogrid[: shape[1], : shape[2]]
+    hu[:, ((r - 32) / 28.0) ** 2 + ((c - 32) / 30.0) ** 2 <= 1] = 40  # body
+    hu[:, ((r - 28) / 15.0) ** 2 + ((c - 18) / 9.0) ** 2 <= 1] = -850  # lungs
+    hu[:, ((r - 28) / 15.0) ** 2 + ((c - 46) / 9.0) ** 2 <= 1] = -850
+    hu[2:4, 54:56, 31:33] = -900  # a gas pocket in the back muscles
+    lungs = lung_mask(hu, dilation_mm=2.0)
+    assert not lungs[2, 55, 32] and not lungs[:, 50:, 25:40].any()
+    assert lungs[:, 28, 18].all() and lungs[:, 28, 46].all()
+    assert lung_mask(hu, dilation_mm=2.0, min_fraction=0.0)[2, 55, 32]  # kept without it
+
+
 def test_lung_mask_on_real_ct():
     ct = load_ct(shared_path("data", "lidc-idri-0001", "dicom"))
     lungs = lung_mask(ct.hu, spacing_irc=ct.spacing_xyz[::-1])

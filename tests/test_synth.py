@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,12 @@ from lunaseg.ct import load_ct
 from lunaseg.errors import ConfigError
 from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS,
                           outline_mask_path)
-from lunaseg.synth import (MIN_DIAMETER_MM, NODULE_KINDS, NODULE_LOCATIONS,
-                           PHANTOM_NODULE_COLUMNS, PHANTOM_NODULES_FILE, UID_PREFIX,
+from lunaseg.synth import (CALCIFIED_MAX_MM, KIND_SHARES, MIN_DIAMETER_MM, NODULE_KINDS,
+                           NODULE_LOCATIONS, PHANTOM_NODULE_COLUMNS, PHANTOM_NODULES_FILE,
+                           SUBSOLID_MIN_MM, UID_PREFIX, kind_weights, luna16_diameter_mm,
                            make_phantom, synthesize_dataset)
+
+from conftest import shared_path
 
 SMALL = (24, 96, 96)
 
@@ -41,6 +45,33 @@ def phantom():
     return make_phantom((40, 160, 160), rng=np.random.default_rng(11), n_nodules=4)
 
 
+def _size_shares(diameters_mm) -> np.ndarray:
+    counts = np.histogram(diameters_mm, bins=[0.0, 4.0, 6.0, 10.0, 20.0, np.inf])[0]
+    return counts / counts.sum()
+
+
+def test_nodule_diameters_follow_luna16():
+    """Phantom nodules have the sizes of LUNA16's real annotated nodules, band by band."""
+    path = shared_path("data", "luna16", "annotations.csv")
+    with path.open(newline="") as f:
+        real_mm = [float(row["diameter_mm"]) for row in csv.DictReader(f)]
+    drawn_mm = [luna16_diameter_mm(q) for q in np.random.default_rng(0).random(20_000)]
+    assert np.abs(_size_shares(drawn_mm) - _size_shares(real_mm)).max() < 0.02
+    assert min(drawn_mm) >= MIN_DIAMETER_MM
+
+
+def test_nodule_kinds_keep_their_shares_and_sizes():
+    drawn_mm = [luna16_diameter_mm(q) for q in np.random.default_rng(1).random(20_000)]
+    weights = np.array([kind_weights(d) for d in drawn_mm])
+    assert weights.min() >= 0 and np.allclose(weights.sum(axis=1), 1.0)
+    assert np.abs(weights.mean(axis=0) - KIND_SHARES).max() < 0.01
+    subsolid = [NODULE_KINDS.index("part_solid"), NODULE_KINDS.index("ground_glass")]
+    small = np.array(drawn_mm) < SUBSOLID_MIN_MM
+    assert (weights[small][:, subsolid] == 0).all() and small.mean() > 0.3
+    large = np.array(drawn_mm) > CALCIFIED_MAX_MM
+    assert (weights[large][:, NODULE_KINDS.index("calcified")] == 0).all()
+
+
 def test_same_seed_same_arrays_different_seed_differs():
     a = make_phantom(SMALL, rng=np.random.default_rng(3))
     b = make_phantom(SMALL, rng=np.random.default_rng(3))
@@ -54,12 +85,13 @@ def test_same_seed_same_arrays_different_seed_differs():
 
 
 def test_dataset_bytes_repeat_for_a_seed(dataset, tmp_path):
+    """The same seed writes the same bytes, in one process or in a pool of two."""
     out, config, _ = dataset
-    small = SynthConfig(series=3, seed=config.seed, shape_irc=SMALL, subsets=2)
+    small = SynthConfig(series=3, seed=config.seed, shape_irc=SMALL, subsets=2, workers=1)
     first = tmp_path / "a"
     second = tmp_path / "b"
     synthesize_dataset(first, small, progress=False)
-    synthesize_dataset(second, small, progress=False)
+    synthesize_dataset(second, dataclasses.replace(small, workers=2), progress=False)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(second) for p in second.rglob("*")
                                      if p.is_file())
@@ -207,7 +239,13 @@ def test_nodule_mask_is_the_annotated_nodules(phantom):
             assert 0.5 * sphere_mm3 < component_mm3 < 2.0 * sphere_mm3, nodule
     for nodule in phantom.excluded:  # tiny findings stay out: they are not annotated
         assert not mask[tuple(phantom.geometry.xyz_to_irc(nodule.center_xyz))]
-    assert count <= len(phantom.nodules)  # nothing else (no pleural bump, no vessel)
+    # Nothing else (no pleural bump, no vessel): every mask voxel is within reach of an
+    # annotated nodule, its spicules included (up to 2.4 radii; a thin spicule's tip may
+    # come out as a separate component at coarse voxels).
+    mask_xyz = phantom.geometry.irc_to_xyz(np.argwhere(mask))
+    reach_mm = np.stack([np.linalg.norm(mask_xyz - n.center_xyz, axis=1)
+                         - 1.2 * n.diameter_mm for n in phantom.nodules]).min(axis=0)
+    assert reach_mm.max() <= float(np.linalg.norm(spacing_irc))
     # Denser than lung (around -850 HU) even for ground glass (-520 to -330 HU before noise).
     assert np.percentile(phantom.hu[mask], 10) > -750
 
@@ -269,3 +307,5 @@ def test_bad_arguments_are_config_errors(tmp_path):
         make_phantom(SMALL, rng=3)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="series"):
         synthesize_dataset(tmp_path, SynthConfig(series=0), progress=False)
+    with pytest.raises(ConfigError, match="workers"):
+        synthesize_dataset(tmp_path, SynthConfig(series=1, workers=-1), progress=False)

@@ -39,10 +39,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from lunaseg.synth import synthesize_dataset
 
     config = SynthConfig(series=args.series, seed=args.seed, subsets=args.subsets,
-                         shape_irc=_ints(args.shape, 3, "--shape"))
+                         shape_irc=_ints(args.shape, 3, "--shape"), workers=args.workers)
     summary = synthesize_dataset(args.out, config, progress=not args.quiet)
     print(f"synth: {len(summary.series_uids)} series, {summary.n_nodules} nodules in {args.out} "
-          f"({summary.seconds_per_scan:.2f} s per scan); true nodule masks in "
+          f"({summary.seconds_per_scan:.2f} s per scan and process); true nodule masks in "
           f"{Path(args.out) / 'masks'}")
     return 0
 
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="volume size as I,R,C = slices,rows,cols (default 128,512,512)")
     synth.add_argument("--subsets", type=int, default=synth_defaults.subsets,
                        help="subsetN folders")
+    synth.add_argument("--workers", type=int, default=synth_defaults.workers,
+                       help="processes (default: all CPUs; the files are the same)")
     synth.set_defaults(func=_cmd_synth)
 
     prep = commands.add_parser("prepcache", help="cache what training and validation read")

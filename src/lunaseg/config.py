@@ -39,6 +39,7 @@ class SynthConfig:
     max_nodules: int = 6
     no_nodule_fraction: float = 0.15  # share of scans with no nodule at all
     negative_candidates_per_scan: int = 60  # non-nodule rows in candidates.csv
+    workers: int = 0  # processes writing scans; 0 = all CPUs (the files do not change)
 
 
 @dataclass

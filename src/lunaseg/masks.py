@@ -106,16 +106,18 @@ def positive_slices(mask: np.ndarray) -> np.ndarray:
 
 
 def lung_mask(hu: np.ndarray, *, air_hu: float = -400.0,
-                      spacing_irc: Sequence[float] = (1.0, 1.0, 1.0),
-                      dilation_mm: float = 5.0) -> np.ndarray:
+              spacing_irc: Sequence[float] = (1.0, 1.0, 1.0),
+              dilation_mm: float = 5.0, min_fraction: float = 0.02) -> np.ndarray:
     """A simple lung mask: air inside the body, holes filled, dilated in-plane.
 
     hu : (I, R, C).  Per slice, air-like voxels (< ``air_hu``) connected to the slice's
     border are outside the body (room air, the padding outside the field of view); the
-    rest is lung (plus trachea and bowel gas; this mask is coarse on purpose).  Holes in
-    it (vessels, nodules) are filled, then it grows ``dilation_mm`` in-plane so nodules
-    on the pleura still touch it.  Working per slice keeps a lung that reaches the top
-    or bottom slice inside.  Returns (I, R, C) bool.
+    rest is lung (plus trachea and bowel gas; this mask is coarse on purpose).  Enclosed
+    air pieces (3D) under ``min_fraction`` of the largest one are dropped: pockets in the
+    back muscles or between the back and the table would otherwise let the spine and the
+    table through.  Holes in the lung (vessels, nodules) are filled, then it grows
+    ``dilation_mm`` in-plane so nodules on the pleura still touch it.  Working per slice
+    keeps a lung that reaches the top or bottom slice inside.  Returns (I, R, C) bool.
     """
     hu = np.asarray(hu)
     if hu.ndim != 3:
@@ -135,6 +137,11 @@ def lung_mask(hu: np.ndarray, *, air_hu: float = -400.0,
 
     air = hu < air_hu
     inside_air = air & ~touching_border(air, in_plane_8)
+    if min_fraction > 0 and inside_air.any():
+        labels, _ = ndimage.label(inside_air)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        inside_air = (sizes >= min_fraction * sizes.max())[labels]
     # Fill holes: background pieces that do not reach the slice border are enclosed.
     lung = inside_air | ~touching_border(~inside_air, in_plane_4)
     if dilation_mm > 0 and lung.any():

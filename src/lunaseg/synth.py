@@ -4,11 +4,12 @@ A phantom is an anatomical model, not a texture: body wall (skin, fat, muscle), 
 sternum, heart and great vessels, two lungs with textured parenchyma, space-filling vessel
 trees that taper from the hilum (the hard negatives: a vessel cut across looks like a nodule),
 airways, a scanner table and correlated scanner noise.  Nodules of four kinds and three
-locations are placed inside the lungs and reported in LUNA16's CSV formats; their exact
-voxels are also written as a mask (``masks/<uid>.mha``, the layout ``lunaseg import-lidc``
-uses for reader outlines), so ``prepcache --masks outline`` can train on true shapes and
-show what the book's HU heuristic costs.  ``phantom_nodules.csv`` adds each nodule's kind,
-location and shape to the annotation columns, so misses can be broken down by them.
+locations are placed inside the lungs, with the diameters of LUNA16's annotated nodules, and
+reported in LUNA16's CSV formats; their exact voxels are also written as a mask
+(``masks/<uid>.mha``, the layout ``lunaseg import-lidc`` uses for reader outlines), so
+``prepcache --masks outline`` can train on true shapes and show what the book's HU
+heuristic costs.  ``phantom_nodules.csv`` adds each nodule's kind, location and shape to
+the annotation columns, so misses can be broken down by them.
 
 Everything is sized relative to the body, and the body relative to the field of view, so a
 small (32, 128, 128) volume still shows a whole chest, only at a coarser resolution.  Nodule
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +57,22 @@ MIN_DIAMETER_MM = 3.0  # LUNA16 annotates nodules >= 3 mm; smaller ones are "exc
 # Not a LUNA16 file: the annotation columns plus what each nodule is, for breakdowns of misses.
 PHANTOM_NODULES_FILE = "phantom_nodules.csv"
 # Bumped whenever the same seed starts giving different files (2: true nodule masks and
-# phantom_nodules.csv added), so a saved dataset from an older generator is not reused.
-PHANTOM_VERSION = 2
+# phantom_nodules.csv added; 3: LUNA16's diameters), so a saved dataset from an older
+# generator is not reused.
+PHANTOM_VERSION = 3
+# Quantiles of the diameters of LUNA16's 1,186 annotated nodules (annotations.csv): nodules
+# are drawn from this distribution by inverse transform, so a phantom dataset has LUNA16's
+# share of each size (4 % under 4 mm, 38 % of 4-6 mm, 34 % of 6-10 mm, 24 % above).
+LUNA16_DIAMETER_QUANTILES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+                             0.95, 0.98, 1.0)
+LUNA16_DIAMETERS_MM = (3.25, 3.83, 4.09, 4.4, 4.9, 5.31, 5.9, 6.43, 7.3, 8.72, 11.07, 15.48,
+                       18.95, 22.26, 32.27)
+# Overall shares of NODULE_KINDS.  Part-solid and ground-glass nodules are only drawn at
+# >= 6 mm and calcified ones at <= 12 mm (a kind is chosen given the diameter, with weights
+# that keep these shares), so the kinds never distort the diameter distribution.
+KIND_SHARES = (0.62, 0.12, 0.10, 0.16)
+SUBSOLID_MIN_MM = 6.0
+CALCIFIED_MAX_MM = 12.0
 PHANTOM_NODULE_COLUMNS = ANNOTATION_COLUMNS + ("kind", "location", "shape")
 AIR_HU = -1000.0
 HU_MIN, HU_MAX = -1024, 3071  # the range a 12-bit CT scanner reconstructs
@@ -109,6 +126,29 @@ class SynthSummary:
 
 
 # --------------------------------------------------------------------------- small helpers
+
+
+def luna16_diameter_mm(quantile: float) -> float:
+    """The diameter at ``quantile`` of LUNA16's annotated nodules (linear between table rows)."""
+    return float(np.interp(quantile, LUNA16_DIAMETER_QUANTILES, LUNA16_DIAMETERS_MM))
+
+
+def kind_weights(diameter_mm: float) -> np.ndarray:
+    """Probabilities of NODULE_KINDS for a nodule of this size; over LUNA16's sizes they
+    average to KIND_SHARES."""
+    share_subsolid_size = 1.0 - _luna16_quantile(SUBSOLID_MIN_MM)
+    share_calcified_size = _luna16_quantile(CALCIFIED_MAX_MM)
+    weights = np.zeros(len(KIND_SHARES))
+    if diameter_mm >= SUBSOLID_MIN_MM:
+        weights[1:3] = np.array(KIND_SHARES[1:3]) / share_subsolid_size
+    if diameter_mm <= CALCIFIED_MAX_MM:
+        weights[3] = KIND_SHARES[3] / share_calcified_size
+    weights[0] = 1.0 - weights[1:].sum()
+    return weights
+
+
+def _luna16_quantile(diameter_mm: float) -> float:
+    return float(np.interp(diameter_mm, LUNA16_DIAMETERS_MM, LUNA16_DIAMETER_QUANTILES))
 
 
 def make_series_uid(rng: np.random.Generator) -> str:
@@ -776,12 +816,8 @@ class _PhantomBuilder:
             diameter = rng.uniform(1.6, 2.9)
             kind = "calcified" if rng.random() < 0.3 else "solid"
         else:
-            diameter = float(np.clip(np.exp(rng.normal(np.log(7.0), 0.5)), 3.0, 30.0))
-            kind = str(rng.choice(NODULE_KINDS, p=[0.62, 0.12, 0.10, 0.16]))
-            if kind in ("part_solid", "ground_glass"):
-                diameter = max(diameter, rng.uniform(6.0, 12.0))
-            if kind == "calcified":
-                diameter = min(diameter, rng.uniform(4.0, 12.0))
+            diameter = luna16_diameter_mm(rng.random())
+            kind = str(rng.choice(NODULE_KINDS, p=kind_weights(diameter)))
         # A nodule wider than the lung would not fit: cap by the deepest lung point.
         diameter = float(min(diameter, 1.6 * self.coarse_edt.max()))
         if diameter < (1.0 if tiny else MIN_DIAMETER_MM):
@@ -1298,12 +1334,65 @@ def _nodule_rows(uid: str, nodule: SynthNodule) -> tuple[list, list]:
     return plain, detail
 
 
+@dataclass(frozen=True)
+class _ScanJob:
+    """What one worker needs to build and write one scan."""
+
+    seed: np.random.SeedSequence
+    shape_irc: tuple[int, int, int]
+    with_nodules: bool
+    max_nodules: int
+    negative_candidates: int
+    out_dir: Path
+    subset: str
+
+
+@dataclass
+class _ScanRows:
+    """The CSV rows one scan contributes."""
+
+    series_uid: str
+    annotations: list
+    detailed: list
+    described: list
+    excluded: list
+    candidates: list
+
+
+def _write_scan(job: _ScanJob) -> _ScanRows:
+    """Build one phantom, write its image and nodule mask, return its CSV rows."""
+    rng = np.random.default_rng(job.seed)
+    phantom = make_phantom(job.shape_irc, rng=rng, with_nodules=job.with_nodules,
+                           max_nodules=job.max_nodules)
+    uid = phantom.series_uid
+    write_image(phantom.hu, phantom.geometry, job.out_dir / job.subset / f"{uid}.mhd")
+    write_image(phantom.nodule_mask.astype(np.uint8), phantom.geometry,
+                outline_mask_path(job.out_dir, uid), compress=True)
+    rows = _ScanRows(uid, [], [], [], [], [])
+    for nodule in phantom.nodules:
+        plain, detail = _nodule_rows(uid, nodule)
+        rows.annotations.append(plain)
+        rows.detailed.append(detail)
+        rows.described.append([*plain, nodule.kind, nodule.location, nodule.shape])
+        rows.candidates.append([*plain[:4], 1])
+    for nodule in phantom.excluded:
+        rows.excluded.append(_nodule_rows(uid, nodule)[0])
+    lookalike = phantom.lookalike_xyz
+    count = min(len(lookalike), job.negative_candidates)
+    pick = np.sort(rng.choice(len(lookalike), size=count, replace=False)) if count else []
+    rows.candidates += [[uid, *(_fmt(v) for v in lookalike[i]), 0] for i in pick]
+    log.debug("%s: %d nodules, %d excluded, %d candidates", uid, len(phantom.nodules),
+              len(phantom.excluded), len(rows.candidates))
+    return rows
+
+
 def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -> SynthSummary:
     """Write ``config.series`` phantoms, their nodule masks, LUNA16's four CSVs and
     ``phantom_nodules.csv`` (what each annotated nodule is).
 
     Scan k goes to ``subset{k % config.subsets}``, its mask to ``masks/<uid>.mha``; the same
-    config writes byte-identical files.
+    config writes byte-identical files, whatever ``config.workers``.  The summary's
+    ``seconds_per_scan`` is per process (wall time x workers / scans).
     """
     from tqdm import tqdm  # imported here so importing lunaseg.synth stays light
 
@@ -1311,6 +1400,8 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
         raise ConfigError(f"series must be >= 1, got {config.series}")
     if config.subsets < 1:
         raise ConfigError(f"subsets must be >= 1, got {config.subsets}")
+    if config.workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 = all CPUs), got {config.workers}")
     if not 0.0 <= config.no_nodule_fraction <= 1.0:
         raise ConfigError(f"no_nodule_fraction must be in [0, 1], got "
                           f"{config.no_nodule_fraction}")
@@ -1324,35 +1415,35 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     # Exactly round(fraction * series) scans without nodules, chosen at random.
     n_empty = int(round(config.no_nodule_fraction * config.series))
     empty = set(plan_rng.permutation(config.series)[:n_empty].tolist())
-    annotations, detailed, described, excluded, candidates, uids = [], [], [], [], [], []
+    jobs = [_ScanJob(children[k], shape, k not in empty, config.max_nodules,
+                     int(config.negative_candidates_per_scan), out_dir,
+                     f"subset{k % config.subsets}") for k in range(config.series)]
+    workers = max(1, min(config.workers or os.cpu_count() or 1, config.series))
     started = time.perf_counter()
-    for k in tqdm(range(config.series), desc="synth", unit="scan", disable=not progress):
-        rng = np.random.default_rng(children[k])
-        phantom = make_phantom(shape, rng=rng, with_nodules=k not in empty,
-                               max_nodules=config.max_nodules)
-        uid = phantom.series_uid
-        uids.append(uid)
-        write_image(phantom.hu, phantom.geometry,
-                    out_dir / f"subset{k % config.subsets}" / f"{uid}.mhd")
-        write_image(phantom.nodule_mask.astype(np.uint8), phantom.geometry,
-                    outline_mask_path(out_dir, uid), compress=True)
-        rows = []
-        for nodule in phantom.nodules:
-            plain, detail = _nodule_rows(uid, nodule)
-            annotations.append(plain)
-            detailed.append(detail)
-            described.append([*plain, nodule.kind, nodule.location, nodule.shape])
-            rows.append([*plain[:4], 1])
-        for nodule in phantom.excluded:
-            excluded.append(_nodule_rows(uid, nodule)[0])
-        lookalike = phantom.lookalike_xyz
-        count = min(len(lookalike), int(config.negative_candidates_per_scan))
-        pick = np.sort(rng.choice(len(lookalike), size=count, replace=False)) if count else []
-        rows += [[uid, *(_fmt(v) for v in lookalike[i]), 0] for i in pick]
-        candidates.append((uid, rows))
-        log.debug("%s: %d nodules, %d excluded, %d candidates", uid, len(phantom.nodules),
-                  len(phantom.excluded), len(rows))
-    seconds = (time.perf_counter() - started) / config.series
+    bar = tqdm(total=config.series, desc="synth", unit="scan", disable=not progress)
+    if workers == 1:
+        scans = []
+        for job in jobs:
+            scans.append(_write_scan(job))
+            bar.update()
+    else:
+        # Each scan has its own random stream, so the pool writes the same bytes as one
+        # process; results come back in scan order.
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            scans = []
+            for scan in pool.map(_write_scan, jobs):
+                scans.append(scan)
+                bar.update()
+    bar.close()
+    annotations, detailed, described, excluded, candidates, uids = [], [], [], [], [], []
+    for scan in scans:
+        uids.append(scan.series_uid)
+        annotations += scan.annotations
+        detailed += scan.detailed
+        described += scan.described
+        excluded += scan.excluded
+        candidates.append((scan.series_uid, scan.candidates))
+    seconds = (time.perf_counter() - started) * workers / config.series
     candidates.sort(key=lambda item: item[0])  # LUNA's candidates.csv is sorted by series
     candidate_rows = [row for _, rows in candidates for row in rows]
     write_csv(out_dir / "annotations.csv", ANNOTATION_COLUMNS, annotations)
@@ -1360,7 +1451,8 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     write_csv(out_dir / "annotations_excluded.csv", ANNOTATION_COLUMNS, excluded)
     write_csv(out_dir / "candidates.csv", CANDIDATE_COLUMNS, candidate_rows)
     write_csv(out_dir / PHANTOM_NODULES_FILE, PHANTOM_NODULE_COLUMNS, described)
-    log.info("wrote %d synthetic scans (%d nodules, %d excluded) to %s in %.2f s per scan",
+    log.info("wrote %d synthetic scans (%d nodules, %d excluded) to %s in %.2f s per scan "
+             "and process",
              config.series, len(annotations), len(excluded), out_dir, seconds)
     return SynthSummary(out_dir=out_dir, series_uids=uids, n_nodules=len(annotations),
                         n_excluded=len(excluded), n_candidates=len(candidate_rows),
