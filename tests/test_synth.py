@@ -250,6 +250,26 @@ def test_nodule_mask_is_the_annotated_nodules(phantom):
     assert np.percentile(phantom.hu[mask], 10) > -750
 
 
+def test_annotated_nodules_are_seen_against_lung(phantom):
+    """A reader can only annotate what stands out: lung surrounds most of every nodule."""
+    labels, _ = ndimage.label(phantom.nodule_mask)
+    for nodule in phantom.nodules:
+        own = labels == labels[tuple(phantom.geometry.xyz_to_irc(nodule.center_xyz))]
+        shell = ndimage.binary_dilation(own, iterations=2) & ~own
+        assert (phantom.hu[shell] < -600).mean() > 0.3, nodule
+
+
+def test_tubes_inside_is_distance_to_the_tapered_axis():
+    from lunaseg.synth import _Tubes
+
+    tube = _Tubes.polyline([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], [2.0, 1.0])
+    points = np.array([[0.0, 1.9, 0.0], [0.0, 2.1, 0.0], [10.0, 0.0, 0.9], [10.0, 0.0, 1.1],
+                       [-1.5, 0.0, 0.0], [-2.5, 0.0, 0.0], [5.0, 1.4, 0.0], [5.0, 1.6, 0.0]])
+    assert tube.inside(points).tolist() == [True, False, True, False,
+                                            True, False, True, False]
+    assert not _Tubes.empty().inside(points).any()
+
+
 def test_dataset_masks_open_with_the_scans_geometry(dataset):
     out, config, summary = dataset
     for k, uid in enumerate(summary.series_uids[:4]):

@@ -76,6 +76,11 @@ CALCIFIED_MAX_MM = 12.0
 PHANTOM_NODULE_COLUMNS = ANNOTATION_COLUMNS + ("kind", "location", "shape")
 AIR_HU = -1000.0
 HU_MIN, HU_MAX = -1024, 3071  # the range a 12-bit CT scanner reconstructs
+BIG_TUBE_MM = 3.5  # vessels and airways wider than this are mediastinal or hilar
+# 26 unit directions (cube faces, edges, corners): where a nodule's outline is probed.
+_SPHERE_DIRECTIONS = np.array([(z, y, x) for z in (-1, 0, 1) for y in (-1, 0, 1)
+                               for x in (-1, 0, 1) if (z, y, x) != (0, 0, 0)], np.float64)
+_SPHERE_DIRECTIONS /= np.linalg.norm(_SPHERE_DIRECTIONS, axis=1, keepdims=True)
 SLAB_SLICES = 8  # slices built at once: small enough to stay in cache, big enough to vectorise
 
 
@@ -240,6 +245,17 @@ class _Tubes:
 
     def scaled_radii(self, factor: float, add_mm: float = 0.0) -> "_Tubes":
         return _Tubes(self.p0, self.p1, self.r0 * factor + add_mm, self.r1 * factor + add_mm)
+
+    def inside(self, points: np.ndarray) -> np.ndarray:
+        """(N,) bool: which of the (N, 3) points lie inside any tube."""
+        if not len(self) or not len(points):
+            return np.zeros(len(points), dtype=bool)
+        axis = self.p1 - self.p0  # (S, 3)
+        length2 = np.maximum((axis ** 2).sum(axis=1), 1e-12)
+        rel = points[:, None, :] - self.p0[None]  # (N, S, 3)
+        t = np.clip((rel * axis[None]).sum(axis=2) / length2, 0.0, 1.0)
+        gap = np.linalg.norm(rel - t[..., None] * axis[None], axis=2)
+        return (gap < self.r0 + t * (self.r1 - self.r0)).any(axis=1)
 
 
 def _subdivide(tubes: _Tubes) -> _Tubes:
@@ -746,6 +762,9 @@ class _PhantomBuilder:
         lumens.append(airway)
         self.walls = _Tubes.concat(walls)
         self.lumens = _Tubes.concat(lumens)
+        # What a nodule must not sink into (see _fits): vessels and airways over 3.5 mm.
+        solid = _Tubes.concat([self.blood, self.walls])
+        self.big_tubes = solid.select(np.maximum(solid.r0, solid.r1) > BIG_TUBE_MM)
         self.soft_tubes = _Tubes.polyline([[top, a.vb_y - a.vb_r - 9 * s, a.x_mid + 5 * s],
                                            [-40.0, a.vb_y - a.vb_r - 9 * s, a.x_mid + 8 * s]],
                                           7 * s)  # oesophagus
@@ -892,7 +911,13 @@ class _PhantomBuilder:
         for spec in self.nodule_specs:  # nodules do not overlap each other
             if np.linalg.norm(spec["center"] - center) < spec["radius"] + radius + 2.0:
                 return False
-        return True
+        # Readers annotate what they can see: at least half of the nodule's outline must be
+        # lung, not the heart, the mediastinal vessels or the main airways (the coarse depth
+        # test alone let a few nodules sink into them, invisible but still annotated).
+        outline = center + radius * _SPHERE_DIRECTIONS
+        in_lung = a.lung_at(outline[:, 0], outline[:, 1], outline[:, 2])
+        in_lung &= ~self.big_tubes.inside(outline)
+        return bool(in_lung.mean() >= 0.5) and not self.big_tubes.inside(center[None])[0]
 
     def _ratings(self, diameter: float, kind: str, shape: str) -> list[int]:
         """Reader ratings 1..5: bigger, irregular and part-solid score higher; calcified low."""
