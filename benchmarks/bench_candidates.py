@@ -78,7 +78,9 @@ def main() -> None:
         for uid, ct, prob in scans:
             candidates = extract_candidates(prob, ct.hu, ct.geometry, config, series_uid=uid)
             counts.append(len(candidates))
-            marks[uid] = [Mark(np.asarray(c.center_xyz), c.probability) for c in candidates]
+            # Scored like a submission: the top max_candidates marks (segment writes those).
+            marks[uid] = [Mark(np.asarray(c.center_xyz), c.probability)
+                          for c in candidates[:config.max_candidates]]
         seconds = (time.perf_counter() - started) / max(len(scans), 1)
         result = froc(annotations, marks, excluded=excluded, series=[u for u, _, _ in scans],
                       max_marks_per_scan=config.max_candidates, bootstrap=0)

@@ -254,12 +254,12 @@ class DemoSettings:
         augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
         epochs=24, batch_size=32, fn_weight=1.0, bce_weight=2.0, lr_schedule="cosine",
         validation_cadence=12, device="auto"))
-    # Four mirrored views per slice: about half the candidates of one view at the same
-    # sensitivity, for 4x the network time (a minute more here).  Candidates must touch the
-    # lungs and rank by mean probability: the same nodules, CPM 0.05-0.12 higher on three
-    # held-out sets (see the README).  ``lunaseg segment`` keeps the faster book defaults.
+    # Four mirrored views per slice: fewer false positives for 4x the network time (a minute
+    # more here).  Candidates must touch the lungs: the same nodules or more within 20 false
+    # positives per scan, CPM 0.03-0.17 higher on three held-out sets (see the README).
+    # ``lunaseg segment`` keeps the faster defaults.
     segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(
-        overlays=10, tta=4, lung_mask=True, score="mean"))
+        overlays=10, tta=4, lung_mask=True))
 
     @classmethod
     def quick(cls) -> "DemoSettings":
