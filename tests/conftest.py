@@ -22,6 +22,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def toy_chest(shape_irc=(5, 64, 64)) -> np.ndarray:
+    """HU of a cartoon chest: room air, an elliptic body at 40 HU, two lungs at -850 HU
+    centred on row 32 and columns 18 and 46 (sized for 64x64 slices)."""
+    hu = np.full(shape_irc, -1000, dtype=np.int16)
+    r, c = np.ogrid[: shape_irc[1], : shape_irc[2]]
+    hu[:, ((r - 32) / 28.0) ** 2 + ((c - 32) / 30.0) ** 2 <= 1] = 40
+    hu[:, ((r - 32) / 15.0) ** 2 + ((c - 18) / 9.0) ** 2 <= 1] = -850
+    hu[:, ((r - 32) / 15.0) ** 2 + ((c - 46) / 9.0) ** 2 <= 1] = -850
+    return hu
+
+
 def tiny_volume(rng: np.random.Generator, shape_irc=(20, 64, 64)) -> np.ndarray:
     """Body ellipse (+40 HU) around a lung-like core (-850 HU) with noise, air outside."""
     i, r, c = np.indices(shape_irc)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import toy_chest
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, write_image
 from lunaseg.errors import ConfigError, DataError
@@ -264,11 +265,7 @@ def test_center_weighting_by_probability_ignores_a_dense_neighbour():
 
 def test_lung_mask_drops_components_outside_the_lungs():
     shape = (5, 64, 64)
-    hu = np.full(shape, -1000, dtype=np.int16)  # room air
-    r, c = np.ogrid[: shape[1], : shape[2]]
-    hu[:, ((r - 32) / 28.0) ** 2 + ((c - 32) / 30.0) ** 2 <= 1] = 40  # body
-    hu[:, ((r - 32) / 15.0) ** 2 + ((c - 18) / 9.0) ** 2 <= 1] = -850  # lungs
-    hu[:, ((r - 32) / 15.0) ** 2 + ((c - 46) / 9.0) ** 2 <= 1] = -850
+    hu = toy_chest(shape)
     hu[2, 30:33, 17:20] = 30  # nodule inside the left lung
     lung = lung_mask(hu, dilation_mm=2.0)
     assert lung[2, 31, 18] and lung[2, 32, 46]  # the nodule is a filled hole

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import add_sphere, shared_path
+from conftest import add_sphere, shared_path, toy_chest
 from lunaseg.config import MaskConfig
 from lunaseg.ct import load_ct
 from lunaseg.geometry import Geometry
@@ -99,16 +99,11 @@ def test_real_nodule_on_lidc_0001():
 def test_lung_mask_ignores_small_air_pockets():
     """A few air voxels in the back wall are not lung, so the spine beside them can be
     filtered out; the lungs themselves stay whole."""
-    shape = (6, 64, 64)
-    hu = np.full(shape, -1000, dtype=np.int16)  # room air
-    r, c = np.ogrid[: shape[1], : shape[2]]
-    hu[:, ((r - 32) / 28.0) ** 2 + ((c - 32) / 30.0) ** 2 <= 1] = 40  # body
-    hu[:, ((r - 28) / 15.0) ** 2 + ((c - 18) / 9.0) ** 2 <= 1] = -850  # lungs
-    hu[:, ((r - 28) / 15.0) ** 2 + ((c - 46) / 9.0) ** 2 <= 1] = -850
+    hu = toy_chest((6, 64, 64))
     hu[2:4, 54:56, 31:33] = -900  # a gas pocket in the back muscles
     lungs = lung_mask(hu, dilation_mm=2.0)
-    assert not lungs[2, 55, 32] and not lungs[:, 50:, 25:40].any()
-    assert lungs[:, 28, 18].all() and lungs[:, 28, 46].all()
+    assert not lungs[2, 55, 32] and not lungs[:, 51:, 25:40].any()
+    assert lungs[:, 32, 18].all() and lungs[:, 32, 46].all()
     assert lung_mask(hu, dilation_mm=2.0, min_fraction=0.0)[2, 55, 32]  # kept without it
 
 

@@ -1445,9 +1445,9 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
                      f"subset{k % config.subsets}") for k in range(config.series)]
     workers = max(1, min(config.workers or os.cpu_count() or 1, config.series))
     started = time.perf_counter()
+    scans: list[_ScanRows] = []
     bar = tqdm(total=config.series, desc="synth", unit="scan", disable=not progress)
     if workers == 1:
-        scans = []
         for job in jobs:
             scans.append(_write_scan(job))
             bar.update()
@@ -1455,7 +1455,6 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
         # Each scan has its own random stream, so the pool writes the same bytes as one
         # process; results come back in scan order.
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            scans = []
             for scan in pool.map(_write_scan, jobs):
                 scans.append(scan)
                 bar.update()
