@@ -914,10 +914,10 @@ class _PhantomBuilder:
         # Readers annotate what they can see: at least half of the nodule's outline must be
         # lung, not the heart, the mediastinal vessels or the main airways (the coarse depth
         # test alone let a few nodules sink into them, invisible but still annotated).
-        outline = center + radius * _SPHERE_DIRECTIONS
-        in_lung = a.lung_at(outline[:, 0], outline[:, 1], outline[:, 2])
-        in_lung &= ~self.big_tubes.inside(outline)
-        return bool(in_lung.mean() >= 0.5) and not self.big_tubes.inside(center[None])[0]
+        probes = np.vstack([center, center + radius * _SPHERE_DIRECTIONS])
+        clear = a.lung_at(probes[:, 0], probes[:, 1], probes[:, 2])
+        clear &= ~self.big_tubes.inside(probes)
+        return bool(clear[0] and clear[1:].mean() >= 0.5)  # the centre, then the outline
 
     def _ratings(self, diameter: float, kind: str, shape: str) -> list[int]:
         """Reader ratings 1..5: bigger, irregular and part-solid score higher; calcified low."""
