@@ -47,12 +47,23 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "eval" / "froc.json").read_text())["n_scans"] >= 1
     assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"
 
+    # --series also takes a file in the format of LUNA16's seriesuids.csv.
+    uids = sorted(p.name for p in seg.iterdir() if p.is_dir())[:2]
+    (tmp_path / "seriesuids.csv").write_text("\n".join(uids) + "\n")
+    assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
+                 "--candidates", str(seg / "submission.csv"),
+                 "--series", str(tmp_path / "seriesuids.csv"),
+                 "--out", str(tmp_path / "eval2")]) == 0
+    assert json.loads((tmp_path / "eval2" / "froc.json").read_text())["n_scans"] == 2
+
 
 @pytest.mark.parametrize("argv, message", [
     (["prepcache", "--data", "/nonexistent/luna"], "data folder not found"),
     (["segment", "/nonexistent.mhd", "--model", "x.pt", "--out", "o"], "no such file"),
     (["synth", "--out", "o", "--shape", "1,2"], "--shape: expected 3"),
     (["evaluate", "--annotations", "a.csv"], "needs --annotations CSV and --candidates"),
+    (["evaluate", "--annotations", "a.csv", "--candidates", "c.csv", "--series", "uids.csv"],
+     "uids.csv: no such series list file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import shared_path
 from lunaseg.errors import DataError
-from lunaseg.luna import (CANDIDATE_COLUMNS, find_series, load_candidates, read_candidates,
-                          read_nodules, write_csv)
+from lunaseg.luna import (CANDIDATE_COLUMNS, expand_series, find_series, load_candidates,
+                          read_candidates, read_nodules, read_series_list, write_csv)
 
 LIDC_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
@@ -67,3 +67,19 @@ def test_candidate_rows_and_bad_csv(tmp_path):
         read_nodules(bad)
     with pytest.raises(DataError, match="data folder not found"):
         find_series(tmp_path / "absent")
+
+
+def test_series_lists(tmp_path):
+    plain = tmp_path / "seriesuids.csv"
+    plain.write_text("1.2.3\n\n4.5.6\n1.2.3\n")
+    assert read_series_list(plain) == ["1.2.3", "4.5.6"]
+    headed = tmp_path / "headed.csv"
+    headed.write_text("seriesuid,subset\n7.8,0\n9.1,1\n")
+    assert read_series_list(headed) == ["7.8", "9.1"]
+    assert expand_series(["9.9", str(plain), "4.5.6"]) == ["9.9", "1.2.3", "4.5.6"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("seriesuid\n")
+    with pytest.raises(DataError, match="empty.txt: lists no series UIDs"):
+        read_series_list(empty)
+    with pytest.raises(DataError, match="no such series list file"):
+        expand_series([str(tmp_path / "missing.csv")])

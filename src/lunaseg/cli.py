@@ -114,6 +114,13 @@ def _print_train_result(result) -> None:
     print(f"overlays:    {result.out_dir / 'overlays'}")
 
 
+def _series(entries: Sequence[str] | None) -> list[str] | None:
+    """``--series`` values: UIDs, or files listing them."""
+    from lunaseg.luna import expand_series
+
+    return None if entries is None else expand_series(entries)
+
+
 def _segment_config(args: argparse.Namespace):
     from lunaseg.config import SegmentConfig
 
@@ -130,7 +137,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from lunaseg.infer import segment_inputs
 
     outputs = segment_inputs(args.inputs, args.model, args.out, _segment_config(args),
-                             series_uids=args.series, progress=not args.quiet)
+                             series_uids=_series(args.series), progress=not args.quiet)
     for output in outputs:
         print(f"{output.series_uid}: {output.candidates} candidates -> {output.folder}")
     print(f"submission: {Path(args.out) / 'submission.csv'}")
@@ -152,7 +159,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "
                               "(or --data DIR --model CKPT)")
         report = pipeline.score_files(args.annotations, args.candidates, args.out,
-                                      excluded=args.excluded, series=args.series,
+                                      excluded=args.excluded, series=_series(args.series),
                                       fp_budget=args.fp_budget)
     print(report)
     return 0
@@ -350,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image file (.mhd .mha .nii .nii.gz .nrrd), DICOM folder or LUNA16 root")
     seg.add_argument("--model", required=True, help="checkpoint (lunaseg's or the book's)")
     seg.add_argument("--out", required=True, help="output folder")
-    seg.add_argument("--series", nargs="*", help="only these series UIDs of a LUNA16 root")
+    seg.add_argument("--series", nargs="*", help="only these series of a LUNA16 root: UIDs, or "
+                     "files listing them (one per line, as LUNA16's seriesuids.csv)")
     _add_segment_options(seg)
     seg.set_defaults(func=_cmd_segment)
 
@@ -359,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--excluded", help="annotations_excluded.csv (irrelevant findings)")
     ev.add_argument("--candidates", help="submission CSV: seriesuid,coordX,coordY,coordZ,"
                                          "probability")
-    ev.add_argument("--series", nargs="*", help="evaluate only these series")
+    ev.add_argument("--series", nargs="*", help="evaluate only these series: UIDs, or files "
+                    "listing them (one per line, as LUNA16's seriesuids.csv)")
     ev.add_argument("--data", help="dataset folder: segment a split, then score it")
     ev.add_argument("--model", help="checkpoint for --data")
     ev.add_argument("--cache", help="cache folder for --data (default DATA/cache)")

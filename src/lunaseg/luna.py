@@ -22,7 +22,8 @@ from lunaseg.files import csv_number, csv_rows, write_text_atomic
 
 __all__ = [
     "Nodule", "CandidateRow", "CandidateInfo", "find_series", "read_nodules", "read_candidates",
-    "read_excluded", "load_candidates", "write_csv", "outline_mask_path",
+    "read_excluded", "load_candidates", "write_csv", "outline_mask_path", "read_series_list",
+    "expand_series",
     "ANNOTATION_COLUMNS", "MALIGNANCY_COLUMNS", "CANDIDATE_COLUMNS",
 ]
 
@@ -149,6 +150,43 @@ def read_candidates(path: str | os.PathLike, *,
             raise DataError(f"{path}: line {line}: class must be 0 or 1, got {label!r}")
         out.append(CandidateRow(row["seriesuid"], _xyz(row, path, line), label == "1"))
     return _keep_on_disk(out, available, "candidates", path)
+
+
+def read_series_list(path: str | os.PathLike) -> list[str]:
+    """Series UIDs listed in a file, one per line (LUNA16's ``seriesuids.csv``) or in the
+    first column of a CSV, with or without a ``seriesuid`` header; blank lines are skipped."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row and row[0].strip()]
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a series list ({error})") from None
+    uids = [row[0].strip() for row in rows]
+    if uids and uids[0].lower() == "seriesuid":
+        uids = uids[1:]
+    if not uids:
+        raise DataError(f"{path}: lists no series UIDs")
+    return list(dict.fromkeys(uids))  # first occurrence order, duplicates once
+
+
+def expand_series(entries: Iterable[str]) -> list[str]:
+    """Series UIDs from command-line entries, each a UID or a file listing UIDs.
+
+    A DICOM UID is digits and dots, so an entry that names a file (or looks like a path)
+    is read with :func:`read_series_list`; one that looks like a path but is missing is an
+    error rather than a UID that silently matches nothing.
+    """
+    uids: list[str] = []
+    for entry in entries:
+        if Path(entry).is_file():
+            uids.extend(read_series_list(entry))
+        elif os.sep in entry or "/" in entry or Path(entry).suffix.lower() in (".csv", ".txt"):
+            raise DataError(f"{entry}: no such series list file")
+        else:
+            uids.append(entry)
+    return list(dict.fromkeys(uids))
 
 
 def _match_annotation(center_xyz: np.ndarray, nodules: list[Nodule]) -> Nodule | None:
