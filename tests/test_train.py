@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lunaseg.train
 from conftest import add_sphere, tiny_volume
@@ -210,6 +212,12 @@ def test_tensorboard_scalars_and_images(logged_run):
                 assert [event.step for event in labels] == steps[:1]  # the label only once
                 assert predictions[0].width == labels[0].width > 0
         assert f"{split}/{series[split]}_prediction_0" not in tags["images"]
+        # The PNG copy on disk is the image TensorBoard shows, and it decodes to an RGB slice.
+        shown = events.Images(f"{split}/0_prediction_0")[-1]
+        copies = sorted((result.out_dir / "overlays").glob(f"epoch002_{split}_00_slice*.png"))
+        assert len(copies) == 6 and copies[0].read_bytes() == shown.encoded_image_string
+        rgb = np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)))
+        assert rgb.shape == (shown.height, shown.width, 3) and rgb.std() > 0
 
 
 # ----------------------------------------------------------------------------- resume

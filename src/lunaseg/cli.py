@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of phantoms (default 96; --quick: 6)")
     demo.add_argument("--shape", default=None,
                       help="phantom size I,R,C (default 64,256,256; 64,512,512 has real CT's "
-                           "0.8 mm pixels and takes about twice as long)")
+                           "0.8 mm pixels and takes about three times as long)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 24)")
     demo.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
                       help="train on the book's HU-heuristic masks (default) or on the "

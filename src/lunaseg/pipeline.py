@@ -246,14 +246,15 @@ class DemoSettings:
     # every epoch at the model's own false positives, a cross-entropy term beside a lighter
     # false-negative weight, and a cosine learning-rate decay so the last epoch is the one
     # to keep (the demo segments with checkpoint.pt, not with the best-recall one).  Pixel
-    # validation runs twice (epochs 12 and 24): candidates, not pixels, are what is scored.
+    # validation (half a minute each here) runs at the first and the last epoch only:
+    # candidates, not pixels, are what is scored.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         data=DataConfig(val_stride=6, chunk_irc=(7, 64, 64), crop_px=48,
                         negative_crop_fraction=0.6, full_slice_fraction=0.2,
                         hard_negative_fraction=0.5, epoch_samples=2048),
         augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
         epochs=24, batch_size=32, fn_weight=1.0, bce_weight=2.0, lr_schedule="cosine",
-        validation_cadence=12, device="auto"))
+        validation_cadence=24, device="auto"))
     # Four mirrored views per slice: fewer false positives for 4x the network time (a minute
     # more here).  Candidates must touch the lungs: the same nodules or more within 20 false
     # positives per scan, CPM 0.03-0.17 higher on three held-out sets (see the README).
