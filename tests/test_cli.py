@@ -55,6 +55,12 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
                  "--series", str(tmp_path / "seriesuids.csv"),
                  "--out", str(tmp_path / "eval2")]) == 0
     assert json.loads((tmp_path / "eval2" / "froc.json").read_text())["n_scans"] == 2
+    # ... and narrows what `evaluate --data` segments.
+    assert main(["-q", "evaluate", "--data", str(data), "--model", str(run / "checkpoint.pt"),
+                 "--split", "all", "--series", str(tmp_path / "seriesuids.csv"),
+                 "--overlays", "0", "--out", str(tmp_path / "eval3")]) == 0
+    assert sorted(p.name for p in (tmp_path / "eval3" / "segment").iterdir()
+                  if p.is_dir()) == uids
 
 
 @pytest.mark.parametrize("argv, message", [

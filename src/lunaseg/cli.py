@@ -153,7 +153,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         report = pipeline.evaluate_model(args.data, args.model, args.out,
                                          split=args.split, cache_dir=args.cache,
                                          segment=_segment_config(args),
-                                         fp_budget=args.fp_budget, progress=not args.quiet)
+                                         fp_budget=args.fp_budget,
+                                         series_uids=_series(args.series),
+                                         progress=not args.quiet)
     else:
         if args.annotations is None or args.candidates is None:
             raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "

@@ -186,8 +186,12 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    cache_dir: str | os.PathLike | None = None,
                    segment: SegmentConfig | None = None,
                    fp_budget: float = CANDIDATE_FP_BUDGET,
+                   series_uids: Sequence[str] | None = None,
                    progress: bool = True) -> EvaluationReport:
-    """Segment every scan of a split and score it the LUNA16 way, explaining every miss."""
+    """Segment every scan of a split and score it the LUNA16 way, explaining every miss.
+
+    ``series_uids`` narrows the split to those scans (``split="all"``: any on disk).
+    """
     from lunaseg.infer import segment_inputs
     from lunaseg.luna import ANNOTATION_FILES, EXCLUDED_FILE, find_series
 
@@ -195,6 +199,12 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
     segment = segment or SegmentConfig()
     available = sorted(find_series(data_dir))
     series = _split_series(data_dir, model_path, split, available)
+    if series_uids is not None:
+        wanted = set(series_uids)
+        series = [uid for uid in series if uid in wanted]
+        if not series:
+            raise DataError(f"{data_dir}: none of the {len(wanted)} series asked for is in "
+                            f"the {split} split on disk")
     outputs = segment_inputs([data_dir], model_path, out_dir / "segment", segment,
                              series_uids=series, progress=progress)
     annotation_file = next((data_dir / n for n in ANNOTATION_FILES if (data_dir / n).exists()),
@@ -246,7 +256,7 @@ class DemoSettings:
     # every epoch at the model's own false positives, a cross-entropy term beside a lighter
     # false-negative weight, and a cosine learning-rate decay so the last epoch is the one
     # to keep (the demo segments with checkpoint.pt, not with the best-recall one).  Pixel
-    # validation (half a minute each here) runs at the first and the last epoch only:
+    # validation (about 20 s each here) runs at the first and the last epoch only:
     # candidates, not pixels, are what is scored.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         data=DataConfig(val_stride=6, chunk_irc=(7, 64, 64), crop_px=48,
