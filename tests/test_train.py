@@ -17,7 +17,8 @@ from PIL import Image
 import lunaseg.train
 from conftest import add_sphere, tiny_volume
 from lunaseg.cache import Cache, prepcache
-from lunaseg.config import AugmentConfig, CacheConfig, DataConfig, TrainConfig
+from lunaseg.config import AugmentConfig, CacheConfig, DataConfig, ModelConfig, TrainConfig
+from lunaseg.errors import ConfigError
 from lunaseg.ct import write_image
 from lunaseg.datasets import TrainingSampler, split_series
 from lunaseg.geometry import Geometry
@@ -45,7 +46,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     """Four phantom series (the first validates), six nodules of 3.5-6 px radius, 48-px chunks."""
-    root = tmp_path_factory.mktemp("luna")
+    return _make_cache(tmp_path_factory.mktemp("luna"))
+
+
+def _make_cache(root: Path, shape: tuple[int, int, int] = (16, 64, 64)) -> Path:
     rng = np.random.default_rng(21)
     geometry = Geometry.identity(spacing_xyz=(0.8, 0.8, 2.0))
     nodules = [[(8, 30, 30, 5.0)], [(5, 26, 24, 4.0), (11, 38, 36, 6.0)],
@@ -53,7 +57,7 @@ def cache_dir(tmp_path_factory) -> Path:
     annotations, candidates = [], []
     for k, series_nodules in enumerate(nodules):
         uid = f"1.2.840.77.{k + 1}"
-        hu = tiny_volume(rng, (16, 64, 64))
+        hu = tiny_volume(rng, shape)
         for i, r, c, radius in series_nodules:
             add_sphere(hu, (i, r, c), (2, radius, radius))
             xyz = geometry.irc_to_xyz(np.array([i, r, c], float))
@@ -256,6 +260,22 @@ def test_resume_repeats_the_uninterrupted_run_exactly(cache_dir, tmp_path):
     first = train(_config(epochs=1, seed=3), cache_dir, tmp_path / "d", progress=False)
     assert any(not torch.equal(value, _state(other.checkpoint)[key])
                for key, value in _state(first.checkpoint).items())
+
+
+def test_deeper_unet_pads_whole_slices_to_its_multiple(tmp_path):
+    # Depth 4 halves three times, so whole slices (training, hard negatives, validation,
+    # images) must be padded to multiples of 8; these 60x60 slices are not.
+    cache_dir = _make_cache(tmp_path / "luna", shape=(16, 60, 60))
+    assert all(Cache(cache_dir)[uid].hu.shape[1:] == (60, 60)
+               for uid in Cache(cache_dir).series_uids)
+    config = _config(epochs=2, full_slice_fraction=0.5, negative_crop_fraction=0.25,
+                     hard_negative_fraction=0.5, validation_cadence=1,
+                     model=ModelConfig(depth=4))
+    result = train(config, cache_dir, tmp_path / "run", progress=False)
+    assert result.epochs_done == 2 and all("val" in record for record in result.history)
+    config.data.crop_px = 36
+    with pytest.raises(ConfigError, match="crop_px 36 must be a multiple of 8"):
+        train(config, cache_dir, tmp_path / "bad", progress=False)
 
 
 def test_keyboard_interrupt_saves_last_completed_epoch(cache_dir, tmp_path, monkeypatch):

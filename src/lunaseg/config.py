@@ -88,6 +88,11 @@ class ModelConfig:
     batch_norm: bool = True
     up_mode: str = "upconv"  # "upconv" or "upsample"
 
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this (each level halves them)."""
+        return 2 ** (self.depth - 1)
+
 
 @dataclass
 class AugmentConfig:

@@ -45,7 +45,8 @@ def split_series(series_uids: Sequence[str], config: DataConfig) -> dict[str, li
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int, fill: float | int) -> np.ndarray:
-    """Pad the last two axes at the bottom/right up to a multiple (the U-Net halves twice)."""
+    """Pad the last two axes at the bottom/right up to a multiple (of what the U-Net's
+    levels halve: :attr:`lunaseg.config.ModelConfig.size_multiple`)."""
     height, width = array.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
     if not (pad_h or pad_w):
@@ -176,6 +177,7 @@ class TrainingSampler:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    size_multiple: int = 4  # whole slices are padded to it (ModelConfig.size_multiple)
 
     def __post_init__(self) -> None:
         self.positives = positive_bank(self.cache, self.series_uids, self.config).to(self.device)
@@ -243,8 +245,8 @@ class TrainingSampler:
             uid = self.series_uids[rng.integers(len(self.series_uids))]
             entry = self.cache[uid]
             index = int(rng.integers(entry.hu.shape[0]))
-            stack = pad_to_multiple(entry.context_stack(index, self.config.context_slices), 4,
-                                    int(self.config.min_hu))
+            stack = pad_to_multiple(entry.context_stack(index, self.config.context_slices),
+                                    self.size_multiple, int(self.config.min_hu))
             prob = predict(self._to_input(torch.from_numpy(stack[None]).to(self.device)))
             height, width = entry.hu.shape[1:]
             wrong = (prob[0, 0, :height, :width] > 0.5).cpu().numpy() & ~entry.mask_slice(index)
@@ -312,8 +314,9 @@ class TrainingSampler:
             else:
                 index = int(rng.integers(entry.hu.shape[0]))
             inputs.append(pad_to_multiple(entry.context_stack(index, self.config.context_slices),
-                                          4, int(self.config.min_hu)))
-            labels.append(pad_to_multiple(entry.mask_slice(index)[None], 4, False))
+                                          self.size_multiple, int(self.config.min_hu)))
+            labels.append(pad_to_multiple(entry.mask_slice(index)[None], self.size_multiple,
+                                          False))
         hu = torch.from_numpy(np.stack(inputs)).to(self.device)
         label = torch.from_numpy(np.stack(labels)).to(self.device)
         return self._to_input(hu), label
@@ -339,13 +342,15 @@ def validation_items(cache: Cache, series_uids: Sequence[str], *, full_ct: bool
 class SliceDataset(Dataset):
     """Whole slices with their context: ((C, H, W) float32, (1, H, W) bool, series, index).
 
-    H and W are the cached (body-cropped) size padded to a multiple of 4.
+    H and W are the cached (body-cropped) size padded to a multiple of ``size_multiple``.
     """
 
-    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], config: DataConfig):
+    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], config: DataConfig,
+                 size_multiple: int = 4):
         self.cache = cache
         self.items = list(items)
         self.config = config
+        self.size_multiple = size_multiple
 
     def __len__(self) -> int:
         return len(self.items)
@@ -355,8 +360,8 @@ class SliceDataset(Dataset):
         entry = self.cache[uid]
         stack = entry.context_stack(index, self.config.context_slices)
         stack = np.clip(stack, self.config.min_hu, self.config.max_hu).astype(np.float32)
-        stack = pad_to_multiple(stack, 4, self.config.min_hu)
-        label = pad_to_multiple(entry.mask_slice(index)[None], 4, False)
+        stack = pad_to_multiple(stack, self.size_multiple, self.config.min_hu)
+        label = pad_to_multiple(entry.mask_slice(index)[None], self.size_multiple, False)
         return torch.from_numpy(stack), torch.from_numpy(label), uid, index
 
 

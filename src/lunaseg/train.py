@@ -168,7 +168,7 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
     """Loss and pixel counts of ``model`` on whole slices (validation or test split)."""
     from tqdm import tqdm
 
-    dataset = SliceDataset(cache, items, config.data)
+    dataset = SliceDataset(cache, items, config.data, config.model.size_multiple)
     sampler = SeriesBatchSampler(items, batch_size or _whole_slice_batch(config, device))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=config.num_workers,
@@ -226,7 +226,8 @@ class _Logger:
             count = entry.hu.shape[0]
             indices = np.linspace(0, count - 1, IMAGE_SLICES + 2)[1:-1].round().astype(int)
             stacks = np.stack([pad_to_multiple(entry.context_stack(i, config.data.context_slices),
-                                               4, int(config.data.min_hu)) for i in indices])
+                                               config.model.size_multiple,
+                                               int(config.data.min_hu)) for i in indices])
             input = torch.from_numpy(np.clip(stacks, config.data.min_hu, config.data.max_hu)
                                      .astype(np.float32)).to(device)
             input = input.contiguous(memory_format=torch.channels_last)
@@ -334,6 +335,10 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
     if config.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got "
                           f"{config.lr_schedule!r}")
+    if config.model.padding and config.data.crop_px % config.model.size_multiple:
+        raise ConfigError(f"crop_px {config.data.crop_px} must be a multiple of "
+                          f"{config.model.size_multiple} for a U-Net of depth "
+                          f"{config.model.depth}")
     torch.manual_seed(config.seed + dist_info.rank)
     out_dir = Path(out_dir)
     tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / "tensorboard"
@@ -382,7 +387,8 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         train_model = torch.compile(train_model)
 
     sampler = TrainingSampler(cache, splits["train"], config.data, device, seed=config.seed,
-                              rank=dist_info.rank, world_size=dist_info.world_size)
+                              rank=dist_info.rank, world_size=dist_info.world_size,
+                              size_multiple=config.model.size_multiple)
     augment = SegmentationAugmentation(config.augment, seed=config.seed)
     logger = _Logger(tb_dir, out_dir, dist_info.is_main)
     val_items = validation_items(cache, splits["val"], full_ct=config.data.full_ct_validation)
