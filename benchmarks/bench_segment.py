@@ -3,9 +3,9 @@
 Not a test.  A synthetic CT (default 128 x 512 x 512) is written as a LUNA16-style .mhd in
 a temporary folder; each mode is timed from reading that file to the candidate list.
 
-* ``lunaseg``: ``load_ct`` -> ``predict_volume`` (one clipped volume, stacks gathered with
-  an index array, ``inference_mode``; bf16 autocast + channels_last on CUDA) ->
-  ``extract_candidates``.
+* ``lunaseg``: ``load_ct`` -> ``predict_ct`` (one clipped volume, stacks gathered with
+  an index array, ``inference_mode``; bf16 autocast + channels_last on CUDA; with
+  ``--lung-mask`` the lung mask first, then only its box) -> ``extract_candidates``.
 * ``book`` (``--book``): the book's way, rewritten here: a Dataset that reads the CT in
   each worker process and builds every 7-channel stack slice by slice, a DataLoader with
   batch 4 and 4 workers, ``no_grad``, results copied back per slice, then threshold 0.5,
@@ -19,6 +19,7 @@ meaningful).  Usage::
     python benchmarks/bench_segment.py --slices 32 --device cpu --book
     python benchmarks/bench_segment.py --compile      # torch.compile the model (CUDA)
     python benchmarks/bench_segment.py --tta 1,4      # also with 4 mirrored views per slice
+    python benchmarks/bench_segment.py --lung-mask    # only around the lungs (--lung-mask)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, read_geometry, write_image
 from lunaseg.geometry import Geometry
-from lunaseg.infer import TTA_FLIPS, extract_candidates, predict_volume
+from lunaseg.infer import TTA_FLIPS, extract_candidates, predict_ct, predict_volume
 from lunaseg.model import build_model, resolve_device
 
 
@@ -140,13 +142,13 @@ def lunaseg_segment(model, path: Path, device: torch.device, config: SegmentConf
     ct = load_ct(path)
     timings["read"] = time.perf_counter() - start
     t0 = time.perf_counter()
-    prob = predict_volume(model, ct.hu, batch_size=config.batch_size, device=device,
-                          amp=config.amp, tta=tta)
+    # With config.lung_mask the mask is computed here and the network sees only its box.
+    prob, lung = predict_ct(model, ct, replace(config, tta=tta), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timings["infer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    candidates = extract_candidates(prob, ct.hu, ct.geometry, config)
+    candidates = extract_candidates(prob, ct.hu, ct.geometry, config, lung_mask=lung)
     timings["extract"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return timings, len(candidates)
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per mode (best kept)")
     parser.add_argument("--tta", default="1",
                         help="mirrored views per slice to time, comma-separated (1, 2, 4)")
+    parser.add_argument("--lung-mask", action="store_true",
+                        help="lunaseg with --lung-mask (the network runs around the lungs)")
     args = parser.parse_args(argv)
     try:
         views = [int(v) for v in args.tta.split(",")]
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = build_model().eval()
-    config = SegmentConfig(batch_size=args.batch_size,
+    config = SegmentConfig(batch_size=args.batch_size, lung_mask=args.lung_mask,
                            amp=device.type == "cuda" and not args.no_amp)
     run_model = torch.compile(model) if args.compile else model
 
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         # Warm-up (kernel selection, compilation) on a small volume, untimed.
         predict_volume(run_model, synthetic_ct((4, args.size, args.size)), device=device,
                        batch_size=args.batch_size, amp=config.amp)
-        modes = [("lunaseg" if v == 1 else f"tta {v}",
+        suffix = "+lung" if args.lung_mask else ""
+        modes = [(("lunaseg" if v == 1 else f"tta {v}") + suffix,
                   functools.partial(lunaseg_segment, run_model, path, device, config, v))
                  for v in views]
         if args.book:
@@ -222,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
           + f"; lunaseg batch {args.batch_size}"
           + (f"; book batch {args.book_batch_size}, {args.book_workers} workers"
              if args.book else ""))
-    header = f"{'mode':<8} {'read s':>7} {'infer s':>8} {'extract s':>9} {'total s':>8} " \
+    header = f"{'mode':<12} {'read s':>7} {'infer s':>8} {'extract s':>9} {'total s':>8} " \
              f"{'s/slice':>8} {'cands':>6}"
     print(header)
     print("-" * len(header))
     for name, timings, count in rows:
-        print(f"{name:<8} {timings['read']:7.2f} {timings['infer']:8.2f} "
+        print(f"{name:<12} {timings['read']:7.2f} {timings['infer']:8.2f} "
               f"{timings['extract']:9.2f} {timings['total']:8.2f} "
               f"{timings['infer'] / shape[0]:8.4f} {count:6d}")
     book = next((timings for name, timings, _ in rows if name == "book"), None)

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import toy_chest
 from lunaseg.config import SegmentConfig
-from lunaseg.ct import load_ct, write_image
+from lunaseg.ct import CT, load_ct, write_image
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 from lunaseg.masks import lung_mask
@@ -278,6 +278,47 @@ def test_lung_mask_drops_components_outside_the_lungs():
     assert len(found) == 1 and found[0].center_irc == pytest.approx((2, 31, 18))
     config.lung_mask = False
     assert len(extract_candidates(prob, hu, Geometry.identity(), config)) == 2
+
+
+class MarkerHU(nn.Module):
+    """Probability 1 exactly where the centre slice is 100 HU; records the slices it saw."""
+
+    in_channels = 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape))
+        return (x[:, 3:4] == 100).float()
+
+
+def test_lung_mask_runs_the_network_only_around_the_lungs():
+    # 1 mm voxels: body in every slice, lungs only in slices 40-49 (the chest of a scan that
+    # also covers neck and abdomen), a 100 HU nodule in a lung and a 100 HU liver lesion.
+    hu = np.full((100, 160, 160), -1000, dtype=np.int16)
+    r, c = np.ogrid[:160, :160]
+    hu[:, ((r - 80) / 72.0) ** 2 + ((c - 80) / 72.0) ** 2 <= 1] = 40
+    for center_c in (62, 98):
+        lung = ((r - 80) / 14.0) ** 2 + ((c - center_c) / 10.0) ** 2 <= 1
+        hu[40:50][:, lung] = -850
+    hu[44:47, 79:82, 61:64] = 100  # nodule in the right lung
+    hu[85:88, 79:82, 79:82] = 100  # liver lesion, far below the lungs
+    ct = CT(hu, Geometry.identity(), "1.2.3")
+    config = SegmentConfig(erosion_iterations=0, lung_mask=True)
+    model = MarkerHU()
+    result = segment_ct(model, ct, config, device="cpu")
+    assert [c.center_irc for c in result.candidates] == [pytest.approx((45, 80, 62))]
+    # The network saw the lungs' 10 slices and 20 mm beyond, not the liver; in-plane the
+    # lungs (29 x 57 px, grown 5 mm) plus 20 mm, padded to multiples of 4.
+    assert len(model.seen) == 10 + 2 * 20 and result.prob[85:88].max() == 0
+    assert model.seen[0][-2:] == (80, 108)
+    model.seen.clear()
+    config.lung_mask = False
+    result = segment_ct(model, ct, config, device="cpu")
+    assert len(result.candidates) == 2 and len(model.seen) == 100
+    assert model.seen[0][-2:] == (160, 160)  # the body and its margin: everything
 
 
 @pytest.mark.parametrize("option, value", [("connectivity", 8), ("threshold", 1.5),

@@ -70,6 +70,7 @@ from lunaseg.report import candidate_png, html_report
 __all__ = [
     "Candidate", "SegmentResult", "ScanSource", "ScanOutput",
     "model_context_slices", "context_indices", "context_stack", "predict_volume", "TTA_FLIPS",
+    "predict_ct", "LUNG_REGION_MARGIN_MM",
     "extract_candidates", "segment_ct", "find_scans", "segment_inputs",
     "CANDIDATE_CSV_COLUMNS", "SUBMISSION_COLUMNS",
 ]
@@ -554,6 +555,55 @@ def extract_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
     return candidates
 
 
+# How far beyond the (already grown) lung mask the network still runs: components may
+# stretch this far out of it and keep their full extent, and the chest wall around a pleural
+# nodule stays in view.
+LUNG_REGION_MARGIN_MM = 20.0
+
+
+def _lung_region(lung_mask: np.ndarray, spacing_irc: Sequence[float],
+                 margin_mm: float = LUNG_REGION_MARGIN_MM) -> tuple[slice, ...] | None:
+    """The box around a lung mask, grown ``margin_mm`` on every axis; None when it is empty."""
+    lung_mask = np.asarray(lung_mask, dtype=bool)
+    if not lung_mask.any():
+        return None
+    margin = np.ceil(margin_mm / np.asarray(spacing_irc, dtype=float)).astype(int)
+    region = []
+    for axis, size in enumerate(lung_mask.shape):
+        others = tuple(a for a in range(lung_mask.ndim) if a != axis)
+        present = np.flatnonzero(lung_mask.any(axis=others))
+        region.append(slice(max(int(present[0]) - margin[axis], 0),
+                            min(int(present[-1]) + 1 + margin[axis], size)))
+    return tuple(region)
+
+
+def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
+               device: str | torch.device | None = None, progress: bool = False,
+               lung_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probability volume of one CT with ``config``'s views, batch and device.
+
+    With a lung mask (``lung_mask``, or computed when ``config.lung_mask``) only candidates
+    touching it are kept, so the network runs only on the box around it grown
+    :data:`LUNG_REGION_MARGIN_MM` (not on neck, abdomen or chest wall) and the probability
+    is 0 elsewhere.  Returns (probability, the lung mask or None).
+    """
+    config = config or SegmentConfig()
+    _check_segment_config(config)
+    device = resolve_device(config.device if device is None else device)
+    if lung_mask is None and config.lung_mask:
+        lung_mask = compute_lung_mask(ct.hu, spacing_irc=ct.geometry.spacing_xyz[::-1])
+    region = (_lung_region(lung_mask, ct.geometry.spacing_xyz[::-1])
+              if lung_mask is not None else None)
+    if lung_mask is not None and region is None:
+        log.warning("%s: no lung found, so the lung mask keeps no candidate", ct.series_uid)
+    box = region if region is not None else (slice(None),) * 3
+    prob = np.zeros(ct.hu.shape, dtype=np.float32)
+    prob[box] = predict_volume(model, ct.hu[box], context_slices=model_context_slices(model),
+                               batch_size=config.batch_size, device=device, amp=config.amp,
+                               progress=progress, tta=config.tta)
+    return prob, lung_mask
+
+
 def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
                device: str | torch.device | None = None, progress: bool = False,
                lung_mask: np.ndarray | None = None) -> SegmentResult:
@@ -562,16 +612,14 @@ def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     ``device`` None uses ``config.device`` ("auto": CUDA when available).
     """
     config = config or SegmentConfig()
-    _check_segment_config(config)
     device = resolve_device(config.device if device is None else device)
-    context = model_context_slices(model)
     start = time.perf_counter()
-    prob = predict_volume(model, ct.hu, context_slices=context, batch_size=config.batch_size,
-                          device=device, amp=config.amp, progress=progress, tta=config.tta)
+    prob, lung_mask = predict_ct(model, ct, config, device=device, progress=progress,
+                                 lung_mask=lung_mask)
     candidates, labels = _extract(prob, ct.hu, ct.geometry, config, lung_mask=lung_mask,
                                   series_uid=ct.series_uid)
     return SegmentResult(prob, labels, candidates, time.perf_counter() - start,
-                         context_slices=context, device=str(device))
+                         context_slices=model_context_slices(model), device=str(device))
 
 
 # --------------------------------------------------------------------------- many scans
