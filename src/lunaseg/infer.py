@@ -592,6 +592,8 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     device = resolve_device(config.device if device is None else device)
     if lung_mask is None and config.lung_mask:
         lung_mask = compute_lung_mask(ct.hu, spacing_irc=ct.geometry.spacing_xyz[::-1])
+    if lung_mask is not None and np.shape(lung_mask) != ct.hu.shape:
+        raise ValueError(f"lung_mask has shape {np.shape(lung_mask)}, expected {ct.hu.shape}")
     region = (_lung_region(lung_mask, ct.geometry.spacing_xyz[::-1])
               if lung_mask is not None else None)
     if lung_mask is not None and region is None:
