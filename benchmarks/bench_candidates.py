@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def main() -> None:
         scans.append((folder.name, ct, prob))
     print(f"{len(scans)} scans, {sum(len(annotations.get(u, [])) for u, _, _ in scans)} "
           f"nodules, from {evaluation / 'segment'}")
+    settings = evaluation / "segment" / "segment_config.json"
+    if settings.exists() and json.loads(settings.read_text()).get("lung_mask"):
+        # predict_ct ran the network only around the lungs: the rows without the lung mask
+        # cannot show what lies beyond that box.
+        print("note: segmented with --lung-mask, so probabilities are 0 beyond the box around "
+              "the lungs; for the other rows, evaluate without it")
 
     budget = f"sens@{CANDIDATE_FP_BUDGET:g}FP"
     print(f"{'option':58s} {'cands/scan':>10s} {'cand sens':>9s} {budget:>11s} {'CPM':>6s} "

@@ -218,7 +218,8 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--connectivity", type=int, choices=(6, 26), default=seg.connectivity,
                        help="3D neighbourhood of connected components (default 6)")
     group.add_argument("--lung-mask", action="store_true",
-                       help="keep only candidates touching a lung mask computed from HU")
+                       help="keep only candidates touching a lung mask computed from HU "
+                            "(the network then runs only around the lungs)")
     group.add_argument("--score", choices=("mean", "max"), default=seg.score,
                        help="ranking score: mean or max (book) probability of a component "
                             f"(default {seg.score})")

@@ -149,7 +149,9 @@ class SegmentConfig:
     center_weighting: str = "probability"
     score: str = "max"  # ranking score: "max" (book) or "mean" probability of the component
     min_voxels: int = 1
-    lung_mask: bool = False  # keep only components touching a lung mask computed from HU
+    # Keep only components touching a lung mask computed from HU; the network then runs
+    # only on the box around it (see lunaseg.infer.predict_ct).
+    lung_mask: bool = False
     max_candidates: int = 100  # LUNA16 scores at most 100 marks per scan
     overlays: int = 100  # PNG overlays for the top-N candidates of each scan (0 = none)
     write_volumes: bool = True  # probability.nii.gz and mask.nii.gz per scan
