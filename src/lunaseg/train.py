@@ -30,7 +30,7 @@ from lunaseg.config import TrainConfig, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler, pad_to_multiple,
                               rank_share, split_series, validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
-from lunaseg.files import write_json_atomic
+from lunaseg.files import write_bytes_atomic, write_json_atomic
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
 from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, resolve_device,
@@ -243,8 +243,7 @@ class _Logger:
                 _add_png(writer, f"{split}/{k}_prediction_{j}", png, height, width,
                          samples_seen)
                 name = f"epoch{epoch:03d}_{split}_{k:02d}_slice{int(index):03d}.png"
-                self.image_dir.mkdir(parents=True, exist_ok=True)
-                (self.image_dir / name).write_bytes(png)
+                write_bytes_atomic(png, self.image_dir / name)
                 key = f"{split}/{k}/{j}"
                 if key not in self._labels_logged:
                     self._labels_logged.add(key)
