@@ -21,7 +21,9 @@ step() {  # step NAME COMMAND...: run, keep its output in RESULTS_DIR/NAME.txt, 
     echo "== $name: $*"
     local start=$SECONDS
     # Progress bars become one line per update; keep everything but them.
-    "$@" 2>&1 | tr '\r' '\n' | grep -v -E '\[[0-9:]+<[0-9:?]+' | tee "$results/$name.txt"
+    # (grep's own "nothing left" status is not a failure; the command's status still is.)
+    "$@" 2>&1 | tr '\r' '\n' | { grep -v -E '\[[0-9:]+<[0-9:?]+' || true; } \
+        | tee "$results/$name.txt"
     echo "== $name took $((SECONDS - start)) s" | tee -a "$results/$name.txt"
 }
 

@@ -303,7 +303,7 @@ def test_lung_mask_runs_the_network_only_around_the_lungs():
     for center_c in (62, 98):
         lung = ((r - 80) / 14.0) ** 2 + ((c - center_c) / 10.0) ** 2 <= 1
         hu[40:50][:, lung] = -850
-    hu[44:47, 79:82, 61:64] = 100  # nodule in the right lung
+    hu[44:47, 79:82, 61:64] = 100  # nodule in a lung
     hu[85:88, 79:82, 79:82] = 100  # liver lesion, far below the lungs
     ct = CT(hu, Geometry.identity(), "1.2.3")
     config = SegmentConfig(erosion_iterations=0, lung_mask=True)
