@@ -465,6 +465,17 @@ def _label_stats(labels: np.ndarray, count: int, prob: np.ndarray, hu: np.ndarra
     return stats
 
 
+def _lung_mask(lung_mask: np.ndarray | None, hu: np.ndarray, spacing_irc: Sequence[float],
+               wanted: bool) -> np.ndarray | None:
+    """A given lung mask (checked against ``hu``), else one computed from HU when ``wanted``."""
+    if lung_mask is None:
+        return compute_lung_mask(hu, spacing_irc=spacing_irc) if wanted else None
+    lung_mask = np.asarray(lung_mask, dtype=bool)
+    if lung_mask.shape != np.shape(hu):
+        raise ValueError(f"lung_mask has shape {lung_mask.shape}, expected {np.shape(hu)}")
+    return lung_mask
+
+
 def _extract(prob: np.ndarray, hu: np.ndarray, geometry: Geometry, config: SegmentConfig, *,
              lung_mask: np.ndarray | None, series_uid: str
              ) -> tuple[list[Candidate], np.ndarray]:
@@ -482,12 +493,8 @@ def _extract(prob: np.ndarray, hu: np.ndarray, geometry: Geometry, config: Segme
     if count:
         voxels = np.bincount(labels.ravel(), minlength=count + 1)
         keep &= voxels >= config.min_voxels
-        if lung_mask is None and config.lung_mask:
-            lung_mask = compute_lung_mask(hu, spacing_irc=spacing_irc)
+        lung_mask = _lung_mask(lung_mask, hu, spacing_irc, config.lung_mask)
         if lung_mask is not None:
-            lung_mask = np.asarray(lung_mask, dtype=bool)
-            if lung_mask.shape != labels.shape:
-                raise ValueError(f"lung_mask has shape {lung_mask.shape}, expected {labels.shape}")
             # Whole components are kept when any voxel touches the lung, so a nodule on
             # the pleura keeps its full extent.
             touching = np.bincount(labels[lung_mask], minlength=count + 1) > 0
@@ -590,12 +597,9 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     config = config or SegmentConfig()
     _check_segment_config(config)
     device = resolve_device(config.device if device is None else device)
-    if lung_mask is None and config.lung_mask:
-        lung_mask = compute_lung_mask(ct.hu, spacing_irc=ct.geometry.spacing_xyz[::-1])
-    if lung_mask is not None and np.shape(lung_mask) != ct.hu.shape:
-        raise ValueError(f"lung_mask has shape {np.shape(lung_mask)}, expected {ct.hu.shape}")
-    region = (_lung_region(lung_mask, ct.geometry.spacing_xyz[::-1])
-              if lung_mask is not None else None)
+    spacing_irc = ct.geometry.spacing_xyz[::-1]
+    lung_mask = _lung_mask(lung_mask, ct.hu, spacing_irc, config.lung_mask)
+    region = _lung_region(lung_mask, spacing_irc) if lung_mask is not None else None
     if lung_mask is not None and region is None:
         log.warning("%s: no lung found, so the lung mask keeps no candidate", ct.series_uid)
     box = region if region is not None else (slice(None),) * 3
