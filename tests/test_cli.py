@@ -10,6 +10,8 @@ import SimpleITK as sitk
 
 from lunaseg.cli import main
 
+from conftest import shared_path
+
 
 def test_pipeline_through_the_cli(tmp_path, capsys):
     data, run, seg = tmp_path / "data", tmp_path / "run", tmp_path / "seg"
@@ -77,3 +79,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert not list(tmp_path.iterdir())  # a failed command leaves nothing behind
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_import_lidc_through_the_cli(tmp_path, capsys):
+    scan = shared_path("data", "lidc-idri-0001")
+    assert main(["-q", "import-lidc", str(scan), "--out", str(tmp_path / "lidc")]) == 0
+    assert f"1 scans, 1 nodules into {tmp_path / 'lidc'}; 0 failed" in capsys.readouterr().out
+    with open(tmp_path / "lidc" / "annotations.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and abs(float(rows[0]["diameter_mm"]) - 23.85) < 0.1

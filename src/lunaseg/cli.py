@@ -172,7 +172,7 @@ def _cmd_import_lidc(args: argparse.Namespace) -> int:
 
     summary = import_lidc(args.sources, args.out, min_readers=args.min_readers,
                           subset=args.subset, progress=not args.quiet)
-    print(f"import-lidc: {len(summary.imported)} scans, {len(summary.nodules)} nodules into "
+    print(f"import-lidc: {len(summary.imported)} scans, {summary.nodules} nodules into "
           f"{args.out}; {len(summary.failures)} failed")
     for path, reason in summary.failures:
         print(f"  failed: {reason}", file=sys.stderr)
