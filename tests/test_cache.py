@@ -10,7 +10,7 @@ import pytest
 from lunaseg.cache import Cache, pad_crop, prepcache
 from lunaseg.config import CacheConfig, SynthConfig
 from lunaseg.ct import load_ct
-from lunaseg.errors import DataError
+from lunaseg.errors import ConfigError, DataError
 from lunaseg.luna import find_series, outline_mask_path
 from lunaseg.masks import annotation_mask
 from lunaseg.synth import synthesize_dataset
@@ -116,6 +116,38 @@ def test_incremental_and_corruption_repair(tiny_luna, tmp_path):
     assert not list(cache_dir.glob(".tmp-*"))
     meta = json.loads((cache_dir / uids[0] / "meta.json").read_text())
     assert meta["series_uid"] == uids[0]
+
+
+def test_series_gone_from_the_data_folder_leave_the_cache(tiny_luna, tmp_path, caplog):
+    cache_dir = tiny_luna / "cache"  # the data folder's own cache
+    prepcache(tiny_luna, config=SERIAL, progress=False)
+    prepcache(tiny_luna, tmp_path / "shared", config=SERIAL, progress=False)
+    sources = find_series(tiny_luna)
+    gone = sorted(sources)[1]
+    sources[gone].unlink()
+    sources[gone].with_suffix(".raw").unlink()
+    # A cache elsewhere may serve other data folders too: the entry stays, with a warning.
+    with caplog.at_level("WARNING", logger="lunaseg"):
+        shared = prepcache(tiny_luna, tmp_path / "shared", config=SERIAL, progress=False)
+    assert not shared.dropped and gone in Cache(tmp_path / "shared").series_uids
+    assert f"holds 1 series not in {tiny_luna}" in caplog.text
+    summary = prepcache(tiny_luna, config=SERIAL, progress=False)
+    assert summary.dropped == [gone] and len(summary.skipped) == 2 and not summary.built
+    assert "1 dropped" in summary.line()
+    assert Cache(cache_dir).series_uids == sorted(set(sources) - {gone})
+    assert not (cache_dir / gone).exists() and not list(cache_dir.glob(".old-*"))
+    # A folder prepcache did not write is not its to remove, even with a meta.json in it.
+    (cache_dir / "notes").mkdir()
+    (cache_dir / "notes" / "meta.json").write_text("{}")
+    again = prepcache(tiny_luna, config=SERIAL, progress=False)
+    assert not again.dropped and (cache_dir / "notes" / "meta.json").exists()
+
+
+def test_negative_workers_are_refused_before_any_folder(tiny_luna, tmp_path):
+    config = CacheConfig(workers=-1, chunk_irc=(7, 32, 32))
+    with pytest.raises(ConfigError, match="workers must be >= 0"):
+        prepcache(tiny_luna, tmp_path / "cache", config=config, progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_parallel_build_matches_serial(tiny_luna, tmp_path):

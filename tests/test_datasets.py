@@ -13,7 +13,8 @@ from lunaseg.cache import Cache, prepcache
 from lunaseg.config import CacheConfig, DataConfig
 from lunaseg.ct import write_image
 from lunaseg.datasets import (CropBank, SeriesBatchSampler, SliceDataset, TrainingSampler,
-                              pad_to_multiple, rank_share, split_series, validation_items)
+                              check_data_config, pad_to_multiple, rank_share, split_series,
+                              validation_items)
 from lunaseg.errors import ConfigError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
@@ -231,6 +232,19 @@ def test_hard_negatives_are_cut_at_the_models_false_positives(cache):
     assert sampler.negatives is static
     with pytest.raises(ConfigError, match="hard_negative_fraction"):
         TrainingSampler(cache, uids, _config(hard_negative_fraction=0.5), CPU)
+
+
+def test_sampler_refuses_chunks_it_cannot_crop(cache):
+    check_data_config(DataConfig())  # the defaults are fine
+    uids = split_series(cache.series_uids, _config())["train"]
+    # Rows != columns used to crop out of range (or only the top rows); a chunk deeper than
+    # 2 * context_slices + 1 gave crops and whole slices different channel counts.
+    for chunk, message in (((7, 48, 64), "rows and columns"), ((7, 64, 48), "rows and columns"),
+                           ((9, 48, 48), "use a chunk of 7 slices")):
+        with pytest.raises(ConfigError, match=message):
+            TrainingSampler(cache, uids, DataConfig(chunk_irc=chunk, crop_px=32), CPU)
+    with pytest.raises(ConfigError, match="full_slice_fraction"):
+        TrainingSampler(cache, uids, _config(full_slice_fraction=2.0), CPU)
 
 
 def _epoch(sampler: TrainingSampler, epoch: int = 1) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
 from lunaseg.metrics import pixel_counts
 from lunaseg.model import UNetWrapper, build_model, load_checkpoint, load_model
 from lunaseg.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, _is_better, _set_lr,
-                           train)
+                           check_train_config, train)
 
 CHUNK = (7, 48, 48)
 SCALAR_TAGS = ("loss/all", "percent_all/tp", "percent_all/fn", "percent_all/fp",
@@ -306,6 +306,79 @@ def test_keyboard_interrupt_saves_last_completed_epoch(cache_dir, tmp_path, monk
     assert [record["epoch"] for record in resumed.history] == [1, 2, 3]
     assert resumed.samples_seen == 6 * 8 + 2 * 4 * 8
     assert load_checkpoint(out / LAST_CHECKPOINT).epoch == 3
+
+
+# ----------------------------------------------------------------------------- bad settings
+
+
+# (setting, value, what the message must name): each makes a run crash deep inside, loop
+# without end or silently do something else when it is not refused up front.
+BAD_SETTINGS = [
+    ("epochs", 0, "epochs"),
+    ("batch_size", 0, "batch_size"),
+    ("batch_size", -2, "batch_size"),
+    ("validation_cadence", 0, "validation_cadence"),
+    ("num_workers", -1, "num_workers"),
+    ("lr", 0.0, "lr"),
+    ("lr", -1e-3, "lr"),
+    ("lr", math.nan, "lr"),
+    ("lr", math.inf, "lr"),
+    ("lr_schedule", "step", "lr_schedule"),
+    ("lr_final_fraction", -0.1, "lr_final_fraction"),
+    ("lr_final_fraction", 1.5, "lr_final_fraction"),
+    ("fn_weight", -1.0, "fn_weight"),
+    ("bce_weight", -0.5, "bce_weight"),
+    ("best_min_recall", 1.5, "best_min_recall"),
+    ("best_min_recall", -0.1, "best_min_recall"),
+    ("data.crop_px", 0, "crop_px"),
+    ("data.crop_px", 64, "crop_px"),  # larger than the 48-px chunks
+    ("data.crop_px", 34, "crop_px"),  # not a multiple of 4
+    ("data.epoch_samples", -1, "epoch_samples"),
+    ("data.full_slice_fraction", 1.5, "full_slice_fraction"),
+    ("data.full_slice_fraction", -0.1, "full_slice_fraction"),
+    ("data.negative_crop_fraction", 1.0, "negative_crop_fraction"),
+    ("data.negative_crop_fraction", -0.1, "negative_crop_fraction"),
+    ("data.hard_negative_fraction", 0.5, "hard_negative_fraction"),  # no negatives to re-cut
+    ("data.hard_negative_fraction", 1.5, "hard_negative_fraction"),
+    ("data.val_stride", 1, "val_stride"),
+    ("data.chunk_irc", (7, 48, 64), "chunk_irc"),
+    ("data.chunk_irc", (7, 64, 48), "chunk_irc"),
+    ("data.chunk_irc", (9, 48, 48), "chunk_irc"),  # 9 slices for a 7-channel model
+    ("data.context_slices", 4, "context_slices"),  # 9 channels for a 7-channel model
+    ("model.in_channels", 9, "in_channels"),
+]
+
+
+@pytest.mark.parametrize("setting, value, named", BAD_SETTINGS,
+                         ids=[f"{s}={v}" for s, v, _ in BAD_SETTINGS])
+def test_bad_settings_fail_before_the_run_folder_exists(cache_dir, tmp_path, setting, value,
+                                                        named):
+    config = _config(epochs=1)
+    *parents, name = setting.split(".")
+    target = config
+    for parent in parents:
+        target = getattr(target, parent)
+    setattr(target, name, value)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=named) as error:
+        train(config, cache_dir, out, progress=False)
+    assert "\n" not in str(error.value)
+    assert not out.exists()
+
+
+def test_default_and_test_settings_pass_the_check():
+    check_train_config(TrainConfig())
+    check_train_config(_config(epochs=1, negative_crop_fraction=0.25, hard_negative_fraction=1.0,
+                               full_slice_fraction=1.0, best_min_recall=0.0, lr_final_fraction=1.0))
+
+
+def test_resume_with_bad_epochs_leaves_the_run_untouched(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_config(epochs=1), cache_dir, out, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ConfigError, match="epochs"):
+        train(_config(epochs=0), cache_dir, out, resume=out / LAST_CHECKPOINT, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -11,7 +11,9 @@ Layout, one folder per series (``<cache>/<series_uid>/``)::
 Only rows and columns that hold nothing but air are cropped away, so nothing a model could
 learn from is lost, and the cache stays smaller than the raw data.  A series folder is built
 under a temporary name and renamed into place, so a killed run never leaves a half entry; an
-entry whose source, nodule list or settings changed is rebuilt, others are skipped.
+entry whose source, nodule list or settings changed is rebuilt, others are skipped, and the
+entry of a series no longer in the data folder is removed from that folder's own cache
+(``DATA/cache``; a cache elsewhere may serve several data folders, so there it is reported).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 from lunaseg.config import CacheConfig, MaskConfig
 from lunaseg.ct import load_ct
-from lunaseg.errors import DataError
+from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, load_candidates, outline_mask_path
 from lunaseg.masks import annotation_mask, body_box, positive_slices
@@ -217,11 +219,14 @@ class PrepcacheSummary:
     built: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # series no longer in the data folder
     seconds: float = 0.0
 
     def line(self) -> str:
+        # "dropped" only when something was: the usual line stays as it always was.
+        dropped = f", {len(self.dropped)} dropped" if self.dropped else ""
         return (f"prepcache: {len(self.built)} built, {len(self.skipped)} up to date, "
-                f"{len(self.failed)} failed in {self.seconds:.1f} s")
+                f"{len(self.failed)} failed{dropped} in {self.seconds:.1f} s")
 
 
 def _source_signature(mhd: Path) -> list:
@@ -339,6 +344,30 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _drop_vanished(cache_dir: Path, on_disk: set[str]) -> list[str]:
+    """Remove the entries of series no longer in the data folder from its own cache, so the
+    cache lists what the data holds (training would otherwise still split and train on them)."""
+    dropped = []
+    for meta_path in sorted(cache_dir.glob("*/meta.json")):
+        folder = meta_path.parent
+        if folder.name.startswith(".") or folder.name in on_disk:
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        # Only what prepcache itself wrote: never a folder that merely has a meta.json.
+        if not isinstance(meta, dict) or meta.get("series_uid") != folder.name:
+            continue
+        # Renamed away first, as _swap_into_place does: the entry leaves the listing in one
+        # step, and a killed run leaves only an .old-* folder that the next run removes.
+        old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+        os.replace(folder, old)
+        shutil.rmtree(old, ignore_errors=True)
+        dropped.append(folder.name)
+    return dropped
+
+
 def _entry_state(folder: Path, key: dict, *, verify: bool) -> str:
     """'ok', 'stale' (source or settings changed) or 'corrupt' for an existing entry."""
     meta_path = folder / "meta.json"
@@ -375,9 +404,12 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
     started = time.perf_counter()
     config = config or CacheConfig()
     mask_config = mask_config or MaskConfig()
+    if config.workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 = all CPUs), got {config.workers}")
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     sources = find_series(data_dir)  # first: a wrong --data must not leave folders behind
+    on_disk = set(sources)  # before ``series`` narrows it: every series the data holds
     if series is not None:
         missing = sorted(set(series) - set(sources))
         if missing:
@@ -390,6 +422,20 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
     candidates = load_candidates(data_dir, series_on_disk=sources.keys())
     summary = PrepcacheSummary()
+    if cache_dir.resolve() == (data_dir / "cache").resolve():
+        summary.dropped = _drop_vanished(cache_dir, on_disk)
+        if summary.dropped:
+            log.info("dropped %d cache entries of series no longer in %s",
+                     len(summary.dropped), data_dir)
+    else:
+        # A cache elsewhere may be shared by several data folders (one per LUNA16 subset,
+        # say): what this folder lacks may be another's, so it is only reported.
+        cached = {path.parent.name for path in cache_dir.glob("*/meta.json")
+                  if not path.parent.name.startswith(".")}
+        others = sorted(cached - on_disk)
+        if others:
+            log.warning("%s holds %d series not in %s (first: %s); training uses every "
+                        "cached series", cache_dir, len(others), data_dir, others[0])
     jobs = []
     for uid, source in sources.items():
         records = candidates.get(uid, [])

@@ -22,8 +22,9 @@ from lunaseg.cache import Cache
 from lunaseg.config import DataConfig
 from lunaseg.errors import ConfigError, DataError
 
-__all__ = ["split_series", "CropBank", "positive_bank", "negative_bank", "TrainingSampler",
-           "SliceDataset", "SeriesBatchSampler", "validation_items", "rank_share", "pad_to_multiple"]
+__all__ = ["split_series", "check_data_config", "CropBank", "positive_bank", "negative_bank",
+           "TrainingSampler", "SliceDataset", "SeriesBatchSampler", "validation_items",
+           "rank_share", "pad_to_multiple"]
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,60 @@ def split_series(series_uids: Sequence[str], config: DataConfig) -> dict[str, li
     """Split by series, never by slice: sorted; every ``val_stride``-th validates, then every
     ``test_stride``-th of the rest is held out for testing (0 = no test split)."""
     uids = sorted(series_uids)
-    if config.val_stride < 2:
-        raise ConfigError(f"val_stride must be >= 2, got {config.val_stride}")
+    _check_val_stride(config)
     val = uids[::config.val_stride]
     rest = [uid for k, uid in enumerate(uids) if k % config.val_stride]
     test = rest[::config.test_stride] if config.test_stride > 0 else []
     train = [uid for uid in rest if uid not in set(test)]
     return {"train": train, "val": val, "test": test}
+
+
+def _check_val_stride(config: DataConfig) -> None:
+    if config.val_stride < 2:
+        raise ConfigError(f"val_stride must be >= 2, got {config.val_stride}")
+
+
+def check_data_config(config: DataConfig) -> None:
+    """Raise :class:`ConfigError` for sampling settings that cannot work.
+
+    ``lunaseg.train`` calls this before it writes anything; :class:`TrainingSampler` calls
+    it again (and :func:`split_series` checks ``val_stride``) for callers that use them
+    directly.
+    """
+    _check_val_stride(config)
+    if config.context_slices < 0:
+        raise ConfigError(f"context_slices must be >= 0, got {config.context_slices}")
+    chunk = tuple(config.chunk_irc)
+    if len(chunk) != 3 or min(chunk) < 1:
+        raise ConfigError(f"chunk_irc must be 3 sizes >= 1 (slices, rows, columns), got {chunk}")
+    slices, rows, cols = chunk
+    # CropBank cuts square crops at offsets drawn from the column count alone.
+    if rows != cols:
+        raise ConfigError(f"chunk_irc rows and columns must be equal, got {rows} and {cols}")
+    # A training crop's channels are its chunk's slices, a whole slice's are the
+    # 2 * context_slices + 1 slices around it: one model must take both.
+    if slices != config.channels:
+        raise ConfigError(f"chunk_irc has {slices} slices but 2 * context_slices + 1 = "
+                          f"{config.channels}; use a chunk of {config.channels} slices "
+                          f"(--chunk {config.channels},{rows},{cols}) and prepcache with it")
+    if config.crop_px < 1:
+        raise ConfigError(f"crop_px must be >= 1, got {config.crop_px}")
+    if config.crop_px > rows:
+        raise ConfigError(f"crop_px {config.crop_px} is larger than the chunk ({rows} px)")
+    if config.epoch_samples < 0:
+        raise ConfigError(f"epoch_samples must be >= 0 (0 = one pass over the nodule chunks), "
+                          f"got {config.epoch_samples}")
+    if not 0 <= config.full_slice_fraction <= 1:
+        raise ConfigError(f"full_slice_fraction must be in [0, 1], got "
+                          f"{config.full_slice_fraction}")
+    fraction = config.negative_crop_fraction
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"negative_crop_fraction must be in [0, 1), got {fraction}")
+    hard = config.hard_negative_fraction
+    if not 0 <= hard <= 1:
+        raise ConfigError(f"hard_negative_fraction must be in [0, 1], got {hard}")
+    if hard > 0 and fraction == 0:
+        raise ConfigError("hard_negative_fraction needs negative_crop_fraction > 0")
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int, fill: float | int) -> np.ndarray:
@@ -180,10 +228,9 @@ class TrainingSampler:
     size_multiple: int = 4  # whole slices are padded to it (ModelConfig.size_multiple)
 
     def __post_init__(self) -> None:
+        check_data_config(self.config)
         self.positives = positive_bank(self.cache, self.series_uids, self.config).to(self.device)
         fraction = self.config.negative_crop_fraction
-        if not 0 <= fraction < 1:
-            raise ConfigError(f"negative_crop_fraction must be in [0, 1), got {fraction}")
         self.negatives: CropBank | None = None
         if fraction > 0:
             # A pool four times what one epoch of positives asks for keeps negatives varied.
@@ -192,11 +239,6 @@ class TrainingSampler:
             self.negatives = negative_bank(self.cache, self.series_uids, self.config, count,
                                            rng).to(self.device)
         self._static_negatives = self.negatives
-        hard = self.config.hard_negative_fraction
-        if not 0 <= hard <= 1:
-            raise ConfigError(f"hard_negative_fraction must be in [0, 1], got {hard}")
-        if hard > 0 and self.negatives is None:
-            raise ConfigError("hard_negative_fraction needs negative_crop_fraction > 0")
         self._slices = [(uid, int(i)) for uid in self.series_uids
                         for i in self.cache[uid].positive_indices]
 

@@ -27,8 +27,9 @@ from torch import nn
 from lunaseg.augment import SegmentationAugmentation
 from lunaseg.cache import Cache
 from lunaseg.config import TrainConfig, from_dict, to_dict
-from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler, pad_to_multiple,
-                              rank_share, split_series, validation_items)
+from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
+                              check_data_config, pad_to_multiple, rank_share, split_series,
+                              validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
 from lunaseg.files import write_bytes_atomic, write_json_atomic
 from lunaseg.losses import segmentation_loss
@@ -36,7 +37,7 @@ from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
 from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, resolve_device,
                            restore_rng_state, save_checkpoint)
 
-__all__ = ["TrainResult", "train", "evaluate_slices", "LAST_CHECKPOINT",
+__all__ = ["TrainResult", "train", "check_train_config", "evaluate_slices", "LAST_CHECKPOINT",
            "BEST_CHECKPOINT"]
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,48 @@ def _load_splits(path: Path, cache: Cache, config: TrainConfig) -> dict[str, lis
     return split_series(cache.series_uids, config.data)
 
 
+def check_train_config(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for settings that cannot train.
+
+    :func:`train` calls this before it creates or writes anything, so a bad setting fails
+    in one line and leaves no half-made run folder behind.
+    """
+    if config.epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.validation_cadence < 1:
+        raise ConfigError(f"validation_cadence must be >= 1, got {config.validation_cadence}")
+    if config.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {config.num_workers}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {config.lr}")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got "
+                          f"{config.lr_schedule!r}")
+    # Checked under either schedule: a value outside [0, 1] is a mistake either way.
+    if not 0 <= config.lr_final_fraction <= 1:
+        raise ConfigError(f"lr_final_fraction must be in [0, 1], got {config.lr_final_fraction}")
+    for name in ("fn_weight", "bce_weight"):
+        weight = getattr(config, name)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
+    recall = config.best_min_recall
+    if recall is not None and not 0 <= recall <= 1:
+        raise ConfigError(f"best_min_recall must be in [0, 1], got {recall}")
+    # Every sample stacks 2 * context_slices + 1 slices as channels; check_data_config
+    # makes the cached chunks agree with that count, this makes the model agree.
+    if config.model.in_channels != config.data.channels:
+        raise ConfigError(f"model.in_channels is {config.model.in_channels} but "
+                          f"2 * data.context_slices + 1 = {config.data.channels}; "
+                          f"make them equal")
+    check_data_config(config.data)
+    if config.model.padding and config.data.crop_px % config.model.size_multiple:
+        raise ConfigError(f"crop_px {config.data.crop_px} must be a multiple of "
+                          f"{config.model.size_multiple} for a U-Net of depth "
+                          f"{config.model.depth}")
+
+
 def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
           tb_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           compile_model: bool = False, max_steps: int | None = None,
@@ -313,6 +356,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.P
 
     ``max_steps`` stops after that many optimizer steps in total (for tests and benchmarks).
     """
+    check_train_config(config)
     dist_info, device = _init_distributed(config.device)
     try:
         return _train(config, cache_dir, out_dir, dist_info, device, tb_dir=tb_dir,
@@ -331,19 +375,10 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
            progress: bool) -> TrainResult:
     from tqdm import tqdm
 
-    if config.lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got "
-                          f"{config.lr_schedule!r}")
-    if config.model.padding and config.data.crop_px % config.model.size_multiple:
-        raise ConfigError(f"crop_px {config.data.crop_px} must be a multiple of "
-                          f"{config.model.size_multiple} for a U-Net of depth "
-                          f"{config.model.depth}")
     torch.manual_seed(config.seed + dist_info.rank)
     out_dir = Path(out_dir)
     tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / "tensorboard"
     cache = Cache(cache_dir)
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
     start_epoch, samples_seen, best, history = 1, 0, None, []
     checkpoint = None
@@ -358,6 +393,11 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         start_epoch = int(checkpoint.epoch) + 1
         samples_seen = int(checkpoint.samples_seen or 0)
         best, history = extra.get("best"), list(extra.get("history", []))
+        # The checkpoint's settings replace the given ones: check them too (a hand-edited
+        # or older file), still before the run folder is made.
+        check_train_config(config)
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     splits = _load_splits(out_dir / "splits.json", cache, config)
     if dist_info.is_main:
