@@ -56,6 +56,7 @@ def main() -> None:
     try:
         rows = []
         # Synthesis on one core: one worker process (the target is per core).
+        shutil.rmtree(data_dir, ignore_errors=True)  # a --keep folder from an earlier run
         started = time.perf_counter()
         synthesize_dataset(data_dir, SynthConfig(series=args.series, seed=1, shape_irc=shape,
                                                  workers=1), progress=False)

@@ -48,6 +48,7 @@ fi
 
 if [[ $stage == quality || $stage == all ]]; then
     step demo512 "$python" -m lunaseg demo --shape 64,512,512 --out "$work/demo512"
+    rm -rf "$work/held7"  # synth writes only into an empty folder
     step held7 "$python" -m lunaseg -q synth --seed 7 --series 24 --shape 64,512,512 \
         --workers 0 --out "$work/held7"
     step eval7 "$python" -m lunaseg -q evaluate --data "$work/held7" \

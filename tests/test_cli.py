@@ -57,12 +57,34 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
                  "--series", str(tmp_path / "seriesuids.csv"),
                  "--out", str(tmp_path / "eval2")]) == 0
     assert json.loads((tmp_path / "eval2" / "froc.json").read_text())["n_scans"] == 2
+    # A UID in no file is scored as a clean scan, and pointed out (it may be a typo).
+    capsys.readouterr()
+    assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
+                 "--candidates", str(seg / "submission.csv"), "--series", *uids, "1.2.3.typo",
+                 "--out", str(tmp_path / "eval2b")]) == 0
+    assert json.loads((tmp_path / "eval2b" / "froc.json").read_text())["n_scans"] == 3
+    assert ("1 of the 3 series listed appear in no annotation, excluded finding or candidate "
+            "(first: 1.2.3.typo)") in capsys.readouterr().err
     # ... and narrows what `evaluate --data` segments.
     assert main(["-q", "evaluate", "--data", str(data), "--model", str(run / "checkpoint.pt"),
                  "--split", "all", "--series", str(tmp_path / "seriesuids.csv"),
                  "--overlays", "0", "--out", str(tmp_path / "eval3")]) == 0
     assert sorted(p.name for p in (tmp_path / "eval3" / "segment").iterdir()
                   if p.is_dir()) == uids
+
+    # A checkpoint copied out of its run folder keeps the run's split (--val-stride 3 above,
+    # not the default 10).
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "model.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    assert main(["-q", "evaluate", "--data", str(data), "--model",
+                 str(tmp_path / "alone" / "model.pt"), "--overlays", "0", "--no-volumes",
+                 "--threshold", "0.999999", "--out", str(tmp_path / "eval4")]) == 0
+    val = json.loads((run / "splits.json").read_text())["val"]
+    assert sorted(p.name for p in (tmp_path / "eval4" / "segment").iterdir()
+                  if p.is_dir()) == sorted(val)
+    # Without volumes (--no-volumes) misses are listed without a cause instead of failing.
+    misses = json.loads((tmp_path / "eval4" / "misses.json").read_text())
+    assert misses and all("--no-volumes" in m["reason"] for m in misses)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -88,3 +110,36 @@ def test_import_lidc_through_the_cli(tmp_path, capsys):
     with open(tmp_path / "lidc" / "annotations.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and abs(float(rows[0]["diameter_mm"]) - 23.85) < 0.1
+
+
+def test_resume_keeps_the_runs_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["-q", "synth", "--out", str(data), "--series", "4", "--seed", "5",
+                 "--shape", "16,64,64"]) == 0
+    assert main(["-q", "prepcache", "--data", str(data), "--chunk", "7,32,32"]) == 0
+    common = ["-q", "train", "--data", str(data), "--chunk", "7,32,32", "--crop", "24",
+              "--val-stride", "2", "--epoch-samples", "16", "--device", "cpu"]
+    assert main([*common, "--out", str(run)]) == 0
+    assert main([*common, "--out", str(run), "--epochs", "2",
+                 "--resume", str(run / "checkpoint.pt")]) == 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    # Resumed again without --epochs or --out: the run's own 2 epochs and folder, and a
+    # changed training option is named as ignored.
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--lr", "0.5", "--device", "cpu",
+                 "--resume", str(run / "checkpoint.pt")]) == 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.001
+    assert not (tmp_path / "runs").exists()
+    warned = capsys.readouterr().err
+    assert "ignoring lr 0.5 (the run's: 0.001)" in warned and "crop" not in warned
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    assert main(["-q", "synth", "--out", str(taken / "data"), "--series", "1",
+                 "--shape", "16,64,64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(taken) in err and "\n" not in err and "Traceback" not in err

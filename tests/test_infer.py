@@ -371,10 +371,25 @@ def test_find_scans_luna_root_and_uid_filter(tmp_path):
         find_scans([tmp_path / "missing"])
 
 
+def test_files_sharing_a_name_stay_separate_scans(tmp_path):
+    hu = np.full((4, 16, 16), -800, dtype=np.int16)
+    paths = [write_image(hu, Geometry.identity(), tmp_path / patient / "ct.nii.gz")
+             for patient in ("p1", "p2")]
+    assert [s.uid for s in find_scans(paths)] == ["p1_ct", "p2_ct"]
+    assert [s.uid for s in find_scans([paths[0], paths[0]])] == ["ct"]  # one file, once
+    outputs = segment_inputs(paths, DenseStandIn(), tmp_path / "seg",
+                             SegmentConfig(overlays=0, write_volumes=False), device="cpu",
+                             progress=False)
+    assert [o.folder.name for o in outputs] == ["p1_ct", "p2_ct"]
+
+
 @pytest.mark.skipif(not DICOM_SLAB.is_dir(), reason=f"real DICOM slab not found at {DICOM_SLAB}")
-def test_segment_inputs_on_real_dicom_writes_everything(tmp_path):
+def test_segment_inputs_on_real_dicom_writes_everything(tmp_path, monkeypatch):
     import SimpleITK as sitk
 
+    from lunaseg import infer
+
+    monkeypatch.setattr(infer, "REPORT_MAX_ROWS", 5)  # the report's table is capped
     config = SegmentConfig(overlays=3, max_candidates=10)
     outputs = segment_inputs([DICOM_SLAB], DenseStandIn(), tmp_path, config,
                              device="cpu", progress=False)
@@ -409,6 +424,8 @@ def test_segment_inputs_on_real_dicom_writes_everything(tmp_path):
     assert all(row[0] == uid for row in submission[1:])
     page = (folder / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
+    assert outputs[0].candidates > 5 and page.count("<tr><td>") == 5
+    assert f"The table lists the first 5 of {outputs[0].candidates:,} candidates" in page
     assert "http://" not in page and "https://" not in page
     assert (folder / "candidates" / "cand_000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

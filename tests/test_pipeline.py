@@ -59,3 +59,16 @@ def test_demo_data_is_reused_only_from_the_same_generator(tmp_path):
     (data / "stale.txt").write_text("from an older run")
     _synth_if_needed(data, config, progress=False)
     assert not (data / "stale.txt").exists() and scan.is_file()  # made again
+
+
+@pytest.mark.parametrize("name", ["data", "run"])
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path, name):
+    from lunaseg.errors import DataError
+
+    own = tmp_path / "project" / name / "my_scans.txt"
+    own.parent.mkdir(parents=True)
+    own.write_text("a user's own files")
+    with pytest.raises(DataError, match=f"{name}: exists and was not made by lunaseg demo"):
+        run_demo(tmp_path / "project", quick=True, progress=False)
+    assert own.read_text() == "a user's own files"
+    assert not (tmp_path / "project" / ".lunaseg-demo").exists()

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from lunaseg.config import SynthConfig
 from lunaseg.ct import load_ct
-from lunaseg.errors import ConfigError
+from lunaseg.errors import ConfigError, DataError
 from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS,
                           outline_mask_path)
 from lunaseg.synth import (CALCIFIED_MAX_MM, KIND_SHARES, MIN_DIAMETER_MM, NODULE_KINDS,
@@ -101,6 +101,12 @@ def test_dataset_bytes_repeat_for_a_seed(dataset, tmp_path):
     synthesize_dataset(other, SynthConfig(series=3, seed=config.seed + 1, shape_irc=SMALL,
                                           subsets=2), progress=False)
     assert (other / "annotations.csv").read_bytes() != (first / "annotations.csv").read_bytes()
+    # A folder that already holds scans is not written into: the old scans would be left out
+    # of the new CSVs, their nodules taken for clean lung.
+    before = (first / "annotations.csv").read_bytes()
+    with pytest.raises(DataError, match="already holds a dataset \\(3 scans\\)"):
+        synthesize_dataset(first, dataclasses.replace(small, series=1), progress=False)
+    assert (first / "annotations.csv").read_bytes() == before
 
 
 def test_layout_subsets_and_mhd_pairs(dataset):
@@ -329,3 +335,5 @@ def test_bad_arguments_are_config_errors(tmp_path):
         synthesize_dataset(tmp_path, SynthConfig(series=0), progress=False)
     with pytest.raises(ConfigError, match="workers"):
         synthesize_dataset(tmp_path, SynthConfig(series=1, workers=-1), progress=False)
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        synthesize_dataset(tmp_path, SynthConfig(series=1, seed=-5), progress=False)

@@ -84,7 +84,8 @@ def _train_config(args: argparse.Namespace):
                       full_slice_fraction=args.mix_full_slices,
                       hard_negative_fraction=args.hard_negatives,
                       epoch_samples=args.epoch_samples)
-    return TrainConfig(data=data, augment=augment, epochs=args.epochs,
+    epochs = args.epochs if args.epochs is not None else TrainConfig().epochs
+    return TrainConfig(data=data, augment=augment, epochs=epochs,
                        batch_size=args.batch_size, num_workers=args.num_workers, lr=args.lr,
                        lr_schedule=args.lr_schedule,
                        fn_weight=args.fn_weight, bce_weight=args.bce_weight,
@@ -93,11 +94,51 @@ def _train_config(args: argparse.Namespace):
                        seed=args.seed, amp=args.amp, device=args.device, comment=args.comment)
 
 
+def _flat(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"data.crop_px": 64, ...}, tuples as lists (as in JSON)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _resume_settings(args: argparse.Namespace, config):
+    """For ``train --resume``: the run's own epoch count unless --epochs is given, its own
+    folder unless --out is, and a warning for settings asked for that the run's override."""
+    from dataclasses import replace
+
+    from lunaseg.config import to_dict
+    from lunaseg.model import load_checkpoint
+
+    saved = load_checkpoint(args.resume).config
+    if saved is None:
+        return config, args.out or "runs/seg"  # not resumable; train() says why
+    asked = _flat(to_dict(config))
+    default = _flat(to_dict(_train_config(build_parser().parse_args(
+        ["train", "--data", args.data]))))
+    run = _flat(saved)
+    ignored = [f"{key} {asked[key]} (the run's: {run[key]})" for key in asked
+               if key not in ("epochs", "device") and key in run
+               and asked[key] != default[key] and asked[key] != run[key]]
+    if ignored:
+        log.warning("--resume continues the run with its own settings; ignoring %s",
+                    ", ".join(ignored))
+    if args.epochs is None and "epochs" in saved:
+        config = replace(config, epochs=int(saved["epochs"]))
+    return config, args.out if args.out is not None else Path(args.resume).parent
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from lunaseg.train import train
 
     cache = args.cache or Path(args.data) / "cache"
-    result = train(_train_config(args), cache, args.out, tb_dir=args.tb_dir,
+    config, out = _train_config(args), args.out or "runs/seg"
+    if args.resume:
+        config, out = _resume_settings(args, config)
+    result = train(config, cache, out, tb_dir=args.tb_dir,
                    resume=args.resume, compile_model=args.compile, progress=not args.quiet)
     _print_train_result(result)
     return 130 if result.interrupted else 0
@@ -151,7 +192,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.model is None:
             raise ConfigError("evaluate --data needs --model CKPT")
         report = pipeline.evaluate_model(args.data, args.model, args.out,
-                                         split=args.split, cache_dir=args.cache,
+                                         split=args.split,
                                          segment=_segment_config(args),
                                          fp_budget=args.fp_budget,
                                          series_uids=_series(args.series),
@@ -173,9 +214,7 @@ def _cmd_import_lidc(args: argparse.Namespace) -> int:
     summary = import_lidc(args.sources, args.out, min_readers=args.min_readers,
                           subset=args.subset, progress=not args.quiet)
     print(f"import-lidc: {len(summary.imported)} scans, {summary.nodules} nodules into "
-          f"{args.out}; {len(summary.failures)} failed")
-    for path, reason in summary.failures:
-        print(f"  failed: {reason}", file=sys.stderr)
+          f"{args.out}; {len(summary.failures)} failed")  # each failure was logged
     return 1 if summary.failures and not summary.imported else 0
 
 
@@ -265,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--series", type=int, default=None,
                       help="number of phantoms (default 96; --quick: 6)")
     demo.add_argument("--shape", default=None,
-                      help="phantom size I,R,C (default 64,256,256; 64,512,512 has real CT's "
-                           "0.8 mm pixels and takes about three times as long)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 24)")
+                      help="phantom size I,R,C (default 64,256,256, --quick: 32,128,128; "
+                           "64,512,512 has real CT's 0.8 mm pixels and takes about three "
+                           "times as long)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="training epochs (default 24; --quick: 2)")
     demo.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
                       help="train on the book's HU-heuristic masks (default) or on the "
                            "phantoms' true nodule voxels")
@@ -306,10 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="train the U-Net (torchrun for several GPUs)")
     tr.add_argument("--data", required=True, help="dataset folder (its cache is DATA/cache)")
     tr.add_argument("--cache", help="cache folder (default DATA/cache)")
-    tr.add_argument("--out", default="runs/seg", help="run folder: checkpoints, overlays, logs")
+    tr.add_argument("--out", help="run folder: checkpoints, overlays, logs (default runs/seg; "
+                               "with --resume, the checkpoint's folder)")
     tr.add_argument("--tb-dir", help="TensorBoard folder (default OUT/tensorboard)")
-    tr.add_argument("--epochs", type=int, default=train.epochs)
-    tr.add_argument("--batch-size", type=int, default=train.batch_size)
+    tr.add_argument("--epochs", type=int, default=None,
+                    help=f"epochs in all (default {train.epochs}; with --resume, the run's own)")
+    tr.add_argument("--batch-size", type=int, default=train.batch_size,
+                    help=f"training samples per step (default {train.batch_size})")
     tr.add_argument("--num-workers", type=int, default=train.num_workers,
                     help="validation loader workers")
     tr.add_argument("--lr", type=float, default=train.lr, help="Adam learning rate")
@@ -321,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add pixel-wise cross-entropy with this weight (default 0, as the "
                          "book); it cuts false positives Dice barely penalises")
     tr.add_argument("--validation-cadence", type=int, default=train.validation_cadence,
-                    help="validate at epoch 1 and every N epochs (and the last)")
+                    help="validate at epoch 1, every N epochs and the last (default "
+                         f"{train.validation_cadence})")
     tr.add_argument("--best-min-recall", type=float, default=None, metavar="RECALL",
                     help="pick the best checkpoint by F1 among validations reaching this "
                          "recall (default: by recall alone, as the book)")
@@ -348,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--chunk", default=",".join(map(str, data.chunk_irc)),
                     help="cached chunk size I,R,C")
     tr.add_argument("--comment", default="", help="a note stored with the run")
-    tr.add_argument("--resume", help="checkpoint to continue from")
+    tr.add_argument("--resume", help="checkpoint to continue from, with the run's own "
+                                     "settings (only --epochs, --device and --out apply)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--amp", action="store_true", help="bf16 autocast")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -361,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", required=True, help="checkpoint (lunaseg's or the book's)")
     seg.add_argument("--out", required=True, help="output folder")
     seg.add_argument("--series", nargs="*", help="only these series of a LUNA16 root: UIDs, or "
-                     "files listing them (one per line, as LUNA16's seriesuids.csv)")
+                     "files listing them (one per line, as LUNA16's seriesuids.csv); put it "
+                     "after the INPUTs")
     _add_segment_options(seg)
     seg.set_defaults(func=_cmd_segment)
 
@@ -374,7 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "listing them (one per line, as LUNA16's seriesuids.csv)")
     ev.add_argument("--data", help="dataset folder: segment a split, then score it")
     ev.add_argument("--model", help="checkpoint for --data")
-    ev.add_argument("--cache", help="cache folder for --data (default DATA/cache)")
     ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val")
     ev.add_argument("--out", default="evaluation", help="folder for JSON, FROC plot, CSVs")
     ev.add_argument("--fp-budget", type=float, default=CANDIDATE_FP_BUDGET,
@@ -416,6 +462,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"lunaseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # A path that cannot be written or read (an --out that is a file, a full disk):
+        # one line naming it, like the library's own errors.
+        if args.debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"lunaseg {args.command}: error: {where}{error.strerror or error}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lunaseg {args.command}: interrupted", file=sys.stderr)

@@ -562,6 +562,10 @@ def extract_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
     return candidates
 
 
+# The HTML report's table stops here: a model that marks most of the lung (untrained, or
+# given a kind of scan it never saw) would otherwise make a page of hundreds of megabytes.
+REPORT_MAX_ROWS = 1000
+
 # How far beyond the (already grown) lung mask the network still runs: components may
 # stretch this far out of it and keep their full extent, and the chest wall around a pleural
 # nodule stays in view.
@@ -708,6 +712,15 @@ def find_scans(inputs: Sequence[str | os.PathLike],
                         ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
         wanted_set = set(wanted)
         sources = [source for source in sources if source.uid in wanted_set]
+    # Image files are named by their stem; files that share one (ct.nii.gz in each patient's
+    # folder) are told apart by their folder's name instead of being taken for one scan.
+    stems: dict[str, set[Path]] = {}
+    for source in sources:
+        if source.kind == "file":
+            stems.setdefault(source.uid, set()).add(source.path.resolve())
+    sources = [ScanSource(source.path, f"{source.path.parent.name}_{source.uid}", "file")
+               if source.kind == "file" and len(stems[source.uid]) > 1 else source
+               for source in sources]
     unique: dict[str, ScanSource] = {}
     for source in sources:
         if source.uid in unique:
@@ -783,15 +796,19 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
     columns = ["rank", "probability", "max_probability", "mean_probability", "diameter_mm",
                "voxels", "center_xyz", "center_irc", "slice_span", "mean_hu", "uneroded"]
     rows = []
-    for candidate in result.candidates:
+    for candidate in result.candidates[:REPORT_MAX_ROWS]:
         row = candidate.to_dict()
         row["center_xyz"] = [round(v, 1) for v in candidate.center_xyz]
         row["center_irc"] = [round(v, 1) for v in candidate.center_irc]
         rows.append(row)
-    note = ""
+    notes = []
+    if len(result.candidates) > len(rows):
+        notes.append(f"The table lists the first {len(rows):,} of {len(result.candidates):,} "
+                     "candidates; candidates.csv holds them all.")
     if len(result.candidates) > len(shown):
-        note = (f"Views are shown for the first {len(shown)} of {len(result.candidates)} "
-                "candidates (SegmentConfig.overlays).")
+        notes.append(f"Views are shown for the first {len(shown)} of "
+                     f"{len(result.candidates):,} candidates (SegmentConfig.overlays).")
+    note = " ".join(notes)
     html_report(folder / "report.html", title=f"lunaseg candidates: {ct.series_uid}",
                 scan_info=scan_info, settings=settings, candidates=rows, columns=columns,
                 thumbnails=thumbnails, note=note)
@@ -841,6 +858,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
         start = time.perf_counter()
         try:
             ct = load_ct(source.path, source.series_uid if source.kind == "dicom" else None)
+            if source.kind == "file":
+                ct.series_uid = source.uid  # its stem, or folder_stem where stems repeat
         except DataError as error:
             # One unreadable scan must not end a run over hundreds; it is counted and named.
             log.warning("skipped: %s", error)
@@ -857,6 +876,9 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
         seconds = time.perf_counter() - start
         log.info("%s: %d candidates, %.1f s (inference + candidates %.1f s)", ct.series_uid,
                  len(result.candidates), seconds, result.seconds)
+        if len(result.candidates) > 10 * REPORT_MAX_ROWS:
+            log.warning("%s: %d candidates; is the model trained for scans like this one?",
+                        ct.series_uid, len(result.candidates))
         outputs.append(ScanOutput(ct.series_uid, source.path, folder, len(result.candidates),
                                   seconds))
     if skipped:

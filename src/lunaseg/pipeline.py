@@ -80,9 +80,18 @@ def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
                 series: Sequence[str] | None = None,
                 fp_budget: float = CANDIDATE_FP_BUDGET) -> EvaluationReport:
     """LUNA16 FROC/CPM of a submission CSV against an annotations CSV."""
-    result = froc(read_annotations(annotations), read_candidates(candidates),
-                  excluded=read_annotations(excluded, excluded=True) if excluded else None,
-                  series=series, fp_budget=fp_budget)
+    findings, marks = read_annotations(annotations), read_candidates(candidates)
+    excluded_findings = read_annotations(excluded, excluded=True) if excluded else {}
+    if series is not None:
+        # A listed scan with nothing in any file is a clean scan to LUNA16, but it is also
+        # what a mistyped UID looks like, and each one lowers the false positives per scan.
+        unknown = sorted(set(series) - set(findings) - set(marks) - set(excluded_findings))
+        if unknown:
+            log.warning("%d of the %d series listed appear in no annotation, excluded finding "
+                        "or candidate (first: %s); each counts as a scan with nothing in it",
+                        len(unknown), len(set(series)), unknown[0])
+    result = froc(findings, marks, excluded=excluded_findings, series=series,
+                  fp_budget=fp_budget)
     misses = [{"series_uid": n.series_uid, "center_xyz": list(n.center_xyz),
                "diameter_mm": n.diameter_mm,
                "reason": "cut by the 100-marks-per-scan limit" if n.hit_any else "no mark"}
@@ -103,10 +112,18 @@ def _split_series(data_dir: Path, model_path: Path, split: str, available: list[
     if splits_file.exists():
         splits = json.loads(splits_file.read_text())
     else:
-        config = DataConfig()
+        # A checkpoint copied out of its run folder still carries the run's settings.
+        from lunaseg.model import load_checkpoint
+
         config_file = model_path.parent / "config.json"
-        if config_file.exists():
-            config = from_dict(TrainConfig, json.loads(config_file.read_text())).data
+        saved = (json.loads(config_file.read_text()) if config_file.exists()
+                 else load_checkpoint(model_path).config)
+        if saved is None:
+            log.warning("%s: no splits.json or training settings beside or inside the "
+                        "checkpoint; using the default split", model_path)
+            config = DataConfig()
+        else:
+            config = from_dict(TrainConfig, saved).data
         splits = split_series(available, config)
     chosen = [uid for uid in splits.get(split, []) if uid in set(available)]
     if not chosen:
@@ -151,6 +168,14 @@ class _ScanVolumes:
         return cls(geometry, prob, mask, candidates)
 
 
+def _below(p: float, threshold: float) -> str:
+    """``p`` (< threshold) with enough decimals not to print as the threshold itself."""
+    digits = 2
+    while digits < 6 and round(p, digits) >= threshold:
+        digits += 1
+    return f"{p:.{digits}f}"
+
+
 def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) -> str:
     """Sort a miss into: ranked below the mark cap, merged with a neighbour, removed after
     thresholding, below threshold, or never segmented."""
@@ -177,13 +202,12 @@ def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) ->
     if best_p > threshold:
         return f"segmented (max p {best_p:.2f}) but removed by erosion, size or lung mask"
     if best_p >= NEVER_SEGMENTED_P:
-        return f"below threshold (max p {best_p:.2f} <= {threshold})"
+        return f"below threshold (max p {_below(best_p, threshold)} <= {threshold:g})"
     return f"never segmented (max p {best_p:.3f})"
 
 
 def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    out_dir: str | os.PathLike, *, split: str = "val",
-                   cache_dir: str | os.PathLike | None = None,
                    segment: SegmentConfig | None = None,
                    fp_budget: float = CANDIDATE_FP_BUDGET,
                    series_uids: Sequence[str] | None = None,
@@ -225,6 +249,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
             continue
         if nodule.hit_any:
             reason = "found, but ranked below the 100-marks-per-scan limit"
+        elif not segment.write_volumes:
+            reason = "not found (run without --no-volumes to see why)"
         else:
             if nodule.series_uid not in scans:  # read each scan's volumes once
                 scans[nodule.series_uid] = _ScanVolumes.read(folders[nodule.series_uid])
@@ -330,6 +356,23 @@ class DemoResult:
         return "\n".join(lines)
 
 
+DEMO_MARKER = ".lunaseg-demo"
+
+
+def _claim_demo_folder(out_dir: Path) -> None:
+    """Make sure the demo may replace ``out_dir/data`` and ``out_dir/run``: they must be its
+    own (the folder carries :data:`DEMO_MARKER`, or its data/ was written by the demo) or
+    absent.  A user's own data or run folder of those names is never deleted."""
+    marker = out_dir / DEMO_MARKER
+    if not marker.exists() and not (out_dir / "data" / "synth_config.json").exists():
+        for name in ("data", "run"):
+            if (out_dir / name).exists():
+                raise DataError(f"{out_dir / name}: exists and was not made by lunaseg demo, "
+                                f"which would replace it; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by lunaseg demo: data/ and run/ are replaced on each run\n")
+
+
 def _synth_if_needed(data_dir: Path, config: SynthConfig, progress: bool) -> None:
     """Synthesize unless the folder already holds this exact configuration's output."""
     from lunaseg.synth import PHANTOM_VERSION, synthesize_dataset
@@ -369,12 +412,14 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     """The main job on built-in data: synthetic LUNA16-format phantoms -> prepcache ->
     training with validation -> candidates on the validation scans, scored the LUNA16 way."""
     from lunaseg.cache import prepcache
-    from lunaseg.train import LAST_CHECKPOINT, train
+    from lunaseg.train import LAST_CHECKPOINT, check_train_config, train
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    check_train_config(settings.train)  # a bad setting fails now, not after the phantoms
     out_dir = Path(out_dir)
     data_dir, run_dir = out_dir / "data", out_dir / "run"
     seconds: dict[str, float] = {}
+    _claim_demo_folder(out_dir)
 
     started = time.perf_counter()
     _synth_if_needed(data_dir, settings.synth, progress)

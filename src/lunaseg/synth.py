@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from lunaseg.config import SynthConfig
 from lunaseg.ct import CT, write_image
-from lunaseg.errors import ConfigError
+from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS,
                           outline_mask_path, write_csv)
@@ -1430,8 +1430,16 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     if not 0.0 <= config.no_nodule_fraction <= 1.0:
         raise ConfigError(f"no_nodule_fraction must be in [0, 1], got "
                           f"{config.no_nodule_fraction}")
+    if config.seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {config.seed}")
     shape = _check_shape(config.shape_irc)
     out_dir = Path(out_dir)
+    # New scans beside old ones would leave the old ones out of the new CSVs, where training
+    # would take their nodules for clean lung.
+    existing = sorted(out_dir.glob("subset*/*.mhd"))
+    if existing:
+        raise DataError(f"{out_dir}: already holds a dataset ({len(existing)} scans); choose "
+                        f"an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     # One independent stream for the plan and one per scan: scan k is the same whatever the
     # number of scans after it.
