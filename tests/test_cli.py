@@ -63,8 +63,15 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
                  "--candidates", str(seg / "submission.csv"), "--series", *uids, "1.2.3.typo",
                  "--out", str(tmp_path / "eval2b")]) == 0
     assert json.loads((tmp_path / "eval2b" / "froc.json").read_text())["n_scans"] == 3
+    warned = capsys.readouterr().err
     assert ("1 of the 3 series listed appear in no annotation, excluded finding or candidate "
-            "(first: 1.2.3.typo)") in capsys.readouterr().err
+            "(first: 1.2.3.typo)") in warned
+    # Segmentation options cannot change a finished candidate list: said, not silently dropped.
+    assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
+                 "--candidates", str(seg / "submission.csv"), "--threshold", "0.9",
+                 "--tta", "4", "--out", str(tmp_path / "eval2c")]) == 0
+    assert "do not apply to a --candidates CSV; ignoring threshold, tta" in \
+        capsys.readouterr().err
     # ... and narrows what `evaluate --data` segments.
     assert main(["-q", "evaluate", "--data", str(data), "--model", str(run / "checkpoint.pt"),
                  "--split", "all", "--series", str(tmp_path / "seriesuids.csv"),
@@ -94,6 +101,8 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
     (["evaluate", "--annotations", "a.csv"], "needs --annotations CSV and --candidates"),
     (["evaluate", "--annotations", "a.csv", "--candidates", "c.csv", "--series", "uids.csv"],
      "uids.csv: no such series list file"),
+    (["evaluate", "--annotations", "a.csv", "--candidates", "c.csv", "--model", "m.pt"],
+     "--model segments a --data folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

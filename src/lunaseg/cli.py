@@ -201,6 +201,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.annotations is None or args.candidates is None:
             raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "
                               "(or --data DIR --model CKPT)")
+        if args.model is not None:
+            raise ConfigError("--model segments a --data folder; a --candidates CSV is "
+                              "scored as it is")
+        from dataclasses import asdict
+
+        from lunaseg.config import SegmentConfig
+
+        asked, default = asdict(_segment_config(args)), asdict(SegmentConfig())
+        changed = sorted(k for k in asked if k != "device" and asked[k] != default[k])
+        if changed:
+            log.warning("segmentation options do not apply to a --candidates CSV; ignoring "
+                        "%s", ", ".join(changed))
         report = pipeline.score_files(args.annotations, args.candidates, args.out,
                                       excluded=args.excluded, series=_series(args.series),
                                       fp_budget=args.fp_budget)
