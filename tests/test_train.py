@@ -18,7 +18,7 @@ import lunaseg.train
 from conftest import add_sphere, tiny_volume
 from lunaseg.cache import Cache, prepcache
 from lunaseg.config import AugmentConfig, CacheConfig, DataConfig, ModelConfig, TrainConfig
-from lunaseg.errors import ConfigError
+from lunaseg.errors import ConfigError, DataError
 from lunaseg.ct import write_image
 from lunaseg.datasets import TrainingSampler, split_series
 from lunaseg.geometry import Geometry
@@ -364,6 +364,15 @@ def test_bad_settings_fail_before_the_run_folder_exists(cache_dir, tmp_path, set
         train(config, cache_dir, out, progress=False)
     assert "\n" not in str(error.value)
     assert not out.exists()
+
+
+def test_a_cache_of_another_chunk_size_fails_before_the_run_folder_exists(cache_dir, tmp_path):
+    config = _config(epochs=1)
+    config.data.chunk_irc = (7, 40, 40)  # the cache holds 48-px chunks
+    config.data.crop_px = 32
+    with pytest.raises(DataError, match="re-run prepcache with --chunk 7,40,40"):
+        train(config, cache_dir, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_default_and_test_settings_pass_the_check():

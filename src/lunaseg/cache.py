@@ -119,6 +119,11 @@ class SeriesCache:
         return np.load(self.folder / "chunks.npy")
 
     @cached_property
+    def chunk_irc(self) -> tuple[int, ...]:
+        """(I, R, C) of the training chunks, from the file's header alone."""
+        return tuple(np.load(self.folder / "chunks.npy", mmap_mode="r").shape[1:])
+
+    @cached_property
     def chunk_masks(self) -> np.ndarray:
         return np.load(self.folder / "chunk_masks.npy")
 

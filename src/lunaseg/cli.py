@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -140,7 +141,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config, out = _resume_settings(args, config)
     result = train(config, cache, out, tb_dir=args.tb_dir,
                    resume=args.resume, compile_model=args.compile, progress=not args.quiet)
-    _print_train_result(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, from rank 0
+        _print_train_result(result)
     return 130 if result.interrupted else 0
 
 

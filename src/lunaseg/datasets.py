@@ -22,9 +22,9 @@ from lunaseg.cache import Cache
 from lunaseg.config import DataConfig
 from lunaseg.errors import ConfigError, DataError
 
-__all__ = ["split_series", "check_data_config", "CropBank", "positive_bank", "negative_bank",
-           "TrainingSampler", "SliceDataset", "SeriesBatchSampler", "validation_items",
-           "rank_share", "pad_to_multiple"]
+__all__ = ["split_series", "check_data_config", "check_cached_chunks", "CropBank",
+           "positive_bank", "negative_bank", "TrainingSampler", "SliceDataset",
+           "SeriesBatchSampler", "validation_items", "rank_share", "pad_to_multiple"]
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +150,22 @@ def _chunk_label(chunk_masks: np.ndarray) -> np.ndarray:
     return chunk_masks[:, chunk_masks.shape[1] // 2]
 
 
+def check_cached_chunks(cache: Cache, series_uids: Sequence[str], config: DataConfig) -> None:
+    """DataError when the cache was built with another chunk size than ``config`` asks for."""
+    for uid in series_uids:
+        found = cache[uid].chunk_irc
+        if found != tuple(config.chunk_irc):
+            raise DataError(f"{cache.folder}: cached chunks are {found}, the training config "
+                            f"wants {tuple(config.chunk_irc)}; re-run prepcache with --chunk "
+                            f"{','.join(map(str, config.chunk_irc))}")
+
+
 def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) -> CropBank:
     """One chunk per annotated nodule of the given series (read from the cache)."""
+    check_cached_chunks(cache, series_uids, config)
     chunks, labels = [], []
     for uid in series_uids:
         entry = cache[uid]
-        if entry.chunks.shape[1:] != tuple(config.chunk_irc):
-            raise DataError(f"{cache.folder}: cached chunks are {entry.chunks.shape[1:]}, the "
-                            f"training config wants {tuple(config.chunk_irc)}; re-run prepcache "
-                            f"with --chunk {','.join(map(str, config.chunk_irc))}")
         if len(entry.chunks):
             chunks.append(entry.chunks)
             labels.append(_chunk_label(entry.chunk_masks))

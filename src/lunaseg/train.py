@@ -28,8 +28,8 @@ from lunaseg.augment import SegmentationAugmentation
 from lunaseg.cache import Cache
 from lunaseg.config import TrainConfig, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
-                              check_data_config, pad_to_multiple, rank_share, split_series,
-                              validation_items)
+                              check_cached_chunks, check_data_config, pad_to_multiple,
+                              rank_share, split_series, validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
 from lunaseg.files import write_bytes_atomic, write_json_atomic
 from lunaseg.losses import segmentation_loss
@@ -396,6 +396,8 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         # The checkpoint's settings replace the given ones: check them too (a hand-edited
         # or older file), still before the run folder is made.
         check_train_config(config)
+    # A cache built with another chunk size fails here, before the run folder is made.
+    check_cached_chunks(cache, cache.series_uids, config.data)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
