@@ -33,9 +33,9 @@ from typing import Sequence
 
 import numpy as np
 
-from lunaseg.config import CacheConfig, MaskConfig
+from lunaseg.config import CacheConfig, MaskConfig, check_at_least
 from lunaseg.ct import load_ct
-from lunaseg.errors import ConfigError, DataError
+from lunaseg.errors import DataError
 from lunaseg.geometry import Geometry
 from lunaseg.luna import find_series, load_candidates, outline_mask_path
 from lunaseg.masks import annotation_mask, body_box, positive_slices
@@ -409,8 +409,7 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
     started = time.perf_counter()
     config = config or CacheConfig()
     mask_config = mask_config or MaskConfig()
-    if config.workers < 0:
-        raise ConfigError(f"workers must be >= 0 (0 = all CPUs), got {config.workers}")
+    check_at_least(config, "workers", 0, " (0 = all CPUs)")
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     sources = find_series(data_dir)  # first: a wrong --data must not leave folders behind

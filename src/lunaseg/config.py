@@ -15,7 +15,7 @@ from lunaseg.errors import ConfigError
 
 __all__ = [
     "MaskConfig", "SynthConfig", "CacheConfig", "DataConfig", "ModelConfig", "AugmentConfig",
-    "TrainConfig", "SegmentConfig", "to_dict", "from_dict", "save_json",
+    "TrainConfig", "SegmentConfig", "check_at_least", "to_dict", "from_dict", "save_json",
 ]
 
 
@@ -161,6 +161,13 @@ class SegmentConfig:
     # about the same sensitivity, for up to 4x the network time (see the README).
     tta: int = 1
     device: str = "auto"
+
+
+def check_at_least(config: Any, name: str, minimum: int | float, note: str = "") -> None:
+    """ConfigError unless ``config.<name> >= minimum`` (``note`` explains the value)."""
+    value = getattr(config, name)
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}{note}, got {value}")
 
 
 def to_dict(config: Any) -> dict:

@@ -19,7 +19,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from lunaseg.cache import Cache
-from lunaseg.config import DataConfig
+from lunaseg.config import DataConfig, check_at_least
 from lunaseg.errors import ConfigError, DataError
 
 __all__ = ["split_series", "check_data_config", "check_cached_chunks", "CropBank",
@@ -57,8 +57,7 @@ def check_data_config(config: DataConfig) -> None:
     directly.
     """
     _check_val_stride(config)
-    if config.context_slices < 0:
-        raise ConfigError(f"context_slices must be >= 0, got {config.context_slices}")
+    check_at_least(config, "context_slices", 0)
     chunk = tuple(config.chunk_irc)
     if len(chunk) != 3 or min(chunk) < 1:
         raise ConfigError(f"chunk_irc must be 3 sizes >= 1 (slices, rows, columns), got {chunk}")
@@ -76,9 +75,7 @@ def check_data_config(config: DataConfig) -> None:
         raise ConfigError(f"crop_px must be >= 1, got {config.crop_px}")
     if config.crop_px > rows:
         raise ConfigError(f"crop_px {config.crop_px} is larger than the chunk ({rows} px)")
-    if config.epoch_samples < 0:
-        raise ConfigError(f"epoch_samples must be >= 0 (0 = one pass over the nodule chunks), "
-                          f"got {config.epoch_samples}")
+    check_at_least(config, "epoch_samples", 0, " (0 = one pass over the nodule chunks)")
     if not 0 <= config.full_slice_fraction <= 1:
         raise ConfigError(f"full_slice_fraction must be in [0, 1], got "
                           f"{config.full_slice_fraction}")

@@ -26,7 +26,7 @@ from torch import nn
 
 from lunaseg.augment import SegmentationAugmentation
 from lunaseg.cache import Cache
-from lunaseg.config import TrainConfig, from_dict, to_dict
+from lunaseg.config import TrainConfig, check_at_least, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
                               check_cached_chunks, check_data_config, pad_to_multiple,
                               rank_share, split_series, validation_items)
@@ -312,14 +312,9 @@ def check_train_config(config: TrainConfig) -> None:
     :func:`train` calls this before it creates or writes anything, so a bad setting fails
     in one line and leaves no half-made run folder behind.
     """
-    if config.epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {config.epochs}")
-    if config.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
-    if config.validation_cadence < 1:
-        raise ConfigError(f"validation_cadence must be >= 1, got {config.validation_cadence}")
-    if config.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0, got {config.num_workers}")
+    for name in ("epochs", "batch_size", "validation_cadence"):
+        check_at_least(config, name, 1)
+    check_at_least(config, "num_workers", 0)
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise ConfigError(f"lr must be a finite number > 0, got {config.lr}")
     if config.lr_schedule not in ("constant", "cosine"):
