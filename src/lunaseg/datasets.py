@@ -36,17 +36,12 @@ def split_series(series_uids: Sequence[str], config: DataConfig) -> dict[str, li
     """Split by series, never by slice: sorted; every ``val_stride``-th validates, then every
     ``test_stride``-th of the rest is held out for testing (0 = no test split)."""
     uids = sorted(series_uids)
-    _check_val_stride(config)
+    check_at_least(config, "val_stride", 2)
     val = uids[::config.val_stride]
     rest = [uid for k, uid in enumerate(uids) if k % config.val_stride]
     test = rest[::config.test_stride] if config.test_stride > 0 else []
     train = [uid for uid in rest if uid not in set(test)]
     return {"train": train, "val": val, "test": test}
-
-
-def _check_val_stride(config: DataConfig) -> None:
-    if config.val_stride < 2:
-        raise ConfigError(f"val_stride must be >= 2, got {config.val_stride}")
 
 
 def check_data_config(config: DataConfig) -> None:
@@ -56,7 +51,7 @@ def check_data_config(config: DataConfig) -> None:
     it again (and :func:`split_series` checks ``val_stride``) for callers that use them
     directly.
     """
-    _check_val_stride(config)
+    check_at_least(config, "val_stride", 2)
     check_at_least(config, "context_slices", 0)
     chunk = tuple(config.chunk_irc)
     if len(chunk) != 3 or min(chunk) < 1:
