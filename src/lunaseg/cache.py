@@ -165,6 +165,13 @@ class SeriesCache:
         return hu, mask
 
 
+def _entry_metas(folder: Path) -> list[Path]:
+    """The meta.json of every entry, sorted; .tmp-/.old- folders (builds in flight) are not
+    entries."""
+    return [path for path in sorted(folder.glob("*/meta.json"))
+            if not path.parent.name.startswith(".")]
+
+
 class Cache:
     """A prepcache folder: ``cache[uid]`` opens one series, ``series_uids`` lists them."""
 
@@ -173,9 +180,7 @@ class Cache:
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: no cache here; run `lunaseg prepcache` first")
         self._metas: dict[str, dict] = {}
-        for meta_path in sorted(self.folder.glob("*/meta.json")):
-            if meta_path.parent.name.startswith("."):
-                continue
+        for meta_path in _entry_metas(self.folder):
             try:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
@@ -349,14 +354,13 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _drop_vanished(cache_dir: Path, on_disk: set[str]) -> list[str]:
+def _drop_vanished(cache_dir: Path, vanished: list[str]) -> list[str]:
     """Remove the entries of series no longer in the data folder from its own cache, so the
     cache lists what the data holds (training would otherwise still split and train on them)."""
     dropped = []
-    for meta_path in sorted(cache_dir.glob("*/meta.json")):
-        folder = meta_path.parent
-        if folder.name.startswith(".") or folder.name in on_disk:
-            continue
+    for uid in vanished:
+        folder = cache_dir / uid
+        meta_path = folder / "meta.json"
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -426,20 +430,18 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
     candidates = load_candidates(data_dir, series_on_disk=sources.keys())
     summary = PrepcacheSummary()
-    if cache_dir.resolve() == (data_dir / "cache").resolve():
-        summary.dropped = _drop_vanished(cache_dir, on_disk)
+    vanished = [path.parent.name for path in _entry_metas(cache_dir)
+                if path.parent.name not in on_disk]
+    if vanished and cache_dir.resolve() == (data_dir / "cache").resolve():
+        summary.dropped = _drop_vanished(cache_dir, vanished)
         if summary.dropped:
             log.info("dropped %d cache entries of series no longer in %s",
                      len(summary.dropped), data_dir)
-    else:
+    elif vanished:
         # A cache elsewhere may be shared by several data folders (one per LUNA16 subset,
         # say): what this folder lacks may be another's, so it is only reported.
-        cached = {path.parent.name for path in cache_dir.glob("*/meta.json")
-                  if not path.parent.name.startswith(".")}
-        others = sorted(cached - on_disk)
-        if others:
-            log.warning("%s holds %d series not in %s (first: %s); training uses every "
-                        "cached series", cache_dir, len(others), data_dir, others[0])
+        log.warning("%s holds %d series not in %s (first: %s); training uses every "
+                    "cached series", cache_dir, len(vanished), data_dir, vanished[0])
     jobs = []
     for uid, source in sources.items():
         records = candidates.get(uid, [])

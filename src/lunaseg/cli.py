@@ -206,11 +206,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.model is not None:
             raise ConfigError("--model segments a --data folder; a --candidates CSV is "
                               "scored as it is")
-        from dataclasses import asdict
+        from lunaseg.config import SegmentConfig, to_dict
 
-        from lunaseg.config import SegmentConfig
-
-        asked, default = asdict(_segment_config(args)), asdict(SegmentConfig())
+        asked, default = to_dict(_segment_config(args)), to_dict(SegmentConfig())
         changed = sorted(k for k in asked if k != "device" and asked[k] != default[k])
         if changed:
             log.warning("segmentation options do not apply to a --candidates CSV; ignoring "
