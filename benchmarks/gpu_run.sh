@@ -2,9 +2,10 @@
 # Every GPU figure the README asks for, in one run from a checkout (nothing installed):
 #   benchmarks/gpu_run.sh RESULTS_DIR [speed|quality|all]
 # "speed" times segmentation and training against the book (a few minutes on an H200);
-# "quality" runs the demo recipe at real CT's 0.8 mm pixels and scores it on 24 fresh
-# phantoms.  Only small text files go to RESULTS_DIR; phantoms and checkpoints go to
-# $LUNASEG_GPU_WORK (default /tmp/lunaseg-gpu).  Set PYTHON to choose the interpreter.
+# "quality" runs the demo recipe at real CT's 0.8 mm pixels and scores it on three sets of
+# 24 fresh phantoms (benchmarks/bench_heldout.py).  Only small text files go to
+# RESULTS_DIR; phantoms and checkpoints go to $LUNASEG_GPU_WORK (default /tmp/lunaseg-gpu).
+# Set PYTHON to choose the interpreter.
 set -euo pipefail
 
 results=${1:?usage: benchmarks/gpu_run.sh RESULTS_DIR [speed|quality|all]}
@@ -48,10 +49,6 @@ fi
 
 if [[ $stage == quality || $stage == all ]]; then
     step demo512 "$python" -m lunaseg demo --shape 64,512,512 --out "$work/demo512"
-    rm -rf "$work/held7"  # synth writes only into an empty folder
-    step held7 "$python" -m lunaseg -q synth --seed 7 --series 24 --shape 64,512,512 \
-        --workers 0 --out "$work/held7"
-    step eval7 "$python" -m lunaseg -q evaluate --data "$work/held7" \
-        --model "$work/demo512/run/checkpoint.pt" --split all --tta 4 --lung-mask \
-        --out "$work/eval7"
+    step heldout "$python" benchmarks/bench_heldout.py --model "$work/demo512/run/checkpoint.pt" \
+        --seeds 7 8 9 --shape 64,512,512 --work "$work/heldout"
 fi
