@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lunaseg.config import SynthConfig
+from lunaseg.errors import LunasegError
 from lunaseg.evaluate import froc, read_annotations, read_candidates, write_result_json
 from lunaseg.luna import EXCLUDED_FILE, find_series
 from lunaseg.pipeline import DemoSettings, evaluate_model
@@ -88,4 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, LunasegError) as error:  # a bad path or a half-written set: one line
+        sys.exit(f"bench_heldout: {error}")
