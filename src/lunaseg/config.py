@@ -15,7 +15,8 @@ from lunaseg.errors import ConfigError
 
 __all__ = [
     "MaskConfig", "SynthConfig", "CacheConfig", "DataConfig", "ModelConfig", "AugmentConfig",
-    "TrainConfig", "SegmentConfig", "check_at_least", "to_dict", "from_dict", "save_json",
+    "TrainConfig", "SegmentConfig", "check_at_least", "check_fraction", "to_dict", "from_dict",
+    "save_json",
 ]
 
 
@@ -168,6 +169,13 @@ def check_at_least(config: Any, name: str, minimum: int | float, note: str = "")
     value = getattr(config, name)
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}{note}, got {value}")
+
+
+def check_fraction(config: Any, name: str) -> None:
+    """ConfigError unless ``config.<name>`` is in [0, 1] (None, an unset option, passes)."""
+    value = getattr(config, name)
+    if value is not None and not 0 <= value <= 1:
+        raise ConfigError(f"{name} must be in [0, 1], got {value}")
 
 
 def to_dict(config: Any) -> dict:

@@ -19,7 +19,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from lunaseg.cache import Cache
-from lunaseg.config import DataConfig, check_at_least
+from lunaseg.config import DataConfig, check_at_least, check_fraction
 from lunaseg.errors import ConfigError, DataError
 
 __all__ = ["split_series", "check_data_config", "check_cached_chunks", "CropBank",
@@ -66,21 +66,16 @@ def check_data_config(config: DataConfig) -> None:
         raise ConfigError(f"chunk_irc has {slices} slices but 2 * context_slices + 1 = "
                           f"{config.channels}; use a chunk of {config.channels} slices "
                           f"(--chunk {config.channels},{rows},{cols}) and prepcache with it")
-    if config.crop_px < 1:
-        raise ConfigError(f"crop_px must be >= 1, got {config.crop_px}")
+    check_at_least(config, "crop_px", 1)
     if config.crop_px > rows:
         raise ConfigError(f"crop_px {config.crop_px} is larger than the chunk ({rows} px)")
     check_at_least(config, "epoch_samples", 0, " (0 = one pass over the nodule chunks)")
-    if not 0 <= config.full_slice_fraction <= 1:
-        raise ConfigError(f"full_slice_fraction must be in [0, 1], got "
-                          f"{config.full_slice_fraction}")
+    check_fraction(config, "full_slice_fraction")
     fraction = config.negative_crop_fraction
     if not 0 <= fraction < 1:
         raise ConfigError(f"negative_crop_fraction must be in [0, 1), got {fraction}")
-    hard = config.hard_negative_fraction
-    if not 0 <= hard <= 1:
-        raise ConfigError(f"hard_negative_fraction must be in [0, 1], got {hard}")
-    if hard > 0 and fraction == 0:
+    check_fraction(config, "hard_negative_fraction")
+    if config.hard_negative_fraction > 0 and fraction == 0:
         raise ConfigError("hard_negative_fraction needs negative_crop_fraction > 0")
 
 

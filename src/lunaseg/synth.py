@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from lunaseg.config import SynthConfig, check_at_least
+from lunaseg.config import SynthConfig, check_at_least, check_fraction
 from lunaseg.ct import CT, write_image
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
@@ -1425,9 +1425,7 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     check_at_least(config, "subsets", 1)
     check_at_least(config, "workers", 0, " (0 = all CPUs)")
     check_at_least(config, "seed", 0)
-    if not 0.0 <= config.no_nodule_fraction <= 1.0:
-        raise ConfigError(f"no_nodule_fraction must be in [0, 1], got "
-                          f"{config.no_nodule_fraction}")
+    check_fraction(config, "no_nodule_fraction")
     shape = _check_shape(config.shape_irc)
     out_dir = Path(out_dir)
     # New scans beside old ones would leave the old ones out of the new CSVs, where training

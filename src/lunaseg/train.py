@@ -26,7 +26,7 @@ from torch import nn
 
 from lunaseg.augment import SegmentationAugmentation
 from lunaseg.cache import Cache
-from lunaseg.config import TrainConfig, check_at_least, from_dict, to_dict
+from lunaseg.config import TrainConfig, check_at_least, check_fraction, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
                               check_cached_chunks, check_data_config, pad_to_multiple,
                               rank_share, split_series, validation_items)
@@ -321,15 +321,12 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got "
                           f"{config.lr_schedule!r}")
     # Checked under either schedule: a value outside [0, 1] is a mistake either way.
-    if not 0 <= config.lr_final_fraction <= 1:
-        raise ConfigError(f"lr_final_fraction must be in [0, 1], got {config.lr_final_fraction}")
+    check_fraction(config, "lr_final_fraction")
     for name in ("fn_weight", "bce_weight"):
         weight = getattr(config, name)
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
-    recall = config.best_min_recall
-    if recall is not None and not 0 <= recall <= 1:
-        raise ConfigError(f"best_min_recall must be in [0, 1], got {recall}")
+    check_fraction(config, "best_min_recall")
     # Every sample stacks 2 * context_slices + 1 slices as channels; check_data_config
     # makes the cached chunks agree with that count, this makes the model agree.
     if config.model.in_channels != config.data.channels:
