@@ -23,9 +23,9 @@ import SimpleITK as sitk
 
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct
-from lunaseg.evaluate import CANDIDATE_FP_BUDGET, Mark, froc, read_annotations
-from lunaseg.infer import extract_candidates
-from lunaseg.luna import ANNOTATION_FILES, EXCLUDED_FILE, find_series
+from lunaseg.candidates import extract_candidates
+from lunaseg.evaluate import CANDIDATE_FP_BUDGET, Mark, froc, load_findings
+from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series
 
 # (label, changes from the defaults): each row changes one thing, so its effect shows alone.
 VARIANTS: list[tuple[str, dict]] = [
@@ -54,9 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     data, evaluation = Path(args.data), Path(args.evaluation)
 
-    annotation_file = next(data / n for n in ANNOTATION_FILES if (data / n).exists())
-    annotations = read_annotations(annotation_file)
-    excluded = (read_annotations(data / EXCLUDED_FILE, excluded=True)
+    annotations = load_findings(annotation_file(data))
+    excluded = (load_findings(data / EXCLUDED_FILE, excluded=True)
                 if (data / EXCLUDED_FILE).exists() else None)
     images = find_series(data)
     scans = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lunaseg.config import SynthConfig
 from lunaseg.errors import LunasegError
-from lunaseg.evaluate import froc, read_annotations, read_candidates, write_result_json
+from lunaseg.evaluate import froc, load_findings, load_marks, write_result_json
 from lunaseg.luna import EXCLUDED_FILE, find_series
 from lunaseg.pipeline import DemoSettings, evaluate_model
 from lunaseg.synth import synthesize_dataset
@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_model(data, model, work / f"{tag}_seed{seed}", split="all",
                                 segment=segment)
         rows.append(_row(f"seed {seed}", report.froc))
-        findings.update(read_annotations(data / "annotations.csv"))
+        findings.update(load_findings(data / "annotations.csv"))
         if (data / EXCLUDED_FILE).exists():
-            excluded.update(read_annotations(data / EXCLUDED_FILE, excluded=True))
-        marks.update(read_candidates(report.out_dir / "segment" / "submission.csv"))
+            excluded.update(load_findings(data / EXCLUDED_FILE, excluded=True))
+        marks.update(load_marks(report.out_dir / "segment" / "submission.csv"))
         series.extend(find_series(data))
 
     pooled = froc(findings, marks, excluded=excluded, series=series,

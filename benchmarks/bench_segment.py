@@ -41,8 +41,14 @@ from torch.utils.data import DataLoader, Dataset
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, read_geometry, write_image
 from lunaseg.geometry import Geometry
-from lunaseg.infer import TTA_FLIPS, extract_candidates, predict_ct, predict_volume
-from lunaseg.model import build_model, resolve_device
+from lunaseg.inputs import SegmentationSpec
+from lunaseg.candidates import extract_candidates
+from lunaseg.model import build_model
+from lunaseg.predict import TTA_FLIPS, predict_ct, predict_volume
+from lunaseg.runtime import resolve_device
+
+
+SPEC = SegmentationSpec()  # the default U-Net's input (a compiled model hides its spec)
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -143,7 +149,7 @@ def lunaseg_segment(model, path: Path, device: torch.device, config: SegmentConf
     timings["read"] = time.perf_counter() - start
     t0 = time.perf_counter()
     # With config.lung_mask the mask is computed here and the network sees only its box.
-    prob, lung = predict_ct(model, ct, replace(config, tta=tta), device=device)
+    prob, lung = predict_ct(model, ct, replace(config, tta=tta), spec=SPEC, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timings["infer"] = time.perf_counter() - t0
@@ -196,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                             np.eye(3))
         write_image(synthetic_ct(shape), geometry, path)
         # Warm-up (kernel selection, compilation) on a small volume, untimed.
-        predict_volume(run_model, synthetic_ct((4, args.size, args.size)), device=device,
-                       batch_size=args.batch_size, amp=config.amp)
+        predict_volume(run_model, synthetic_ct((4, args.size, args.size)), model.spec,
+                       device=device, batch_size=args.batch_size, amp=config.amp)
         suffix = "+lung" if args.lung_mask else ""
         modes = [(("lunaseg" if v == 1 else f"tta {v}") + suffix,
                   functools.partial(lunaseg_segment, run_model, path, device, config, v))

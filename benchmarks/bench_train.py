@@ -47,9 +47,9 @@ from lunaseg.config import AugmentConfig, CacheConfig, DataConfig, TrainConfig
 from lunaseg.datasets import TrainingSampler
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, pixel_counts
+from lunaseg.inputs import SegmentationSpec
 from lunaseg.model import build_model
-from lunaseg.model import resolve_device
-from lunaseg.train import batches_for_benchmark
+from lunaseg.runtime import resolve_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,7 +61,8 @@ def _fallback_phantoms(root: Path, series: int, shape: tuple[int, int, int], see
     """Body, two lungs and a few dense balls per series, LUNA16 layout (if synth is missing)."""
     from lunaseg.ct import write_image
     from lunaseg.geometry import Geometry
-    from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
+    from lunaseg.files import write_csv
+    from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
 
     rng = np.random.default_rng(seed)
     geometry = Geometry.identity(spacing_xyz=(0.7, 0.7, 2.5))
@@ -143,9 +144,13 @@ class BookCropDataset(Dataset):
 def lunaseg_batches(cache_dir: Path, data: DataConfig, device: torch.device, batch_size: int,
                     augment: SegmentationAugmentation) -> Iterator[Batch]:
     cache = Cache(cache_dir)
-    sampler = TrainingSampler(cache, cache.series_uids, data, device, seed=0)
-    for input, label in batches_for_benchmark(sampler, batch_size):
-        yield augment(input, label)
+    sampler = TrainingSampler(cache, cache.series_uids, data, device, SegmentationSpec(),
+                              seed=0)
+    epoch = 1
+    while True:  # endless: the caller stops after its timed steps
+        for input, label in sampler.batches(epoch, batch_size):
+            yield augment(input, label)
+        epoch += 1
 
 
 def book_batches(cache_dir: Path, data: DataConfig, device: torch.device, batch_size: int,
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     augment_config = AugmentConfig() if args.no_augment else AugmentConfig.book()
     train_config = TrainConfig(augment=augment_config)
-    data = DataConfig(chunk_irc=(7, 96, 96), crop_px=64)
+    data = DataConfig(crop_px=64)
     modes = [] if args.book_only else ["lunaseg"]
     if args.book or args.book_only:
         modes.append("book")

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     fig.savefig(args.out, dpi=80)
     log.info("wrote %s", args.out)
     if args.montage:
-        from lunaseg.montage import render_montage
+        from lunaseg.report import render_montage
 
         render_montage(phantoms, args.montage, title=f"phantoms, seed {args.seed}")
         log.info("wrote %s", args.montage)

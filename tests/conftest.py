@@ -1,15 +1,21 @@
-"""Shared fixtures: a tiny hand-made LUNA16-layout dataset and the path to ../shared."""
+"""Shared fixtures: tiny hand-made volumes and LUNA16-layout datasets, stand-in models and
+the path to ../shared."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from lunaseg.ct import write_image
 from lunaseg.geometry import Geometry
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
+from lunaseg.inputs import SegmentationSpec
+from lunaseg.files import write_csv
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -20,6 +26,36 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (real CT data lives in ../shared beside the repo)")
     return path
+
+
+class DenseStandIn(nn.Module):
+    """Deterministic "model": probability rises steeply above -500 HU on the centre slice."""
+
+    spec = SegmentationSpec()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((x[:, 3:4] + 500.0) / 50.0)
+
+
+def rotated_geometry(spacing_xyz=(0.8, 0.7, 2.0)) -> Geometry:
+    """30 degrees about z, z axis flipped, non-trivial origin and anisotropic spacing."""
+    angle = math.radians(30.0)
+    direction = np.array([[math.cos(angle), -math.sin(angle), 0.0],
+                          [math.sin(angle), math.cos(angle), 0.0],
+                          [0.0, 0.0, -1.0]])
+    return Geometry(np.array([-120.25, 35.5, 310.0]), np.array(spacing_xyz), direction)
+
+
+def sphere_phantom(shape=(24, 70, 66), center_irc=(11, 33, 30), radius_mm=5.0,
+                   spacing_xyz=(0.8, 0.7, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+    """-800 HU lung with a +40 HU ball (physical radius) -> (hu, ball mask)."""
+    hu = np.full(shape, -800, dtype=np.int16)
+    i, r, c = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    sx, sy, sz = spacing_xyz
+    ball = (((i - center_irc[0]) * sz) ** 2 + ((r - center_irc[1]) * sy) ** 2
+            + ((c - center_irc[2]) * sx) ** 2) <= radius_mm ** 2
+    hu[ball] = 40
+    return hu, ball
 
 
 def toy_chest(shape_irc=(5, 64, 64)) -> np.ndarray:

@@ -1,37 +1,63 @@
-"""The command line end to end, in-process: synth -> prepcache -> train -> segment -> evaluate."""
+"""The command line, in-process through ``main(argv)``: one test per command, on one tiny
+dataset and training run made once for the module."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
 
+from conftest import shared_path
 from lunaseg.cli import main
 
-from conftest import shared_path
-
-
-def test_pipeline_through_the_cli(tmp_path, capsys):
-    data, run, seg = tmp_path / "data", tmp_path / "run", tmp_path / "seg"
+@pytest.fixture(scope="module")
+def run_folders(tmp_path_factory) -> dict[str, Path]:
+    """synth -> prepcache -> train through the CLI, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    data, run = root / "data", root / "run"
     assert main(["-q", "synth", "--out", str(data), "--series", "6", "--seed", "3",
                  "--shape", "24,96,96"]) == 0
     assert main(["-q", "prepcache", "--data", str(data), "--chunk", "7,32,32",
                  "--workers", "1"]) == 0
-    capsys.readouterr()
-    assert main(["-q", "prepcache", "--data", str(data), "--chunk", "7,32,32"]) == 0
-    assert "0 built, 6 up to date" in capsys.readouterr().out
     assert main(["-q", "train", "--data", str(data), "--out", str(run), "--epochs", "2",
-                 "--chunk", "7,32,32", "--crop", "24", "--val-stride", "3",
-                 "--epoch-samples", "64", "--negative-crops", "0.3", "--bce-weight", "0.5",
-                 "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "best validation" in out and (run / "checkpoint.best.pt").is_file()
-    assert json.loads((run / "splits.json").read_text())["val"]
+                 "--crop", "24", "--val-stride", "3", "--epoch-samples", "64",
+                 "--negative-crops", "0.3", "--bce-weight", "0.5", "--device", "cpu"]) == 0
+    return {"root": root, "data": data, "run": run}
 
-    assert main(["-q", "segment", str(data), "--model", str(run / "checkpoint.best.pt"),
-                 "--out", str(seg), "--overlays", "2", "--tta", "2", "--device", "cpu"]) == 0
+
+def test_synth(tmp_path, capsys):
+    assert main(["-q", "synth", "--out", str(tmp_path / "d"), "--series", "2", "--seed", "1",
+                 "--shape", "16,64,64"]) == 0
+    assert "synth: 2 series" in capsys.readouterr().out
+    assert len(list((tmp_path / "d").glob("subset*/*.mhd"))) == 2
+    assert (tmp_path / "d" / "annotations_with_malignancy.csv").is_file()
+
+
+@pytest.mark.slow
+def test_prepcache_is_incremental(run_folders, capsys):
+    capsys.readouterr()
+    assert main(["-q", "prepcache", "--data", str(run_folders["data"]), "--chunk",
+                 "7,32,32"]) == 0
+    assert "0 built, 6 up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_writes_its_run(run_folders):
+    run = run_folders["run"]
+    assert (run / "checkpoint.pt").is_file() and (run / "checkpoint.best.pt").is_file()
+    assert json.loads((run / "splits.json").read_text())["val"]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_segment(run_folders, tmp_path):
+    seg = tmp_path / "seg"
+    assert main(["-q", "segment", str(run_folders["data"]), "--model",
+                 str(run_folders["run"] / "checkpoint.best.pt"), "--out", str(seg),
+                 "--overlays", "2", "--tta", "2", "--device", "cpu"]) == 0
     assert json.loads((seg / "segment_config.json").read_text())["tta"] == 2
     with open(seg / "submission.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -41,49 +67,68 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
     assert mask.GetSize()[::-1] == (24, 96, 96)
     assert (series_folder / "report.html").read_text().startswith("<!DOCTYPE html>")
 
+
+@pytest.fixture(scope="module")
+def submission(run_folders) -> Path:
+    seg = run_folders["root"] / "seg"
+    assert main(["-q", "segment", str(run_folders["data"]), "--model",
+                 str(run_folders["run"] / "checkpoint.pt"), "--out", str(seg),
+                 "--overlays", "0", "--no-volumes", "--device", "cpu"]) == 0
+    return seg / "submission.csv"
+
+
+@pytest.mark.slow
+def test_evaluate_a_submission(run_folders, submission, tmp_path, capsys):
+    data = run_folders["data"]
     assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
                  "--excluded", str(data / "annotations_excluded.csv"),
-                 "--candidates", str(seg / "submission.csv"),
-                 "--out", str(tmp_path / "eval")]) == 0
+                 "--candidates", str(submission), "--out", str(tmp_path / "eval")]) == 0
     assert "CPM" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval" / "froc.json").read_text())["n_scans"] >= 1
     assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"
 
+
+@pytest.mark.slow
+def test_evaluate_series_lists(run_folders, submission, tmp_path, capsys):
+    data = run_folders["data"]
     # --series also takes a file in the format of LUNA16's seriesuids.csv.
-    uids = sorted(p.name for p in seg.iterdir() if p.is_dir())[:2]
+    with open(submission, newline="") as handle:
+        uids = sorted({row["seriesuid"] for row in csv.DictReader(handle)})[:2]
     (tmp_path / "seriesuids.csv").write_text("\n".join(uids) + "\n")
     assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
-                 "--candidates", str(seg / "submission.csv"),
-                 "--series", str(tmp_path / "seriesuids.csv"),
+                 "--candidates", str(submission), "--series", str(tmp_path / "seriesuids.csv"),
                  "--out", str(tmp_path / "eval2")]) == 0
     assert json.loads((tmp_path / "eval2" / "froc.json").read_text())["n_scans"] == 2
     # A UID in no file is scored as a clean scan, and pointed out (it may be a typo).
     capsys.readouterr()
     assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
-                 "--candidates", str(seg / "submission.csv"), "--series", *uids, "1.2.3.typo",
+                 "--candidates", str(submission), "--series", *uids, "1.2.3.typo",
                  "--out", str(tmp_path / "eval2b")]) == 0
     assert json.loads((tmp_path / "eval2b" / "froc.json").read_text())["n_scans"] == 3
-    warned = capsys.readouterr().err
     assert ("1 of the 3 series listed appear in no annotation, excluded finding or candidate "
-            "(first: 1.2.3.typo)") in warned
+            "(first: 1.2.3.typo)") in capsys.readouterr().err
     # Segmentation options cannot change a finished candidate list: said, not silently dropped.
     assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
-                 "--candidates", str(seg / "submission.csv"), "--threshold", "0.9",
+                 "--candidates", str(submission), "--threshold", "0.9",
                  "--tta", "4", "--out", str(tmp_path / "eval2c")]) == 0
     assert "do not apply to a --candidates CSV; ignoring threshold, tta" in \
         capsys.readouterr().err
-    # ... and narrows what `evaluate --data` segments.
-    assert main(["-q", "evaluate", "--data", str(data), "--model", str(run / "checkpoint.pt"),
-                 "--split", "all", "--series", str(tmp_path / "seriesuids.csv"),
-                 "--overlays", "0", "--out", str(tmp_path / "eval3")]) == 0
+    # ... and --series narrows what `evaluate --data` segments.
+    assert main(["-q", "evaluate", "--data", str(data), "--model",
+                 str(run_folders["run"] / "checkpoint.pt"), "--split", "all", "--series",
+                 str(tmp_path / "seriesuids.csv"), "--overlays", "0",
+                 "--out", str(tmp_path / "eval3")]) == 0
     assert sorted(p.name for p in (tmp_path / "eval3" / "segment").iterdir()
                   if p.is_dir()) == uids
 
-    # A checkpoint copied out of its run folder keeps the run's split (--val-stride 3 above,
-    # not the default 10).
+
+@pytest.mark.slow
+def test_evaluate_a_model_copied_out_of_its_run(run_folders, tmp_path):
+    # The checkpoint carries the run's split (--val-stride 3 above, not the default 10).
+    run = run_folders["run"]
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / "model.pt").write_bytes((run / "checkpoint.pt").read_bytes())
-    assert main(["-q", "evaluate", "--data", str(data), "--model",
+    assert main(["-q", "evaluate", "--data", str(run_folders["data"]), "--model",
                  str(tmp_path / "alone" / "model.pt"), "--overlays", "0", "--no-volumes",
                  "--threshold", "0.999999", "--out", str(tmp_path / "eval4")]) == 0
     val = json.loads((run / "splits.json").read_text())["val"]
@@ -92,6 +137,37 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
     # Without volumes (--no-volumes) misses are listed without a cause instead of failing.
     misses = json.loads((tmp_path / "eval4" / "misses.json").read_text())
     assert misses and all("--no-volumes" in m["reason"] for m in misses)
+
+
+@pytest.mark.slow
+def test_train_resume_keeps_the_runs_settings(run_folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data, run = run_folders["data"], tmp_path / "run"
+    common = ["-q", "train", "--data", str(data), "--crop", "24", "--val-stride", "2",
+              "--epoch-samples", "16", "--device", "cpu"]
+    assert main([*common, "--out", str(run)]) == 0
+    assert main([*common, "--out", str(run), "--epochs", "2",
+                 "--resume", str(run / "checkpoint.pt")]) == 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    # Resumed again without --epochs or --out: the run's own 2 epochs and folder, and a
+    # changed training option is named as ignored.
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--lr", "0.5", "--device", "cpu",
+                 "--resume", str(run / "checkpoint.pt")]) == 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.001
+    assert not (tmp_path / "runs").exists()
+    warned = capsys.readouterr().err
+    assert "ignoring lr 0.5 (the run's: 0.001)" in warned and "crop" not in warned
+
+
+def test_import_lidc(tmp_path, capsys):
+    scan = shared_path("data", "lidc-idri-0001")
+    assert main(["-q", "import-lidc", str(scan), "--out", str(tmp_path / "lidc")]) == 0
+    assert f"1 scans, 1 nodules into {tmp_path / 'lidc'}; 0 failed" in capsys.readouterr().out
+    with open(tmp_path / "lidc" / "annotations.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and abs(float(rows[0]["diameter_mm"]) - 23.85) < 0.1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -112,39 +188,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_import_lidc_through_the_cli(tmp_path, capsys):
-    scan = shared_path("data", "lidc-idri-0001")
-    assert main(["-q", "import-lidc", str(scan), "--out", str(tmp_path / "lidc")]) == 0
-    assert f"1 scans, 1 nodules into {tmp_path / 'lidc'}; 0 failed" in capsys.readouterr().out
-    with open(tmp_path / "lidc" / "annotations.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 1 and abs(float(rows[0]["diameter_mm"]) - 23.85) < 0.1
-
-
-def test_resume_keeps_the_runs_settings(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    data, run = tmp_path / "data", tmp_path / "run"
-    assert main(["-q", "synth", "--out", str(data), "--series", "4", "--seed", "5",
-                 "--shape", "16,64,64"]) == 0
-    assert main(["-q", "prepcache", "--data", str(data), "--chunk", "7,32,32"]) == 0
-    common = ["-q", "train", "--data", str(data), "--chunk", "7,32,32", "--crop", "24",
-              "--val-stride", "2", "--epoch-samples", "16", "--device", "cpu"]
-    assert main([*common, "--out", str(run)]) == 0
-    assert main([*common, "--out", str(run), "--epochs", "2",
-                 "--resume", str(run / "checkpoint.pt")]) == 0
-    assert json.loads((run / "config.json").read_text())["epochs"] == 2
-    # Resumed again without --epochs or --out: the run's own 2 epochs and folder, and a
-    # changed training option is named as ignored.
-    capsys.readouterr()
-    assert main(["train", "--data", str(data), "--lr", "0.5", "--device", "cpu",
-                 "--resume", str(run / "checkpoint.pt")]) == 0
-    assert json.loads((run / "config.json").read_text())["epochs"] == 2
-    assert json.loads((run / "config.json").read_text())["lr"] == 0.001
-    assert not (tmp_path / "runs").exists()
-    warned = capsys.readouterr().err
-    assert "ignoring lr 0.5 (the run's: 0.001)" in warned and "crop" not in warned
-
-
 def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("a file, not a folder")
@@ -152,3 +195,11 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
                  "--shape", "16,64,64"]) == 2
     err = capsys.readouterr().err.strip()
     assert str(taken) in err and "\n" not in err and "Traceback" not in err
+
+
+def test_help_texts_come_from_the_configs(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Adam learning rate (default 0.001)" in text
+    assert "weight of the false-negative Dice term (default 8)" in text

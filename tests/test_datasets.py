@@ -13,11 +13,13 @@ from lunaseg.cache import Cache, prepcache
 from lunaseg.config import CacheConfig, DataConfig
 from lunaseg.ct import write_image
 from lunaseg.datasets import (CropBank, SeriesBatchSampler, SliceDataset, TrainingSampler,
-                              check_data_config, pad_to_multiple, rank_share, split_series,
+                              check_data_config, load_splits, rank_share, split_series,
                               validation_items)
-from lunaseg.errors import ConfigError
+from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
+from lunaseg.inputs import SegmentationSpec, pad_to_multiple
+from lunaseg.files import write_csv
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
 
 CHUNK = (7, 48, 48)
 SHAPE_IRC = (14, 62, 58)  # in-plane size not a multiple of 4: full slices need padding
@@ -57,7 +59,16 @@ def cache(tmp_path_factory) -> Cache:
 
 
 def _config(**changes) -> DataConfig:
-    return DataConfig(chunk_irc=CHUNK, crop_px=32, **changes)
+    return DataConfig(**{"crop_px": 32, **changes})
+
+
+def _spec(config: DataConfig) -> SegmentationSpec:
+    return SegmentationSpec(min_hu=config.min_hu, max_hu=config.max_hu,
+                            context_slices=config.context_slices)
+
+
+def _sampler(cache: Cache, uids, config: DataConfig, **options) -> TrainingSampler:
+    return TrainingSampler(cache, uids, config, CPU, _spec(config), **options)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -141,7 +152,7 @@ def test_crop_bank_centred_crops_and_bad_size():
 def test_sampler_batches_shapes_dtypes_and_clipping(cache):
     splits = split_series(cache.series_uids, _config())
     config = _config(min_hu=-900.0, max_hu=0.0, epoch_samples=40)
-    sampler = TrainingSampler(cache, splits["train"], config, CPU, seed=1)
+    sampler = _sampler(cache, splits["train"], config, seed=1)
     expected_chunks = sum(len(cache[uid].nodules) for uid in splits["train"])
     assert len(sampler.positives) == expected_chunks == 4
     assert sampler.steps_per_epoch(16) == 3
@@ -158,7 +169,7 @@ def test_sampler_batches_shapes_dtypes_and_clipping(cache):
 def test_sampler_mixes_in_negative_crops(cache):
     uids = split_series(cache.series_uids, _config())["train"]
     config = _config(negative_crop_fraction=0.5, epoch_samples=256)
-    sampler = TrainingSampler(cache, uids, config, CPU, seed=0)
+    sampler = _sampler(cache, uids, config, seed=0)
     assert sampler.negatives is not None and len(sampler.negatives) >= 16
     # Negative chunks sit in the lungs, mostly away from nodules.
     negative_centres = sampler.negatives.label[:, 24, 24]
@@ -168,13 +179,13 @@ def test_sampler_mixes_in_negative_crops(cache):
     empty_share = (labelled == 0).float().mean().item()
     assert 0.25 < empty_share < 0.65  # about half negatives, most of them empty
     with pytest.raises(ConfigError, match="negative_crop_fraction"):
-        TrainingSampler(cache, uids, _config(negative_crop_fraction=1.0), CPU)
+        _sampler(cache, uids, _config(negative_crop_fraction=1.0))
 
 
 def test_sampler_full_slices_padded_to_multiple_of_four(cache):
     uids = split_series(cache.series_uids, _config())["train"]
     config = _config(full_slice_fraction=1.0, epoch_samples=64)
-    sampler = TrainingSampler(cache, uids, config, CPU, seed=3)
+    sampler = _sampler(cache, uids, config, seed=3)
     rows, cols = cache[uids[0]].hu.shape[1:]
     assert (rows % 4, cols % 4) != (0, 0)  # the fixture really needs padding
     # 16 crops of 32 px are about 16384 / (62 * 58) ~ 5 whole slices.
@@ -200,7 +211,7 @@ def test_hard_negatives_are_cut_at_the_models_false_positives(cache):
     uids = split_series(cache.series_uids, _config())["train"]
     config = _config(negative_crop_fraction=0.5, hard_negative_fraction=0.5,
                      hard_negative_slices=40, epoch_samples=64)
-    sampler = TrainingSampler(cache, uids, config, CPU, seed=2)
+    sampler = _sampler(cache, uids, config, seed=2)
     static = sampler.negatives
     # A fake model that is wrong at one fixed pixel of every slice (cropped frame) and
     # right everywhere else.
@@ -225,26 +236,44 @@ def test_hard_negatives_are_cut_at_the_models_false_positives(cache):
                                          spot_rc[1] - 3:spot_rc[1] + 4])
             for uid in uids for i in range(cache[uid].hu.shape[0]))
     # Deterministic per epoch; a model without false positives leaves the initial pool.
-    again = TrainingSampler(cache, uids, config, CPU, seed=2)
+    again = _sampler(cache, uids, config, seed=2)
     again.mine_hard_negatives(predict, epoch=2)
     assert torch.equal(again.negatives.hu, sampler.negatives.hu)
     assert sampler.mine_hard_negatives(lambda x: torch.zeros((1, 1, *x.shape[-2:])), 3) == 0
     assert sampler.negatives is static
     with pytest.raises(ConfigError, match="hard_negative_fraction"):
-        TrainingSampler(cache, uids, _config(hard_negative_fraction=0.5), CPU)
+        _sampler(cache, uids, _config(hard_negative_fraction=0.5))
 
 
 def test_sampler_refuses_chunks_it_cannot_crop(cache):
     check_data_config(DataConfig())  # the defaults are fine
     uids = split_series(cache.series_uids, _config())["train"]
-    # Rows != columns used to crop out of range (or only the top rows); a chunk deeper than
-    # 2 * context_slices + 1 gave crops and whole slices different channel counts.
-    for chunk, message in (((7, 48, 64), "rows and columns"), ((7, 64, 48), "rows and columns"),
-                           ((9, 48, 48), "use a chunk of 7 slices")):
-        with pytest.raises(ConfigError, match=message):
-            TrainingSampler(cache, uids, DataConfig(chunk_irc=chunk, crop_px=32), CPU)
+    # The cached chunks must have 2 * context_slices + 1 slices (crops and whole slices get
+    # the same channels) and room for the crop; the error says how to prepcache.
+    for config, message in ((_config(context_slices=4), "have 7 slices but 2 \\* "
+                             "context_slices \\+ 1 = 9; prepcache with --chunk 9,48,48"),
+                            (_config(crop_px=64), "crop_px 64 is larger than the cached "
+                             "chunks \\(48 px\\); prepcache with --chunk 7,64,64")):
+        with pytest.raises(DataError, match=message):
+            _sampler(cache, uids, config)
     with pytest.raises(ConfigError, match="full_slice_fraction"):
-        TrainingSampler(cache, uids, _config(full_slice_fraction=2.0), CPU)
+        _sampler(cache, uids, _config(full_slice_fraction=2.0))
+
+
+def test_saved_splits_are_reused_and_checked(tmp_path):
+    uids = [f"uid{k:02d}" for k in range(12)]
+    path = tmp_path / "splits.json"
+    made = load_splits(path, uids, DataConfig(val_stride=3))
+    assert made == split_series(uids, DataConfig(val_stride=3))
+    path.write_text('{"train": ["uid01"], "val": ["uid00"], "test": []}')
+    assert load_splits(path, uids, DataConfig())["val"] == ["uid00"]  # the saved one
+    path.write_text('{"train": ["gone"], "val": ["uid00"], "test": []}')
+    with pytest.raises(DataError, match="lists 1 series that are not here"):
+        load_splits(path, uids, DataConfig())
+    assert load_splits(path, uids, DataConfig(), strict=False)["train"] == ["gone"]
+    path.write_text('["not", "splits"]')
+    with pytest.raises(DataError, match="not a splits file"):
+        load_splits(path, uids, DataConfig())
 
 
 def _epoch(sampler: TrainingSampler, epoch: int = 1) -> list[torch.Tensor]:
@@ -255,23 +284,23 @@ def _epoch(sampler: TrainingSampler, epoch: int = 1) -> list[torch.Tensor]:
 def test_sampler_is_deterministic_per_seed_epoch_and_rank(cache):
     uids = split_series(cache.series_uids, _config())["train"]
     config = _config(negative_crop_fraction=0.25, full_slice_fraction=0.3, epoch_samples=48)
-    first = _epoch(TrainingSampler(cache, uids, config, CPU, seed=4))
-    again = _epoch(TrainingSampler(cache, uids, config, CPU, seed=4))
+    first = _epoch(_sampler(cache, uids, config, seed=4))
+    again = _epoch(_sampler(cache, uids, config, seed=4))
     assert len(first) == len(again) == 6
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    sampler = TrainingSampler(cache, uids, config, CPU, seed=4)
+    sampler = _sampler(cache, uids, config, seed=4)
     assert not all(torch.equal(a, b) for a, b in zip(first, _epoch(sampler, epoch=2)))
-    other_seed = _epoch(TrainingSampler(cache, uids, config, CPU, seed=5))
+    other_seed = _epoch(_sampler(cache, uids, config, seed=5))
     assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other_seed))
-    rank0 = _epoch(TrainingSampler(cache, uids, config, CPU, seed=4, rank=0, world_size=2))
-    rank1 = _epoch(TrainingSampler(cache, uids, config, CPU, seed=4, rank=1, world_size=2))
+    rank0 = _epoch(_sampler(cache, uids, config, seed=4, rank=0, world_size=2))
+    rank1 = _epoch(_sampler(cache, uids, config, seed=4, rank=1, world_size=2))
     assert len(rank0) == len(rank1) == 3  # 48 samples shared by 2 ranks of batch 8
     assert not any(a.shape == b.shape and torch.equal(a, b) for a, b in zip(rank0, rank1))
 
 
 def test_steps_per_epoch_respects_world_size(cache):
     uids = split_series(cache.series_uids, _config())["train"]
-    sampler = TrainingSampler(cache, uids, _config(epoch_samples=100), CPU)
+    sampler = _sampler(cache, uids, _config(epoch_samples=100))
     assert sampler.samples_per_epoch == 100
     assert [sampler.steps_per_epoch(16)] == [7]
     sampler.world_size = 2
@@ -279,7 +308,7 @@ def test_steps_per_epoch_respects_world_size(cache):
     sampler.world_size = 8
     assert sampler.steps_per_epoch(16) == 1
     # Without epoch_samples an epoch is one pass over the nodule chunks (plus negatives).
-    plain = TrainingSampler(cache, uids, _config(), CPU)
+    plain = _sampler(cache, uids, _config())
     assert plain.samples_per_epoch == len(plain.positives) == 4
 
 
@@ -311,7 +340,7 @@ def test_series_batch_sampler_never_mixes_series():
 def test_slice_dataset_matches_cache(cache):
     config = _config(min_hu=-950.0, max_hu=500.0)
     items = validation_items(cache, cache.series_uids, full_ct=True)
-    dataset = SliceDataset(cache, items, config)
+    dataset = SliceDataset(cache, items, _spec(config))
     sampler = SeriesBatchSampler(items, 5)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     seen = []

@@ -1,4 +1,4 @@
-"""LUNA16 scoring, checked against small cases computed by hand from the rules (SPEC §12)."""
+"""LUNA16 scoring, checked against small cases computed by hand from the official rules."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.evaluate import (
-    EXCLUDED_DEFAULT_DIAMETER_MM, Finding, Mark, froc, match_marks, plot_froc, read_annotations,
-    read_candidates, write_result_json,
+    Finding, Mark, cap_marks, froc, load_findings, load_marks, match_marks, write_result_json,
 )
+from lunaseg.luna import UNKNOWN_DIAMETER_SCORED_MM
+from lunaseg.report import plot_froc
 
 ORIGIN = (0.0, 0.0, 0.0)
 
@@ -34,9 +35,11 @@ def far_marks(*probabilities: float) -> list[Mark]:
 
 
 @pytest.mark.parametrize("xyz, hit", [
-    ((5.0, 0.0, 0.0), True),  # exactly on the radius
-    ((3.0, 4.0, 0.0), True),  # distance 5 in two axes
-    ((0.0, 0.0, -5.0), True),
+    ((4.999, 0.0, 0.0), True),
+    ((2.9, 4.0, 0.0), True),
+    ((0.0, 0.0, -4.99), True),
+    ((5.0, 0.0, 0.0), False),  # exactly on the radius: the official script's "<" misses it
+    ((3.0, 4.0, 0.0), False),  # distance 5 in two axes
     ((5.001, 0.0, 0.0), False),  # just beyond
     ((3.0, 4.0, 0.01), False),
 ])
@@ -82,12 +85,21 @@ def test_excluded_finding_absorbs_mark():
 
 
 def test_excluded_without_diameter_uses_default_radius():
-    radius = EXCLUDED_DEFAULT_DIAMETER_MM / 2
+    radius = UNKNOWN_DIAMETER_SCORED_MM / 2
     excluded = [Finding(np.array(ORIGIN), -1.0)]
-    matches = match_marks([], [mark(0.5, x=radius), mark(0.5, x=radius + 0.01)],
+    matches = match_marks([], [mark(0.5, x=radius - 0.01), mark(0.5, x=radius)],
                           excluded=excluded)
     assert matches.on_excluded.tolist() == [True, False]
     assert matches.is_fp.tolist() == [False, True]
+
+
+def test_zero_diameter_is_radius_zero_and_negative_is_ten_mm():
+    # Only a negative diameter means "unknown size"; 0 is a point nothing can hit.
+    marks = [mark(0.5, x=0.01), mark(0.5, x=4.9)]
+    assert match_marks([], marks, excluded=[Finding(np.array(ORIGIN), 0.0)]
+                       ).on_excluded.tolist() == [False, False]
+    assert match_marks([nodule(d=-1.0)], marks).hits[:, 0].tolist() == [True, True]
+    assert match_marks([nodule(d=0.0)], marks).hits[:, 0].tolist() == [False, False]
 
 
 def test_mark_on_nodule_and_excluded_is_a_hit():
@@ -146,13 +158,32 @@ def test_cap_drops_lowest_marks():
     assert uncapped.nodules[0].hit and uncapped.sensitivity.max() == 1.0
 
 
-def test_cap_ties_keep_earlier_marks():
+def test_cap_rule_first_keeps_earlier_marks_on_ties():
     marks = far_marks(0.5, 0.5) + [mark(0.5)]
-    result = froc({"a": [nodule()]}, {"a": marks}, max_marks_per_scan=2, bootstrap=0)
+    result = froc({"a": [nodule()]}, {"a": marks}, max_marks_per_scan=2, cap_rule="first",
+                  bootstrap=0)
     assert result.nodules[0].rank == 3 and not result.nodules[0].hit
     marks = [mark(0.5)] + far_marks(0.5, 0.5)
-    result = froc({"a": [nodule()]}, {"a": marks}, max_marks_per_scan=2, bootstrap=0)
+    result = froc({"a": [nodule()]}, {"a": marks}, max_marks_per_scan=2, cap_rule="first",
+                  bootstrap=0)
     assert result.nodules[0].rank == 1 and result.nodules[0].hit
+
+
+def test_luna16_cap_drops_every_mark_tied_at_the_cut(caplog):
+    # Official rule: keep the marks strictly above the probability of the (cap + 1)-th.
+    probabilities = np.array([0.9, 0.8, 0.5, 0.5, 0.5, 0.1])
+    assert cap_marks(probabilities, 3) == 2  # the 4th (0.5) ties the 3rd: both go
+    assert cap_marks(probabilities, 5) == 5  # the 6th (0.1) is below every kept one
+    assert cap_marks(probabilities, 6) == 6 and cap_marks(probabilities, None) == 6
+    assert cap_marks(probabilities, 3, "first") == 3
+    assert cap_marks(np.full(101, 1.0), 100) == 0  # 101 saturated marks keep nothing
+    marks = [mark(0.5)] + far_marks(0.9, 0.5, 0.5)
+    result = froc({"a": [nodule()]}, {"a": marks}, max_marks_per_scan=2, bootstrap=0)
+    assert result.nodules[0].hit_any and not result.nodules[0].hit
+    assert result.marks_per_scan == 1.0  # only the 0.9 mark survives
+    assert "left 1 of the 2 places empty" in caplog.text
+    with pytest.raises(ConfigError, match="cap_rule"):
+        froc({"a": [nodule()]}, {"a": marks}, cap_rule="best", bootstrap=0)
 
 
 # --------------------------------------------------------------------------- CPM by hand
@@ -337,13 +368,13 @@ def test_read_annotations_and_candidates(tmp_path):
     ann = write(tmp_path / "annotations_with_malignancy.csv",
                 "seriesuid,coordX,coordY,coordZ,diameter_mm,malignancy\n"
                 "1.2.3,-10.5,20,30.25,6.5,1\n1.2.3,0,0,0,4,0\n9.9,1,2,3,12,1\n")
-    found = read_annotations(ann)
+    found = load_findings(ann)
     assert sorted(found) == ["1.2.3", "9.9"]
     assert found["1.2.3"][0].center_xyz.tolist() == [-10.5, 20.0, 30.25]
     assert found["1.2.3"][0].diameter_mm == 6.5
     sub = write(tmp_path / "submission.csv",
                 "seriesuid,coordX,coordY,coordZ,probability\n1.2.3,1,2,3,0.25\n")
-    read = read_candidates(sub)
+    read = load_marks(sub)
     assert read["1.2.3"][0].probability == 0.25
 
 
@@ -351,15 +382,15 @@ def test_read_excluded_keeps_missing_diameters(tmp_path):
     path = write(tmp_path / "annotations_excluded.csv",
                  "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
                  "a,1,2,3,-1\na,4,5,6,\na,7,8,9,2.5\n")
-    found = read_annotations(path, excluded=True)
+    found = load_findings(path, excluded=True)
     assert [f.diameter_mm for f in found["a"]] == [-1.0, -1.0, 2.5]
-    with pytest.raises(DataError, match=r"annotations_excluded\.csv: line 2: diameter_mm"):
-        read_annotations(path)
+    with pytest.raises(DataError, match=r"annotations_excluded\.csv: line 3: diameter_mm"):
+        load_findings(path)
 
 
 @pytest.mark.parametrize("reader, header", [
-    (read_annotations, "seriesuid,coordX,coordY,coordZ\n"),
-    (read_candidates, "seriesuid,coordX,coordY,coordZ,class\n"),
+    (load_findings, "seriesuid,coordX,coordY,coordZ\n"),
+    (load_marks, "seriesuid,coordX,coordY,coordZ,class\n"),
 ])
 def test_readers_reject_missing_column(tmp_path, reader, header):
     path = write(tmp_path / "broken.csv", header + "a,1,2,3,0\n")
@@ -371,16 +402,16 @@ def test_readers_name_line_of_bad_number(tmp_path):
     path = write(tmp_path / "sub.csv", "seriesuid,coordX,coordY,coordZ,probability\n"
                                        "a,1,2,3,0.5\na,1,two,3,0.5\n")
     with pytest.raises(DataError, match=r"sub\.csv: line 3: coordY is not a number"):
-        read_candidates(path)
+        load_marks(path)
     path = write(tmp_path / "nan.csv", "seriesuid,coordX,coordY,coordZ,probability\n"
                                        "a,1,2,3,nan\n")
     with pytest.raises(DataError, match=r"nan\.csv: line 2: probability is not finite"):
-        read_candidates(path)
+        load_marks(path)
 
 
 def test_reader_missing_file(tmp_path):
     with pytest.raises(DataError, match="absent.csv"):
-        read_candidates(tmp_path / "absent.csv")
+        load_marks(tmp_path / "absent.csv")
 
 
 def test_write_result_json_and_plot(tmp_path):

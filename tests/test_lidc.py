@@ -11,6 +11,7 @@ import pytest
 
 from lunaseg import ct as ct_io
 from lunaseg import lidc, luna
+from lunaseg.config import LidcConfig
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 
@@ -191,9 +192,9 @@ def test_bad_xml_gives_one_line_data_error(tmp_path: Path, content: str, problem
 
 def test_import_checks_its_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="min_readers"):
-        lidc.import_lidc([tmp_path], tmp_path / "out", min_readers=0)
+        lidc.import_lidc([tmp_path], tmp_path / "out", LidcConfig(min_readers=0))
     with pytest.raises(ConfigError, match="subset"):
-        lidc.import_lidc([tmp_path], tmp_path / "out", subset=-1)
+        lidc.import_lidc([tmp_path], tmp_path / "out", LidcConfig(subset=-1))
     with pytest.raises(DataError, match="no such file"):
         lidc.import_lidc([tmp_path / "nowhere"], tmp_path / "out")
 
@@ -286,7 +287,7 @@ def test_0002_imports_although_its_nodule_leaves_the_slab(
     assert scan.skipped_rois > 0  # outlines on slices that are not in the folder
     # Two readers outlined the large nodule: excluded at 3 readers, accepted at 2.
     assert scan.nodules == 0 and scan.excluded >= 1
-    loose = lidc.import_lidc([SCAN_0002], tmp_path, min_readers=2, progress=False)
+    loose = lidc.import_lidc([SCAN_0002], tmp_path, LidcConfig(min_readers=2), progress=False)
     assert loose.failures == [] and loose.scans[0].nodules == 1
     nodule = luna.read_nodules(tmp_path / "annotations.csv")[0]
     geometry, shape = ct_io.read_geometry(tmp_path / "subset0" / f"{UID_0002}.mhd")
@@ -308,7 +309,7 @@ def test_reimport_is_idempotent_and_keeps_other_series(
     assert summary.imported == [UID_0001]
     assert {name: (copy / name).read_text() for name in names} == before
     # into another subset: the old copy goes, rows stay single
-    lidc.import_lidc([SCAN_0001], copy, subset=3, progress=False)
+    lidc.import_lidc([SCAN_0001], copy, LidcConfig(subset=3), progress=False)
     assert luna.find_series(copy)[UID_0001] == copy / "subset3" / f"{UID_0001}.mhd"
     assert not (copy / "subset0" / f"{UID_0001}.raw").exists()
     assert {name: (copy / name).read_text() for name in names} == before

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import shared_path
 from lunaseg.errors import DataError
+from lunaseg.files import write_csv
 from lunaseg.luna import (CANDIDATE_COLUMNS, expand_series, find_series, load_candidates,
-                          read_candidates, read_nodules, read_series_list, write_csv)
+                          read_candidates, read_nodules, read_series_list)
 
 LIDC_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 

@@ -1,26 +1,23 @@
-"""U-Net layout, shapes and checkpoints (including the book's legacy format)."""
+"""The U-Net: layout, shapes, and loading it from lunaseg's and the book's checkpoints."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import random
 import re
-import shlex
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from lunaseg.config import ModelConfig
+from conftest import shared_path
+from lunaseg.checkpoint import load_checkpoint
+from lunaseg.config import ModelConfig, to_dict
 from lunaseg.errors import CheckpointError, ConfigError
-from lunaseg.model import (
-    UNet, UNetWrapper, build_model, capture_rng_state, infer_model_config, load_checkpoint,
-    load_model, restore_rng_state, save_checkpoint,
-)
+from lunaseg.inputs import SegmentationSpec
+from lunaseg.model import (UNet, UNetWrapper, build_model, infer_model_config, load_model,
+                           save_model)
 
 BOOK_KEYS = {"sys_argv", "time", "model_state", "model_name", "optimizer_state",
              "optimizer_name", "epoch", "totalTrainingSamples_count"}
@@ -38,7 +35,7 @@ def _trained(seed: int = 0) -> tuple[UNetWrapper, torch.optim.Adam]:
 
 
 def _book_state_keys() -> set[str]:
-    """The key set SPEC §7 gives for the book's default model, written out from the spec."""
+    """The key set of the book's default model, written out by hand."""
     keys = {f"input_batchnorm.{n}" for n in
             ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -161,7 +158,8 @@ def test_book_legacy_checkpoint_loads_strictly(tmp_path, monkeypatch, fake_cuda)
     loaded, checkpoint = load_model(path)
     assert checkpoint.format == "book"
     assert checkpoint.epoch == 10 and checkpoint.samples_seen == 3_000_000
-    assert checkpoint.model_config == ModelConfig()  # inferred from the shapes
+    assert checkpoint.model_config is None and loaded.config == ModelConfig()  # inferred
+    assert loaded.spec == SegmentationSpec()  # the book's input
     assert checkpoint.sha1 == hashlib.sha1(data).hexdigest()
     assert not loaded.training
     x = torch.randn(1, 7, 16, 16)
@@ -189,8 +187,8 @@ def test_round_trip_restores_identical_outputs(tmp_path):
     model, optimizer = _trained()
     config = {"batch_size": 16, "data": {"chunk_irc": (7, 96, 96)}, "out": Path("runs/x")}
     path = tmp_path / "ckpt" / "model.pt"
-    sha1 = save_checkpoint(path, model=model, optimizer=optimizer, config=config, epoch=3,
-                           samples_seen=1234, extra={"best_recall": 0.8})
+    sha1 = save_model(path, model, optimizer=optimizer, config=config, epoch=3,
+                      samples_seen=1234, extra={"best_recall": 0.8})
     assert sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
     assert os.listdir(path.parent) == ["model.pt"]  # no temp file left behind
 
@@ -210,11 +208,44 @@ def test_round_trip_restores_identical_outputs(tmp_path):
     torch.optim.Adam(loaded.parameters()).load_state_dict(checkpoint.optimizer_state)
 
 
-def test_model_config_is_stored_not_guessed(tmp_path):
-    config = ModelConfig(depth=2, wf=3, padding=False)
+def test_model_config_and_spec_are_stored_not_guessed(tmp_path):
+    config = ModelConfig(in_channels=5, depth=2, wf=3, padding=False)
+    spec = SegmentationSpec(min_hu=-1200.0, max_hu=600.0, context_slices=2, size_multiple=2,
+                            tta=4)
     path = tmp_path / "m.pt"
-    save_checkpoint(path, model=build_model(config), config=None, epoch=0, samples_seen=0)
-    assert load_checkpoint(path).model_config == config  # padding=False survives
+    save_model(path, build_model(config, spec), config=None, epoch=0, samples_seen=0)
+    assert load_checkpoint(path).model_config == to_dict(config)  # padding=False survives
+    loaded, _ = load_model(path)
+    assert loaded.config == config and loaded.spec == spec
+
+
+def test_a_spec_that_does_not_fit_the_model_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(path, build_model(spec=SegmentationSpec(context_slices=2)), config=None,
+               epoch=0, samples_seen=0)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_model(path)
+
+
+def test_classifier_checkpoint_is_not_taken_for_a_unet(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"model_state": build_model().state_dict(), "model_kind": "classifier",
+                "format": "lunaseg-1"}, path)
+    with pytest.raises(CheckpointError, match="classifier model, not a segmentation U-Net"):
+        load_model(path)
+
+
+def test_not_a_unet_is_named(tmp_path):
+    path = tmp_path / "notunet.pt"
+    torch.save({"model_state": {"a": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="U-Net"):
+        load_model(path)
+
+
+def test_the_books_real_checkpoint_loads_with_the_books_spec():
+    model, checkpoint = load_model(shared_path("models", "book-seg-2020-01-26.best.state"))
+    assert checkpoint.format == "book" and checkpoint.epoch == 5
+    assert model.config == ModelConfig() and model.spec == SegmentationSpec()
 
 
 def test_dataparallel_prefix_is_stripped(tmp_path):
@@ -223,107 +254,6 @@ def test_dataparallel_prefix_is_stripped(tmp_path):
     torch.save({"model_state": state, "epoch": 1}, path)
     loaded, checkpoint = load_model(path)
     assert checkpoint.samples_seen is None and checkpoint.epoch == 1
-
-
-def test_rng_state_round_trip(tmp_path):
-    path = tmp_path / "rng.pt"
-    torch.manual_seed(5)
-    save_checkpoint(path, model=build_model(), config=None, epoch=0, samples_seen=0,
-                    rng_state=capture_rng_state())
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.manual_seed(99)
-    restore_rng_state(load_checkpoint(path).rng_state)
-    got = (torch.rand(3), random.random(), np.random.rand())
-    torch.testing.assert_close(got[0], expected[0])
-    assert got[1:] == expected[1:]
-
-
-def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "m.pt"
-    save_checkpoint(path, model=build_model(), config=None, epoch=1, samples_seen=1)
-    before = path.read_bytes()
-
-    def broken_save(obj, handle, *args, **kwargs):
-        handle.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, model=build_model(), config=None, epoch=2, samples_seen=2)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["m.pt"]
-
-
-def test_unsupported_config_value_fails_at_save(tmp_path):
-    with pytest.raises(TypeError, match=r"config\['fn'\]"):
-        save_checkpoint(tmp_path / "m.pt", model=build_model(), config={"fn": print}, epoch=0,
-                        samples_seen=0)
-
-
-class _Evil:
-    """Pickles to a call of os.system that would create a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
-
-
-@pytest.mark.parametrize("container", ["pickle", "torch-zip", "torch-legacy"])
-def test_malicious_pickle_is_refused_without_running(tmp_path, container):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pt"
-    payload = {"model_state": build_model().state_dict(), "hook": _Evil(marker)}
-    if container == "pickle":
-        path.write_bytes(pickle.dumps(payload))
-    else:
-        torch.save(payload, path, _use_new_zipfile_serialization=container == "torch-zip")
-    assert not marker.exists()
-    with pytest.raises(CheckpointError, match=r"evil\.pt.*refused") as info:
-        load_checkpoint(path)
-    assert "\n" not in str(info.value)
-    assert not marker.exists()
-
-
-def test_the_evil_payload_is_live(tmp_path):
-    """Guards the test above: an unrestricted unpickler really would run the command."""
-    marker = tmp_path / "pwned"
-    pickle.loads(pickle.dumps(_Evil(marker)))
-    assert marker.exists()
-
-
-def _zip_of_text(path: Path) -> None:
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("readme.txt", "hello")
-
-
-@pytest.mark.parametrize("name,make,problem", [
-    ("random.pt", lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "not a checkpoint"),
-    ("random2.pt", lambda p: p.write_bytes(random.Random(1).randbytes(64)), "not a checkpoint"),
-    ("empty.pt", lambda p: p.write_bytes(b""), "not a checkpoint"),
-    ("notes.txt", lambda p: p.write_text("epoch 3, recall 0.8\n"), "not a checkpoint"),
-    ("other.zip", _zip_of_text, "not a checkpoint"),
-    ("list.pt", lambda p: torch.save([torch.zeros(2)], p), "holds a list"),
-    ("nostate.pt", lambda p: torch.save({"epoch": 1}, p), "no 'model_state'"),
-    ("bare.pt", lambda p: torch.save(build_model().state_dict(), p), "bare state_dict"),
-    ("junkstate.pt", lambda p: torch.save({"model_state": {"a": 1}}, p), "not named tensors"),
-    ("notunet.pt", lambda p: torch.save({"model_state": {"a": torch.zeros(1)}}, p), "U-Net"),
-])
-def test_non_checkpoints_raise_checkpoint_error(tmp_path, name, make, problem):
-    path = tmp_path / name
-    make(path)
-    with pytest.raises(CheckpointError, match=re.escape(problem)) as info:
-        load_checkpoint(path)
-    message = str(info.value)
-    assert name in message and "\n" not in message
-
-
-def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_checkpoint(tmp_path / "absent.pt")
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_checkpoint(tmp_path)
 
 
 def test_mismatched_weights_raise_checkpoint_error(tmp_path):
@@ -349,7 +279,7 @@ def test_cuda_bf16_channels_last_and_checkpoint_to_cpu(tmp_path):
     optimizer.step()
     assert out.shape == (4, 1, 64, 64)
     path = tmp_path / "gpu.pt"
-    save_checkpoint(path, model=model, optimizer=optimizer, config=None, epoch=1, samples_seen=4)
+    save_model(path, model, optimizer=optimizer, config=None, epoch=1, samples_seen=4)
     loaded, checkpoint = load_model(path)  # CPU
     assert next(loaded.parameters()).device.type == "cpu"
     assert checkpoint.optimizer_state["state"][0]["exp_avg"].device.type == "cpu"

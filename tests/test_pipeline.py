@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from lunaseg.pipeline import run_demo
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path):
     result = run_demo(tmp_path / "demo", quick=True, progress=False)
     assert set(result.seconds) == {"synth", "prepcache", "train", "segment+evaluate"}

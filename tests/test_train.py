@@ -17,14 +17,19 @@ from PIL import Image
 import lunaseg.train
 from conftest import add_sphere, tiny_volume
 from lunaseg.cache import Cache, prepcache
-from lunaseg.config import AugmentConfig, CacheConfig, DataConfig, ModelConfig, TrainConfig
-from lunaseg.errors import ConfigError, DataError
-from lunaseg.ct import write_image
+from lunaseg.checkpoint import load_checkpoint
+from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, ModelConfig, SegmentConfig,
+                            TrainConfig)
+from lunaseg.ct import CT, write_image
 from lunaseg.datasets import TrainingSampler, split_series
+from lunaseg.errors import ConfigError, DataError
+from lunaseg.files import write_csv
 from lunaseg.geometry import Geometry
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv
+from lunaseg.inputs import SegmentationSpec
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
 from lunaseg.metrics import pixel_counts
-from lunaseg.model import UNetWrapper, build_model, load_checkpoint, load_model
+from lunaseg.model import UNetWrapper, build_model, load_model
+from lunaseg.segment import segment_ct
 from lunaseg.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, _is_better, _set_lr,
                            check_train_config, train)
 
@@ -75,7 +80,7 @@ def _make_cache(root: Path, shape: tuple[int, int, int] = (16, 64, 64)) -> Path:
 
 def _config(*, epochs: int, batch_size: int = 8, epoch_samples: int = 32,
             **changes) -> TrainConfig:
-    data = DataConfig(chunk_irc=CHUNK, crop_px=32, val_stride=4, epoch_samples=epoch_samples,
+    data = DataConfig(crop_px=32, val_stride=4, epoch_samples=epoch_samples,
                       negative_crop_fraction=changes.pop("negative_crop_fraction", 0.0),
                       full_slice_fraction=changes.pop("full_slice_fraction", 0.0),
                       hard_negative_fraction=changes.pop("hard_negative_fraction", 0.0),
@@ -88,8 +93,8 @@ def _capture_models(monkeypatch: pytest.MonkeyPatch) -> list[UNetWrapper]:
     """Record every model train() builds, so a test can look at the in-memory weights."""
     built: list[UNetWrapper] = []
 
-    def recording_build_model(config):
-        built.append(build_model(config))
+    def recording_build_model(config, spec=None):
+        built.append(build_model(config, spec))
         return built[-1]
 
     monkeypatch.setattr(lunaseg.train, "build_model", recording_build_model)
@@ -108,7 +113,7 @@ def _fixed_training_crops(cache_dir: Path, data: DataConfig) -> tuple[torch.Tens
     """Every training chunk cut at five fixed offsets (centre and corners)."""
     cache = Cache(cache_dir)
     sampler = TrainingSampler(cache, split_series(cache.series_uids, data)["train"], data,
-                              torch.device("cpu"))
+                              torch.device("cpu"), SegmentationSpec())
     bank = sampler.positives
     inputs, labels = [], []
     for row, col in ((8, 8), (0, 0), (0, 16), (16, 0), (16, 16)):
@@ -121,6 +126,7 @@ def _fixed_training_crops(cache_dir: Path, data: DataConfig) -> tuple[torch.Tens
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_short_run_learns_its_training_crops(cache_dir, tmp_path, monkeypatch):
     config = _config(epochs=6, batch_size=16, epoch_samples=128)
     input, label = _fixed_training_crops(cache_dir, config.data)
@@ -219,9 +225,10 @@ def test_tensorboard_scalars_and_images(logged_run):
         # The PNG copy on disk is the image TensorBoard shows, and it decodes to an RGB slice.
         shown = events.Images(f"{split}/0_prediction_0")[-1]
         copies = sorted((result.out_dir / "overlays").glob(f"epoch002_{split}_00_slice*.png"))
-        assert len(copies) == 6 and copies[0].read_bytes() == shown.encoded_image_string
         rgb = np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)))
         assert rgb.shape == (shown.height, shown.width, 3) and rgb.std() > 0
+        assert len(copies) == 6
+        np.testing.assert_array_equal(np.asarray(Image.open(copies[0])), rgb)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -231,6 +238,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path).model_state
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run_exactly(cache_dir, tmp_path):
     # Everything that draws random numbers or depends on the epoch: augmentation, negative
     # and whole-slice mixing, hard negatives mined with the current model, the cosine rate.
@@ -331,7 +339,6 @@ BAD_SETTINGS = [
     ("best_min_recall", 1.5, "best_min_recall"),
     ("best_min_recall", -0.1, "best_min_recall"),
     ("data.crop_px", 0, "crop_px"),
-    ("data.crop_px", 64, "crop_px"),  # larger than the 48-px chunks
     ("data.crop_px", 34, "crop_px"),  # not a multiple of 4
     ("data.epoch_samples", -1, "epoch_samples"),
     ("data.full_slice_fraction", 1.5, "full_slice_fraction"),
@@ -341,9 +348,7 @@ BAD_SETTINGS = [
     ("data.hard_negative_fraction", 0.5, "hard_negative_fraction"),  # no negatives to re-cut
     ("data.hard_negative_fraction", 1.5, "hard_negative_fraction"),
     ("data.val_stride", 1, "val_stride"),
-    ("data.chunk_irc", (7, 48, 64), "chunk_irc"),
-    ("data.chunk_irc", (7, 64, 48), "chunk_irc"),
-    ("data.chunk_irc", (9, 48, 48), "chunk_irc"),  # 9 slices for a 7-channel model
+    ("data.min_hu", 1000.0, "min_hu < max_hu"),
     ("data.context_slices", 4, "context_slices"),  # 9 channels for a 7-channel model
     ("model.in_channels", 9, "in_channels"),
 ]
@@ -366,13 +371,40 @@ def test_bad_settings_fail_before_the_run_folder_exists(cache_dir, tmp_path, set
     assert not out.exists()
 
 
-def test_a_cache_of_another_chunk_size_fails_before_the_run_folder_exists(cache_dir, tmp_path):
+def test_a_cache_too_small_for_the_crop_fails_before_the_run_folder_exists(cache_dir, tmp_path):
     config = _config(epochs=1)
-    config.data.chunk_irc = (7, 40, 40)  # the cache holds 48-px chunks
-    config.data.crop_px = 32
-    with pytest.raises(DataError, match="re-run prepcache with --chunk 7,40,40"):
+    config.data.crop_px = 64  # the cache holds 48-px chunks
+    with pytest.raises(DataError, match="prepcache with --chunk 7,64,64"):
         train(config, cache_dir, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+class _InputRecorder(torch.nn.Module):
+    """Wraps a model and records the smallest and largest input value it was given."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = model.spec
+        self.low, self.high = float("inf"), float("-inf")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.low, self.high = min(self.low, x.min().item()), max(self.high, x.max().item())
+        return self.model(x)
+
+
+def test_a_non_default_hu_window_reaches_inference(cache_dir, tmp_path):
+    config = _config(epochs=1, epoch_samples=16)
+    config.data.min_hu, config.data.max_hu = -600.0, 250.0
+    result = train(config, cache_dir, tmp_path / "run", progress=False)
+    model, checkpoint = load_model(result.checkpoint)
+    assert model.spec == SegmentationSpec(min_hu=-600.0, max_hu=250.0)
+    assert checkpoint.spec["min_hu"] == -600.0
+    hu = np.full((9, 40, 40), -1000, dtype=np.int16)
+    hu[:, 10:30, 10:30] = 900  # far outside the window on both sides
+    recorder = _InputRecorder(model)
+    segment_ct(recorder, CT(hu, Geometry.identity(), "s"), SegmentConfig(), device="cpu")
+    assert (recorder.low, recorder.high) == (-600.0, 250.0)
 
 
 def test_default_and_test_settings_pass_the_check():
@@ -417,6 +449,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, cache_dir: Path, root: Pa
     (root / f"result{rank}.json").write_text(json.dumps(summary))
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_two_ranks(cache_dir, tmp_path):
     import torch.multiprocessing as mp
 

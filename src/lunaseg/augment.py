@@ -1,4 +1,4 @@
-"""Random affine + noise augmentation of (input, label) batches, on their own device (SPEC §8).
+"""Random affine + noise augmentation of (input, label) batches, on their own device.
 
 Unlike the book, every sample gets its own transform, and the offset is written to the
 translation column of the 2x3 matrix, where ``F.affine_grid`` actually reads it.  Drawing

@@ -37,6 +37,7 @@ from lunaseg.config import CacheConfig, MaskConfig, check_at_least
 from lunaseg.ct import load_ct
 from lunaseg.errors import DataError
 from lunaseg.geometry import Geometry
+from lunaseg.inputs import context_stack
 from lunaseg.luna import find_series, load_candidates, outline_mask_path
 from lunaseg.masks import annotation_mask, body_box, positive_slices
 
@@ -139,8 +140,7 @@ class SeriesCache:
 
     def context_stack(self, index: int, context_slices: int) -> np.ndarray:
         """(2*context+1, r, c) int16 slices around ``index``; edges repeat the end slices."""
-        return pad_crop(self.hu, (index - context_slices, 0, 0),
-                        (2 * context_slices + 1, *self.hu.shape[1:]), 0)
+        return context_stack(self.hu, [index], context_slices)[0]
 
     def chunk(self, center_irc: Sequence[int], size_irc: Sequence[int], *,
               fill_hu: int = -1000) -> tuple[np.ndarray, np.ndarray]:

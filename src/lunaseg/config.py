@@ -1,6 +1,8 @@
-"""Every default in one place: typed configs per stage, saved as JSON next to their outputs.
+"""Every default in one place: typed settings per stage, saved as JSON beside their outputs.
 
-The book hard-codes 512, 7, 96, 64 and relative paths; here each such number is a field.
+Each field carries its help text, so the command line takes its defaults and help from here
+(:func:`describe`) instead of repeating them.  The book hard-codes 512, 7, 96, 64 and
+relative paths; here each such number is a field.
 """
 
 from __future__ import annotations
@@ -12,65 +14,95 @@ from pathlib import Path
 from typing import Any
 
 from lunaseg.errors import ConfigError
+from lunaseg.inputs import size_multiple
 
 __all__ = [
     "MaskConfig", "SynthConfig", "CacheConfig", "DataConfig", "ModelConfig", "AugmentConfig",
-    "TrainConfig", "SegmentConfig", "check_at_least", "check_fraction", "to_dict", "from_dict",
-    "save_json",
+    "TrainConfig", "SegmentConfig", "LidcConfig", "LUNA16_MAX_MARKS", "describe",
+    "check_at_least", "check_fraction", "to_dict", "from_dict", "save_json",
 ]
+
+# LUNA16 scores at most this many marks per scan.
+LUNA16_MAX_MARKS = 100
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A field with a default and its help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults need default_factory")
+    return field(default=default, metadata={"help": help})
+
+
+def describe(cls: type, name: str) -> str:
+    """The help text of ``cls.<name>`` with its default, for ``--help``."""
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = getattr(cls(), name)
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    elif isinstance(default, float):
+        default = f"{default:g}"
+    return f"{spec.metadata.get('help', name)} (default {default})"
 
 
 @dataclass
 class MaskConfig:
-    """Ground-truth masks from annotation centres (SPEC §4)."""
+    """Ground-truth masks from annotation centres (the book's HU heuristic, edge-safe)."""
 
-    threshold_hu: float = -700.0  # nodule tissue is denser than this; lung air is not
-    min_radius_vox: int = 2  # the book's first radius tried on each axis
-    bound_by_diameter: bool = False  # the book ignores the diameter; True caps the box by it
+    threshold_hu: float = _opt(-700.0, "nodule tissue is denser than this, lung air is not")
+    min_radius_vox: int = _opt(2, "the first radius tried on each axis")
+    bound_by_diameter: bool = _opt(False, "cap the heuristic's box at the annotated diameter "
+                                          "(the book ignores the diameter)")
 
 
 @dataclass
 class SynthConfig:
     """Synthetic LUNA16-format phantoms."""
 
-    series: int = 12
-    seed: int = 0
-    shape_irc: tuple[int, int, int] = (128, 512, 512)
-    subsets: int = 2
-    max_nodules: int = 6
-    no_nodule_fraction: float = 0.15  # share of scans with no nodule at all
-    negative_candidates_per_scan: int = 60  # non-nodule rows in candidates.csv
-    workers: int = 0  # processes writing scans; 0 = all CPUs (the files do not change)
+    series: int = _opt(12, "number of scans")
+    seed: int = _opt(0, "random seed; the same seed writes the same bytes")
+    shape_irc: tuple[int, int, int] = _opt((128, 512, 512), "volume size I,R,C "
+                                                            "(slices, rows, columns)")
+    subsets: int = _opt(2, "subsetN folders the scans are spread over")
+    max_nodules: int = _opt(6, "most nodules per scan")
+    no_nodule_fraction: float = _opt(0.15, "share of scans with no nodule at all")
+    negative_candidates_per_scan: int = _opt(60, "non-nodule rows per scan in candidates.csv")
+    workers: int = _opt(0, "processes writing scans; 0 = all CPUs (the files do not change)")
 
 
 @dataclass
 class CacheConfig:
-    """What prepcache stores (SPEC §5)."""
+    """What prepcache stores: each CT once, cropped to the body, and a chunk per nodule."""
 
-    chunk_irc: tuple[int, int, int] = (7, 96, 96)  # training chunk around each nodule
-    workers: int = 0  # 0 = all CPUs
-    masks: str = "heuristic"  # "heuristic" or "outline" (LIDC imports and phantoms)
+    chunk_irc: tuple[int, int, int] = _opt((7, 96, 96), "training chunk I,R,C cut around "
+                                                        "each nodule")
+    workers: int = _opt(0, "processes; 0 = all CPUs")
+    masks: str = _opt("heuristic", "nodule masks: 'heuristic' (the book's, from annotation "
+                                   "centres) or 'outline' (masks/<uid>.mha: LIDC reader "
+                                   "outlines or the phantoms' true voxels)")
 
 
 @dataclass
 class DataConfig:
-    """How samples are cut from the cache (SPEC §6)."""
+    """How training samples are cut from the cache, and how the series are split."""
 
-    context_slices: int = 3  # slices above and below the centre slice: 2*3+1 = 7 channels
-    min_hu: float = -1000.0
-    max_hu: float = 1000.0
-    chunk_irc: tuple[int, int, int] = (7, 96, 96)
-    crop_px: int = 64  # random crop of a chunk that training sees
-    val_stride: int = 10  # every 10th series (sorted) validates
-    test_stride: int = 0  # 0 = no test split; else every n-th of the remaining series
-    full_ct_validation: bool = False  # validate on every slice, not just positive ones
-    negative_crop_fraction: float = 0.0  # share of training crops cut from lung far from nodules
-    full_slice_fraction: float = 0.0  # share of training samples that are whole slices
-    # Each epoch, this share of the negative pool is re-cut at the model's own false
-    # positives, found on ``hard_negative_slices`` random training slices (0 = off).
-    hard_negative_fraction: float = 0.0
-    hard_negative_slices: int = 64
-    epoch_samples: int = 0  # 0 = one pass over the positive chunks per epoch
+    context_slices: int = _opt(3, "slices above and below each slice, as channels")
+    min_hu: float = _opt(-1000.0, "HU window: lower clip")
+    max_hu: float = _opt(1000.0, "HU window: upper clip")
+    crop_px: int = _opt(64, "training crop size in pixels, cut at random from a chunk")
+    val_stride: int = _opt(10, "every N-th series (sorted) validates")
+    test_stride: int = _opt(0, "every N-th remaining series is held out for testing "
+                               "(0 = no test split)")
+    full_ct_validation: bool = _opt(False, "validate on every slice, not only those with a "
+                                           "nodule")
+    negative_crop_fraction: float = _opt(0.0, "share of training crops cut away from nodules "
+                                              "(look-alikes, lung, body)")
+    full_slice_fraction: float = _opt(0.0, "share of training steps on whole slices "
+                                           "(chapter exercise 4)")
+    hard_negative_fraction: float = _opt(0.0, "each epoch, re-cut this share of the negative "
+                                              "crops where the model finds false positives")
+    hard_negative_slices: int = _opt(64, "training slices searched for false positives per "
+                                         "epoch")
+    epoch_samples: int = _opt(0, "samples per epoch (0 = one pass over the nodule chunks)")
 
     @property
     def channels(self) -> int:
@@ -79,7 +111,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """U-Net hyper-parameters (SPEC §7); the defaults give 118,271 parameters."""
+    """U-Net hyper-parameters; the defaults are the book's (118,271 parameters)."""
 
     in_channels: int = 7
     n_classes: int = 1
@@ -92,18 +124,18 @@ class ModelConfig:
     @property
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this (each level halves them)."""
-        return 2 ** (self.depth - 1)
+        return size_multiple(self.depth)
 
 
 @dataclass
 class AugmentConfig:
-    """Per-sample random affine + noise (SPEC §8); zero or False turns an option off."""
+    """Per-sample random affine + noise; zero or False turns an option off."""
 
-    flip: bool = False
-    offset: float = 0.0  # fraction of the half-size, uniform +-
-    scale: float = 0.0  # 1 +- scale per axis
-    rotate: bool = False
-    noise_hu: float = 0.0  # Gaussian sigma in HU, input only
+    flip: bool = _opt(False, "random flips of each axis")
+    offset: float = _opt(0.0, "random shift, as a fraction of the half-size")
+    scale: float = _opt(0.0, "random scale 1 +- this per axis")
+    rotate: bool = _opt(False, "random rotation")
+    noise_hu: float = _opt(0.0, "Gaussian noise sigma in HU (input only)")
 
     @classmethod
     def book(cls) -> "AugmentConfig":
@@ -113,55 +145,67 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    """Training run (SPEC §9)."""
+    """A training run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 1
-    batch_size: int = 16
-    num_workers: int = 0
-    lr: float = 1e-3
-    # "constant" (book) or "cosine": decays per step to lr * lr_final_fraction at the last
-    # epoch, which settles the weights so the last checkpoint is a good one, not a lucky one.
-    lr_schedule: str = "constant"
-    lr_final_fraction: float = 0.02
-    fn_weight: float = 8.0
-    bce_weight: float = 0.0  # pixel-wise cross-entropy added to the Dice terms (book: none)
-    validation_cadence: int = 5
-    best_min_recall: float | None = None  # None: best = top recall (book); else top F1 above it
-    seed: int = 0
-    amp: bool = False
-    device: str = "auto"
-    comment: str = ""
+    epochs: int = _opt(1, "epochs in all")
+    batch_size: int = _opt(16, "training samples per step")
+    num_workers: int = _opt(0, "validation loader workers")
+    lr: float = _opt(1e-3, "Adam learning rate")
+    lr_schedule: str = _opt("constant", "'constant' (book) or 'cosine': decays per step to "
+                                        "lr * lr_final_fraction at the last epoch, which "
+                                        "settles the weights so the last checkpoint is a "
+                                        "good one")
+    lr_final_fraction: float = _opt(0.02, "the cosine schedule's final share of lr")
+    fn_weight: float = _opt(8.0, "weight of the false-negative Dice term")
+    bce_weight: float = _opt(0.0, "weight of a pixel-wise cross-entropy term beside the Dice "
+                                  "terms (book: none); it cuts false positives Dice barely "
+                                  "penalises")
+    validation_cadence: int = _opt(5, "validate at epoch 1, every N epochs and the last")
+    best_min_recall: float | None = _opt(None, "pick the best checkpoint by F1 among "
+                                               "validations reaching this recall (None: by "
+                                               "recall alone, as the book)")
+    seed: int = _opt(0, "random seed")
+    amp: bool = _opt(False, "bf16 autocast (CUDA only)")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    comment: str = _opt("", "a note stored with the run")
 
 
 @dataclass
 class SegmentConfig:
-    """Full-CT inference and candidate extraction (SPEC §11)."""
+    """Full-CT inference and candidate extraction."""
 
-    threshold: float = 0.5  # voxels with probability > threshold are foreground (book: 0.5)
-    batch_size: int = 0  # slices per forward pass; 0 = 1 on CPU, 16 on a GPU
-    erosion_iterations: int = 1
-    keep_vanished: bool = True  # components erosion would erase stay, un-eroded (book: dropped)
-    connectivity: int = 6  # 6 (faces; book / scipy default) or 26 (faces, edges, corners)
-    # Centre of mass weights: "probability" (the model's confidence), "hu" (book: clipped
-    # HU + 1001, which a dense neighbour such as the pleura pulls off the nodule), "uniform".
-    center_weighting: str = "probability"
-    score: str = "max"  # ranking score: "max" (book) or "mean" probability of the component
-    min_voxels: int = 1
-    # Keep only components touching a lung mask computed from HU; the network then runs
-    # only on the box around it (see lunaseg.infer.predict_ct).
-    lung_mask: bool = False
-    max_candidates: int = 100  # LUNA16 scores at most 100 marks per scan
-    overlays: int = 100  # PNG overlays for the top-N candidates of each scan (0 = none)
-    write_volumes: bool = True  # probability.nii.gz and mask.nii.gz per scan
-    amp: bool = False  # bf16 autocast + channels_last (CUDA only)
-    # Test-time augmentation: average the model over 1 (off), 2 (+ left-right mirror) or
-    # 4 (+ up-down mirrors) views of each slice.  4 views halve the candidates per scan at
-    # about the same sensitivity, for up to 4x the network time (see the README).
-    tta: int = 1
-    device: str = "auto"
+    threshold: float = _opt(0.5, "probability above which a voxel is foreground")
+    batch_size: int = _opt(0, "slices per forward pass; 0 = 4 on a CPU, 16 on a GPU")
+    erosion_iterations: int = _opt(1, "binary erosion iterations before labelling")
+    keep_vanished: bool = _opt(True, "keep components erosion erases entirely, un-eroded "
+                                     "(the book drops them)")
+    connectivity: int = _opt(6, "3D neighbourhood of connected components: 6 or 26")
+    center_weighting: str = _opt("probability", "centre-of-mass weights: 'probability', "
+                                                "'hu' (the book) or 'uniform'")
+    score: str = _opt("max", "ranking score: the component's 'max' (book) or 'mean' "
+                             "probability")
+    min_voxels: int = _opt(1, "drop components smaller than this")
+    lung_mask: bool = _opt(False, "keep only candidates touching a lung mask computed from "
+                                  "HU; the network then runs only around the lungs")
+    max_candidates: int = _opt(LUNA16_MAX_MARKS, "marks per scan in the submission CSV")
+    overlays: int = _opt(100, "PNG views for the top N candidates of each scan (0 = none)")
+    write_volumes: bool = _opt(True, "write probability.nii.gz and mask.nii.gz per scan")
+    amp: bool = _opt(False, "bf16 autocast + channels_last (CUDA only)")
+    tta: int = _opt(1, "average the model over 1, 2 (+ left-right) or 4 (+ up-down) "
+                       "mirrored views of each slice: fewer false positives for up to 4x "
+                       "the network time")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+
+
+@dataclass
+class LidcConfig:
+    """Importing LIDC-IDRI DICOM and reader XML into the LUNA16 layout."""
+
+    min_readers: int = _opt(3, "readers who must mark a nodule for it to count (LUNA16: 3)")
+    subset: int = _opt(0, "subsetN folder the scans are written to")
 
 
 def check_at_least(config: Any, name: str, minimum: int | float, note: str = "") -> None:
@@ -183,9 +227,15 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+# Settings older lunaseg versions saved that no longer exist (their files still load):
+# the chunk size now lives in the cache alone.
+_RETIRED = {"DataConfig": {"chunk_irc"}}
+
+
 def from_dict(cls: type, data: dict) -> Any:
     """Rebuild a config of type ``cls`` from ``to_dict`` output; unknown keys are an error."""
     known = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in _RETIRED.get(cls.__name__, ())}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
@@ -201,4 +251,7 @@ def from_dict(cls: type, data: dict) -> Any:
 
 
 def save_json(config: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    """Write a config as indented JSON, atomically."""
+    from lunaseg.files import write_text_atomic
+
+    write_text_atomic(json.dumps(to_dict(config), indent=2) + "\n", path)

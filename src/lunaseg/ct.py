@@ -17,7 +17,8 @@ import numpy as np
 from lunaseg.errors import DataError
 from lunaseg.geometry import Geometry
 
-__all__ = ["CT", "load_ct", "write_image", "read_geometry", "IMAGE_SUFFIXES", "is_image_file"]
+__all__ = ["CT", "load_ct", "write_image", "read_geometry", "dicom_series_in",
+           "series_uid_from_path", "IMAGE_SUFFIXES", "is_image_file"]
 
 IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")
 
@@ -146,16 +147,18 @@ def _load_file(path: Path, series_uid: str | None) -> CT:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise DataError(f"{path}: cannot read image ({_first_line(error)})") from None
-    uid = series_uid or _uid_from_name(path)
+    uid = series_uid or series_uid_from_path(path)
     return CT(_to_hu(image, path), _geometry_of(image), uid)
 
 
-def _uid_from_name(path: Path) -> str:
-    name = path.name
+def series_uid_from_path(path: str | os.PathLike) -> str:
+    """The series UID an image file stands for: its name without the image suffix
+    (LUNA16 names each file after its series)."""
+    name = Path(path).name
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return Path(path).stem
 
 
 def dicom_series_in(folder: str | os.PathLike) -> list[str]:

@@ -1,4 +1,4 @@
-"""Samples cut from the prepcache: training crops and whole validation slices (SPEC §6).
+"""Samples cut from the prepcache: training crops and whole validation slices.
 
 Training does not go through a DataLoader: every training chunk (a few hundred KB per
 nodule) is held in one tensor on the training device and each batch is cut from it with one
@@ -8,9 +8,11 @@ slices (context stacks) through an ordinary ``Dataset``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,10 +23,11 @@ from torch.utils.data import Dataset, Sampler
 from lunaseg.cache import Cache
 from lunaseg.config import DataConfig, check_at_least, check_fraction
 from lunaseg.errors import ConfigError, DataError
+from lunaseg.inputs import SegmentationSpec, clip_hu, pad_to_multiple
 
-__all__ = ["split_series", "check_data_config", "check_cached_chunks", "CropBank",
-           "positive_bank", "negative_bank", "TrainingSampler", "SliceDataset",
-           "SeriesBatchSampler", "validation_items", "rank_share", "pad_to_multiple"]
+__all__ = ["split_series", "load_splits", "check_data_config", "check_cached_chunks",
+           "CropBank", "positive_bank", "negative_bank", "TrainingSampler", "SliceDataset",
+           "SeriesBatchSampler", "validation_items", "rank_share"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,32 @@ def split_series(series_uids: Sequence[str], config: DataConfig) -> dict[str, li
     return {"train": train, "val": val, "test": test}
 
 
+def load_splits(path: Path, series_uids: Sequence[str], config: DataConfig, *,
+                strict: bool = True) -> dict[str, list[str]]:
+    """A run's saved splits (``path``, written once when it started), else a new split of
+    ``series_uids``.
+
+    Splits are saved so that a resumed run, and every evaluation of its models, uses the
+    series it was trained and validated on.  With ``strict`` (training) a saved list naming
+    a series that is not in ``series_uids`` is an error (delete the file to split again);
+    without it (evaluating on a partial download) such series are left to the caller.
+    """
+    if path.exists():
+        try:
+            splits = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: unreadable splits file ({error})") from None
+        if not isinstance(splits, dict) or not all(
+                isinstance(splits.get(name), list) for name in ("train", "val", "test")):
+            raise DataError(f"{path}: not a splits file (needs train, val and test lists)")
+        missing = sorted(set(sum(splits.values(), [])) - set(series_uids))
+        if missing and strict:
+            raise DataError(f"{path}: lists {len(missing)} series that are not here "
+                            f"(first: {missing[0]}); delete it to split again")
+        return splits
+    return split_series(series_uids, config)
+
+
 def check_data_config(config: DataConfig) -> None:
     """Raise :class:`ConfigError` for sampling settings that cannot work.
 
@@ -53,22 +82,9 @@ def check_data_config(config: DataConfig) -> None:
     """
     check_at_least(config, "val_stride", 2)
     check_at_least(config, "context_slices", 0)
-    chunk = tuple(config.chunk_irc)
-    if len(chunk) != 3 or min(chunk) < 1:
-        raise ConfigError(f"chunk_irc must be 3 sizes >= 1 (slices, rows, columns), got {chunk}")
-    slices, rows, cols = chunk
-    # CropBank cuts square crops at offsets drawn from the column count alone.
-    if rows != cols:
-        raise ConfigError(f"chunk_irc rows and columns must be equal, got {rows} and {cols}")
-    # A training crop's channels are its chunk's slices, a whole slice's are the
-    # 2 * context_slices + 1 slices around it: one model must take both.
-    if slices != config.channels:
-        raise ConfigError(f"chunk_irc has {slices} slices but 2 * context_slices + 1 = "
-                          f"{config.channels}; use a chunk of {config.channels} slices "
-                          f"(--chunk {config.channels},{rows},{cols}) and prepcache with it")
     check_at_least(config, "crop_px", 1)
-    if config.crop_px > rows:
-        raise ConfigError(f"crop_px {config.crop_px} is larger than the chunk ({rows} px)")
+    if not config.max_hu > config.min_hu:
+        raise ConfigError(f"need min_hu < max_hu, got {config.min_hu}, {config.max_hu}")
     check_at_least(config, "epoch_samples", 0, " (0 = one pass over the nodule chunks)")
     check_fraction(config, "full_slice_fraction")
     fraction = config.negative_crop_fraction
@@ -77,17 +93,6 @@ def check_data_config(config: DataConfig) -> None:
     check_fraction(config, "hard_negative_fraction")
     if config.hard_negative_fraction > 0 and fraction == 0:
         raise ConfigError("hard_negative_fraction needs negative_crop_fraction > 0")
-
-
-def pad_to_multiple(array: np.ndarray, multiple: int, fill: float | int) -> np.ndarray:
-    """Pad the last two axes at the bottom/right up to a multiple (of what the U-Net's
-    levels halve: :attr:`lunaseg.config.ModelConfig.size_multiple`)."""
-    height, width = array.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if not (pad_h or pad_w):
-        return array
-    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
-    return np.pad(array, widths, constant_values=fill)
 
 
 # ----------------------------------------------------------------------------- training
@@ -137,14 +142,30 @@ def _chunk_label(chunk_masks: np.ndarray) -> np.ndarray:
     return chunk_masks[:, chunk_masks.shape[1] // 2]
 
 
-def check_cached_chunks(cache: Cache, series_uids: Sequence[str], config: DataConfig) -> None:
-    """DataError when the cache was built with another chunk size than ``config`` asks for."""
-    for uid in series_uids:
-        found = cache[uid].chunk_irc
-        if found != tuple(config.chunk_irc):
-            raise DataError(f"{cache.folder}: cached chunks are {found}, the training config "
-                            f"wants {tuple(config.chunk_irc)}; re-run prepcache with --chunk "
-                            f"{','.join(map(str, config.chunk_irc))}")
+def check_cached_chunks(cache: Cache, series_uids: Sequence[str],
+                        config: DataConfig) -> tuple[int, int, int]:
+    """The (slices, rows, cols) of the cached training chunks, which must be one size for
+    every series, square, with ``2 * context_slices + 1`` slices (a crop's channels are its
+    chunk's slices, a whole slice's the slices around it: one model takes both) and at
+    least ``crop_px`` wide; else a DataError saying how to prepcache."""
+    sizes = {cache[uid].chunk_irc for uid in series_uids}
+    if not sizes:
+        raise DataError(f"{cache.folder}: no series to train on")
+    if len(sizes) > 1:
+        raise DataError(f"{cache.folder}: cached chunks differ in size between series "
+                        f"({', '.join(map(str, sorted(sizes)))}); run prepcache again")
+    slices, rows, cols = sizes.pop()
+    hint = f"prepcache with --chunk {config.channels},{max(rows, config.crop_px)}," \
+           f"{max(rows, config.crop_px)}"
+    if rows != cols:
+        raise DataError(f"{cache.folder}: cached chunks are {rows}x{cols}, not square; {hint}")
+    if slices != config.channels:
+        raise DataError(f"{cache.folder}: cached chunks have {slices} slices but "
+                        f"2 * context_slices + 1 = {config.channels}; {hint}")
+    if config.crop_px > rows:
+        raise DataError(f"{cache.folder}: crop_px {config.crop_px} is larger than the cached "
+                        f"chunks ({rows} px); {hint}")
+    return slices, rows, cols
 
 
 def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) -> CropBank:
@@ -162,8 +183,8 @@ def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) 
                     torch.from_numpy(np.concatenate(labels)))
 
 
-def negative_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig, count: int,
-                  rng: np.random.Generator) -> CropBank:
+def negative_bank(cache: Cache, series_uids: Sequence[str], size_irc: Sequence[int],
+                  count: int, rng: np.random.Generator) -> CropBank:
     """``count`` chunks away from nodules, so the model also learns what is *not* a nodule.
 
     Half sit on candidate look-alikes (vessels and the like: the hard negatives, where the
@@ -172,7 +193,7 @@ def negative_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig, 
     inference show the model although nodule chunks never do.  Labels come from the mask,
     so a crop grazing a nodule stays honest.
     """
-    size = np.asarray(config.chunk_irc)
+    size = np.asarray(size_irc)
     entries = [cache[uid] for uid in series_uids]
     chunks, labels = [], []
     attempts = 0
@@ -216,13 +237,14 @@ class TrainingSampler:
     series_uids: Sequence[str]
     config: DataConfig
     device: torch.device
+    spec: SegmentationSpec  # the model's input: HU window, context, size multiple
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    size_multiple: int = 4  # whole slices are padded to it (ModelConfig.size_multiple)
 
     def __post_init__(self) -> None:
         check_data_config(self.config)
+        self.chunk_irc = check_cached_chunks(self.cache, self.series_uids, self.config)
         self.positives = positive_bank(self.cache, self.series_uids, self.config).to(self.device)
         fraction = self.config.negative_crop_fraction
         self.negatives: CropBank | None = None
@@ -230,8 +252,8 @@ class TrainingSampler:
             # A pool four times what one epoch of positives asks for keeps negatives varied.
             count = max(16, int(4 * len(self.positives) * fraction / (1 - fraction)))
             rng = np.random.default_rng([self.seed, 1])
-            self.negatives = negative_bank(self.cache, self.series_uids, self.config, count,
-                                           rng).to(self.device)
+            self.negatives = negative_bank(self.cache, self.series_uids, self.chunk_irc,
+                                           count, rng).to(self.device)
         self._static_negatives = self.negatives
         self._slices = [(uid, int(i)) for uid in self.series_uids
                         for i in self.cache[uid].positive_indices]
@@ -275,14 +297,14 @@ class TrainingSampler:
         if not fraction or self._static_negatives is None or not len(self._static_negatives):
             return 0
         rng = np.random.default_rng([self.seed, epoch, self.rank, 3])
-        size = np.asarray(self.config.chunk_irc)
+        size = np.asarray(self.chunk_irc)
         centers: list[tuple[str, np.ndarray]] = []
         for _ in range(self.config.hard_negative_slices):
             uid = self.series_uids[rng.integers(len(self.series_uids))]
             entry = self.cache[uid]
             index = int(rng.integers(entry.hu.shape[0]))
-            stack = pad_to_multiple(entry.context_stack(index, self.config.context_slices),
-                                    self.size_multiple, int(self.config.min_hu))
+            stack = pad_to_multiple(entry.context_stack(index, self.spec.context_slices),
+                                    self.spec.size_multiple, int(self.spec.min_hu))
             prob = predict(self._to_input(torch.from_numpy(stack[None]).to(self.device)))
             height, width = entry.hu.shape[1:]
             wrong = (prob[0, 0, :height, :width] > 0.5).cpu().numpy() & ~entry.mask_slice(index)
@@ -349,16 +371,16 @@ class TrainingSampler:
                 index = int(rng.choice(entry.positive_indices))
             else:
                 index = int(rng.integers(entry.hu.shape[0]))
-            inputs.append(pad_to_multiple(entry.context_stack(index, self.config.context_slices),
-                                          self.size_multiple, int(self.config.min_hu)))
-            labels.append(pad_to_multiple(entry.mask_slice(index)[None], self.size_multiple,
-                                          False))
+            inputs.append(pad_to_multiple(entry.context_stack(index, self.spec.context_slices),
+                                          self.spec.size_multiple, int(self.spec.min_hu)))
+            labels.append(pad_to_multiple(entry.mask_slice(index)[None],
+                                          self.spec.size_multiple, False))
         hu = torch.from_numpy(np.stack(inputs)).to(self.device)
         label = torch.from_numpy(np.stack(labels)).to(self.device)
         return self._to_input(hu), label
 
     def _to_input(self, hu: torch.Tensor) -> torch.Tensor:
-        return hu.float().clamp_(self.config.min_hu, self.config.max_hu)
+        return hu.float().clamp_(self.spec.min_hu, self.spec.max_hu)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -376,17 +398,13 @@ def validation_items(cache: Cache, series_uids: Sequence[str], *, full_ct: bool
 
 
 class SliceDataset(Dataset):
-    """Whole slices with their context: ((C, H, W) float32, (1, H, W) bool, series, index).
+    """Whole slices as a model with ``spec`` takes them: ((C, H, W) float32, (1, H, W) bool,
+    series, index), H and W the cached (body-cropped) size padded to the spec's multiple."""
 
-    H and W are the cached (body-cropped) size padded to a multiple of ``size_multiple``.
-    """
-
-    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], config: DataConfig,
-                 size_multiple: int = 4):
+    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], spec: SegmentationSpec):
         self.cache = cache
         self.items = list(items)
-        self.config = config
-        self.size_multiple = size_multiple
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.items)
@@ -394,10 +412,9 @@ class SliceDataset(Dataset):
     def __getitem__(self, k: int):
         uid, index = self.items[k]
         entry = self.cache[uid]
-        stack = entry.context_stack(index, self.config.context_slices)
-        stack = np.clip(stack, self.config.min_hu, self.config.max_hu).astype(np.float32)
-        stack = pad_to_multiple(stack, self.size_multiple, self.config.min_hu)
-        label = pad_to_multiple(entry.mask_slice(index)[None], self.size_multiple, False)
+        stack = clip_hu(entry.context_stack(index, self.spec.context_slices), self.spec)
+        stack = pad_to_multiple(stack, self.spec.size_multiple, self.spec.min_hu)
+        label = pad_to_multiple(entry.mask_slice(index)[None], self.spec.size_multiple, False)
         return torch.from_numpy(stack), torch.from_numpy(label), uid, index
 
 

@@ -1,23 +1,30 @@
-"""LUNA16 scoring: FROC curve, CPM and bootstrap confidence intervals (SPEC §12).
+"""LUNA16 scoring: FROC curve, CPM and bootstrap confidence intervals.
 
-Pure numpy and CSV, so a submission can be scored without torch or the images.
+Pure numpy, so a submission can be scored without torch or the images.  The rules are those
+of the LUNA16 organisers' evaluation script (``noduleCADEvaluationLUNA16.py``); where it
+leaves a choice open, the choice is written down:
 
-Conventions (the LUNA16 rules, with the choices the rules leave open written down):
-
-* A mark hits a nodule when its Euclidean distance to the nodule centre is <= diameter / 2
-  (compared as squared distances, so "exactly on the radius" is a hit).
+* A mark hits a nodule when its Euclidean distance to the nodule centre is strictly less than
+  diameter / 2 (compared as squared distances).
+* Only a diameter < 0 means "size unknown" and is scored as 10 mm
+  (``luna.UNKNOWN_DIAMETER_SCORED_MM``); a finding of diameter 0 has radius 0.
 * A mark that hits several (overlapping) nodules credits every one of them.
 * Several marks on one nodule count once, with the best probability.
 * A mark that hits no nodule but lies within an excluded finding is ignored (neither TP nor FP).
-  Excluded findings with a missing or non-positive diameter get a diameter of
-  ``EXCLUDED_DEFAULT_DIAMETER_MM`` (10 mm, what the official kit uses for diameter < 0).
-* Only the ``max_marks_per_scan`` highest-probability marks of each scan are scored; ties at the
-  cut keep the marks that come first in the file.
+* The 100-mark cap (``cap_rule="luna16"``, the default): a scan's marks are sorted by
+  probability and only those strictly above the probability of the 101st are kept, so a tie
+  at the cut keeps fewer than 100 (101 marks sharing the top probability keep none; a warning
+  says how many marks ties dropped).  ``cap_rule="first"`` keeps exactly 100, the earlier
+  marks of the file winning ties.
+* The scans scored are the ``series`` given (LUNA16's seriesuids.csv); without a list, every
+  series with a nodule or a mark.
 * The FROC curve has one point per distinct probability ``t``: (FP marks with p >= t) / scans
   against (nodules whose best mark has p >= t) / nodules.  Sensitivity at an FP rate is read from
   the curve started at (0, 0) by linear interpolation (the kit's approach; ``"step"`` gives the
   conservative reading instead).  A rate beyond the curve's end gets the curve's last (highest)
   sensitivity; at an FP rate several points share, the highest of their sensitivities is used.
+* When nodules exist but no mark hits any, sensitivities are 0 (the official script divides
+  0 by 0 and reports NaN); without any nodule they are undefined (NaN).
 * The candidate-stage sensitivity ignores the mark cap: it is the share of nodules that any mark
   hits, which is what a candidate generator is judged on.
 * ``sensitivity_at_budget`` reads the curve conservatively (step, a real threshold) at a
@@ -40,19 +47,22 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lunaseg.config import LUNA16_MAX_MARKS
 from lunaseg.errors import ConfigError, DataError
-from lunaseg.files import csv_number, csv_rows, write_atomic, write_text_atomic
+from lunaseg.files import write_text_atomic
+from lunaseg.luna import (UNKNOWN_DIAMETER_SCORED_MM, Nodule, SubmissionMark, read_marks,
+                          read_nodules)
 
 __all__ = [
-    "EXCLUDED_DEFAULT_DIAMETER_MM", "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "DIAMETER_BANDS_MM",
+    "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "DIAMETER_BANDS_MM", "CAP_RULES",
     "Finding", "Mark", "Matches", "NoduleRecord", "SizeBand", "FrocResult", "size_band_label",
-    "read_annotations", "read_candidates", "match_marks", "froc", "plot_froc",
-    "write_result_json",
+    "findings_by_series", "marks_by_series", "load_findings", "load_marks", "match_marks",
+    "cap_marks", "froc", "write_result_json",
 ]
 
 log = logging.getLogger(__name__)
 
-EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # official kit: excluded findings with diameter < 0
+CAP_RULES = ("luna16", "first")
 LUNA_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 CANDIDATE_FP_BUDGET = 20.0  # FP candidates per scan a second (classification) stage can afford
 # Band edges for per-size sensitivity.  LUNA16 nodules start at 3 mm and those under 4 mm are
@@ -101,61 +111,37 @@ def _as_xyz(value: Any) -> np.ndarray:
     return xyz
 
 
-# --------------------------------------------------------------------------- CSV readers
+# --------------------------------------------------------------------------- from the CSVs
 
 
-def _uid(row: Mapping[str, str | None], path: Path, line: int) -> str:
-    uid = (row.get("seriesuid") or "").strip()
-    if not uid:
-        raise DataError(f"{path}: line {line}: empty seriesuid")
-    return uid
-
-
-def _center(row: Mapping[str, str | None], path: Path, line: int) -> np.ndarray:
-    return np.array([csv_number(row, key, path, line) for key in ("coordX", "coordY", "coordZ")])
-
-
-def read_annotations(path: str | os.PathLike, *,
-                     excluded: bool = False) -> dict[str, list[Finding]]:
-    """Read ``seriesuid,coordX,coordY,coordZ,diameter_mm`` rows into findings per series.
-
-    Works for annotations.csv, annotations_with_malignancy.csv and annotations_excluded.csv
-    (extra columns are ignored).  Nodules need a positive diameter; with ``excluded=True`` an
-    empty or non-positive diameter is kept as -1 and scored with the default excluded diameter.
-    """
-    path = Path(path)
+def findings_by_series(nodules: Iterable[Nodule]) -> dict[str, list[Finding]]:
+    """Nodules (or excluded findings) as the scorer's findings, grouped by series."""
     findings: dict[str, list[Finding]] = {}
-    required = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-    for line, row in csv_rows(path, required):
-        uid = _uid(row, path, line)
-        center = _center(row, path, line)
-        if excluded and not (row.get("diameter_mm") or "").strip():
-            diameter = -1.0
-        else:
-            diameter = csv_number(row, "diameter_mm", path, line)
-        if diameter <= 0:
-            if not excluded:
-                raise DataError(f"{path}: line {line}: diameter_mm must be positive for a "
-                                f"nodule, got {diameter:g} (pass excluded=True for "
-                                f"annotations_excluded.csv)")
-            diameter = -1.0
-        findings.setdefault(uid, []).append(Finding(center, diameter))
+    for nodule in nodules:
+        findings.setdefault(nodule.series_uid, []).append(
+            Finding(np.asarray(nodule.center_xyz), nodule.diameter_mm))
     return findings
 
 
-def read_candidates(path: str | os.PathLike) -> dict[str, list[Mark]]:
-    """Read a submission ``seriesuid,coordX,coordY,coordZ,probability`` into marks per series.
+def marks_by_series(marks: Iterable[SubmissionMark]) -> dict[str, list[Mark]]:
+    """Submission rows as the scorer's marks, grouped by series (file order kept)."""
+    grouped: dict[str, list[Mark]] = {}
+    for mark in marks:
+        grouped.setdefault(mark.series_uid, []).append(
+            Mark(np.asarray(mark.center_xyz), mark.probability))
+    return grouped
 
-    candidates.csv (with ``class`` instead of ``probability``) is not a submission and is rejected.
-    """
-    path = Path(path)
-    marks: dict[str, list[Mark]] = {}
-    required = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
-    for line, row in csv_rows(path, required):
-        uid = _uid(row, path, line)
-        marks.setdefault(uid, []).append(
-            Mark(_center(row, path, line), csv_number(row, "probability", path, line)))
-    return marks
+
+def load_findings(path: str | os.PathLike, *, excluded: bool = False
+                  ) -> dict[str, list[Finding]]:
+    """Findings per series from annotations.csv, annotations_with_malignancy.csv or (with
+    ``excluded``) annotations_excluded.csv; see :func:`lunaseg.luna.read_nodules`."""
+    return findings_by_series(read_nodules(path, excluded=excluded))
+
+
+def load_marks(path: str | os.PathLike) -> dict[str, list[Mark]]:
+    """Marks per series from a submission CSV; see :func:`lunaseg.luna.read_marks`."""
+    return marks_by_series(read_marks(path))
 
 
 # --------------------------------------------------------------------------- matching
@@ -195,23 +181,24 @@ def _centers(items: Sequence[Finding] | Sequence[Mark]) -> np.ndarray:
     return np.stack([item.center_xyz for item in items])
 
 
+def _scored_diameters(findings: Sequence[Finding]) -> np.ndarray:
+    """Diameters as scored: a negative one (size unknown) counts as 10 mm."""
+    return np.array([f.diameter_mm if f.diameter_mm >= 0 else UNKNOWN_DIAMETER_SCORED_MM
+                     for f in findings], dtype=np.float64)
+
+
 def _within(points: np.ndarray, centers: np.ndarray, diameters: np.ndarray) -> np.ndarray:
-    """(P, C) bool: point p lies within the sphere of centre c (distance <= diameter / 2)."""
+    """(P, C) bool: point p lies within the sphere of centre c (distance < diameter / 2)."""
     squared = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-    return squared <= (diameters[None, :] / 2.0) ** 2
+    return squared < (diameters[None, :] / 2.0) ** 2
 
 
 def match_marks(nodules: Sequence[Finding], marks: Sequence[Mark], *,
                 excluded: Sequence[Finding] = ()) -> Matches:
     """Match one scan's marks against its nodules and excluded findings (no cap, no sorting)."""
     points = _centers(marks)
-    hits = _within(points, _centers(nodules),
-                   np.array([n.diameter_mm for n in nodules], dtype=np.float64))
-    # Excluded findings without a usable diameter get the kit's fixed 10 mm.
-    excluded_diameters = np.array(
-        [f.diameter_mm if f.diameter_mm > 0 else EXCLUDED_DEFAULT_DIAMETER_MM for f in excluded],
-        dtype=np.float64)
-    in_excluded = _within(points, _centers(excluded), excluded_diameters).any(axis=1)
+    hits = _within(points, _centers(nodules), _scored_diameters(nodules))
+    in_excluded = _within(points, _centers(excluded), _scored_diameters(excluded)).any(axis=1)
     return Matches(hits=hits, on_excluded=in_excluded & ~hits.any(axis=1))
 
 
@@ -311,6 +298,14 @@ class FrocResult:
                 bands.append(SizeBand(low, high, len(inside), sum(r.hit_any for r in inside),
                                       sum(self.hit_at_budget(r) for r in inside)))
         return bands
+
+    def curve_at(self, fps_per_scan: Sequence[float]) -> np.ndarray:
+        """Sensitivity read off the curve at these false positives per scan (as the CPM
+        reads it, with this result's interpolation)."""
+        counts = np.rint(np.append(0.0, self.fps_per_scan) * self.n_scans).astype(np.int64)
+        return _read_curves(counts[None], np.append(0.0, self.sensitivity)[None],
+                            np.asarray(fps_per_scan, dtype=np.float64), self.n_scans,
+                            self.interpolation)[0]
 
     @property
     def misses(self) -> list[NoduleRecord]:
@@ -457,11 +452,30 @@ def _to_generator(rng: int | np.random.Generator | None) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
+def cap_marks(probabilities: np.ndarray, cap: int | None, rule: str = "luna16") -> int:
+    """How many of a scan's marks, sorted by probability (descending), are scored.
+
+    ``"luna16"``: those strictly above the probability of the mark just past the cap, so
+    marks tied at the cut are all dropped; ``"first"``: exactly ``cap`` (the earlier marks
+    win ties).  ``cap`` None scores every mark.
+    """
+    if rule not in CAP_RULES:
+        raise ConfigError(f"cap_rule must be one of {', '.join(CAP_RULES)}, got {rule!r}")
+    count = len(probabilities)
+    if cap is None or count <= cap:
+        return count
+    if rule == "first":
+        return cap
+    cut = probabilities[cap]
+    return int(np.count_nonzero(np.asarray(probabilities[:cap]) > cut))
+
+
 def froc(annotations: Mapping[str, Sequence[Finding]],
          candidates: Mapping[str, Sequence[Mark]], *,
          excluded: Mapping[str, Sequence[Finding]] | None = None,
          series: Iterable[str] | None = None,
-         max_marks_per_scan: int | None = 100,
+         max_marks_per_scan: int | None = LUNA16_MAX_MARKS,
+         cap_rule: str = "luna16",
          fp_rates: Sequence[float] = LUNA_FP_RATES,
          fp_budget: float = CANDIDATE_FP_BUDGET,
          interpolation: Literal["linear", "step"] = "linear",
@@ -471,7 +485,8 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
 
     ``series`` lists the scans evaluated (default: every series with a nodule or a mark); a scan
     without nodules still adds its FPs and counts in the per-scan denominator, and nodules or marks
-    of series outside the list are ignored.  ``max_marks_per_scan=None`` scores every mark.
+    of series outside the list are ignored.  ``max_marks_per_scan=None`` scores every mark;
+    ``cap_rule`` chooses how ties at the cap are cut (:func:`cap_marks`).
     ``bootstrap`` resamples scans with replacement that many times for 95% percentile intervals
     (0 skips them).  ``rng`` (int or Generator) makes the intervals reproducible.
     """
@@ -482,6 +497,8 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
         raise ConfigError(f"fp_budget must be a positive number, got {fp_budget}")
     if max_marks_per_scan is not None and max_marks_per_scan < 1:
         raise ConfigError(f"max_marks_per_scan must be >= 1 or None, got {max_marks_per_scan}")
+    if cap_rule not in CAP_RULES:
+        raise ConfigError(f"cap_rule must be one of {', '.join(CAP_RULES)}, got {cap_rule!r}")
     if bootstrap < 0:
         raise ConfigError(f"bootstrap must be >= 0, got {bootstrap}")
     if interpolation not in ("linear", "step"):
@@ -504,7 +521,7 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
     ev_fp: list[np.ndarray] = []
     nodule_scan: list[int] = []
     records: list[NoduleRecord] = []
-    n_marks = n_scored = 0
+    n_marks = n_scored = tie_dropped = tie_scans = 0
     for s, uid in enumerate(uids):
         nodules = list(annotations.get(uid, ()))
         marks = list(candidates.get(uid, ()))
@@ -515,7 +532,10 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
         marks = [marks[k] for k in order]
         probs = probs[order]
         matches = match_marks(nodules, marks, excluded=list(excluded.get(uid, ())))
-        kept = len(marks) if cap is None else min(cap, len(marks))
+        kept = cap_marks(probs, cap, cap_rule)
+        if cap is not None and len(marks) > cap and kept < cap:
+            tie_dropped += cap - kept
+            tie_scans += 1
         n_scored += kept
         fp = matches.is_fp[:kept]
         hit_probs = []
@@ -535,6 +555,10 @@ def froc(annotations: Mapping[str, Sequence[Finding]],
         ev_fp += [np.ones(int(fp.sum()), dtype=bool), np.zeros(len(hit_probs), dtype=bool)]
         ev_scan.append(np.full(int(fp.sum()) + len(hit_probs), s, dtype=np.int64))
 
+    if tie_dropped:
+        log.warning("froc: in %d scan(s), marks tied at the %d-mark cut left %d of the %d "
+                    "places empty (LUNA16 drops every mark tied with the first one past the "
+                    "cap)", tie_scans, cap, tie_dropped, cap * tie_scans)
     probability = np.concatenate(ev_prob)
     scan = np.concatenate(ev_scan)
     is_fp = np.concatenate(ev_fp)
@@ -622,52 +646,4 @@ def write_result_json(result: FrocResult, path: str | os.PathLike) -> Path:
     path = Path(path)
     text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
     write_text_atomic(text, path)
-    return path
-
-
-def plot_froc(result: FrocResult, path_png: str | os.PathLike, *,
-              title: str | None = None) -> Path:
-    """Draw the FROC curve (log FP/scan, CI band, operating points, CPM in the legend) to a PNG.
-
-    Uses Figure + FigureCanvasAgg directly: no pyplot global state, no display needed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path_png)
-    figure = Figure(figsize=(6.4, 4.8), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    rates = np.array(result.fp_rates)
-    left = min(0.125, float(rates.min())) / 1.5
-    right = max(8.0, float(rates.max())) * 1.5
-    if result.band_fps is not None:
-        axes.fill_between(result.band_fps, result.band_lo, result.band_hi, color="tab:blue",
-                          alpha=0.2, linewidth=0, label="95% CI (bootstrap)")
-    # Clip the curve to the visible range, reading its ends the way sensitivities are read.
-    inside = (result.fps_per_scan > left) & (result.fps_per_scan < right)
-    fp_counts = np.rint(np.append(0.0, result.fps_per_scan) * result.n_scans).astype(np.int64)
-    edges = _read_curves(fp_counts[None], np.append(0.0, result.sensitivity)[None],
-                         np.array([left, right]), result.n_scans, result.interpolation)[0]
-    fps = np.concatenate([[left], result.fps_per_scan[inside], [right]])
-    sens = np.concatenate([[edges[0]], result.sensitivity[inside], [edges[1]]])
-    label = f"CPM = {result.cpm:.3f}" if math.isfinite(result.cpm) else "CPM = n/a"
-    if result.cpm_ci is not None:
-        label += f" (95% CI {result.cpm_ci[0]:.3f}-{result.cpm_ci[1]:.3f})"
-    axes.plot(fps, sens, color="tab:blue", linewidth=1.5, label=label,
-              drawstyle="steps-post" if result.interpolation == "step" else "default")
-    axes.plot(rates, [result.sensitivities_at[float(r)] for r in rates], "o",
-              color="tab:blue", markersize=4)
-    axes.set_xscale("log")
-    axes.set_xlim(left, right)
-    axes.set_ylim(0.0, 1.02)
-    axes.set_xticks(rates)
-    axes.set_xticklabels([f"{r:g}" for r in rates])
-    axes.set_xlabel("Average false positives per scan")
-    axes.set_ylabel("Sensitivity")
-    axes.grid(True, which="major", alpha=0.4)
-    axes.set_title(title or f"FROC: {result.n_nodules} nodules in {result.n_scans} scans")
-    axes.legend(loc="upper left")  # FROC curves rise to the right, so this corner is free
-    figure.tight_layout()
-    write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
     return path

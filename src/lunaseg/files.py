@@ -1,13 +1,14 @@
-"""Small-file IO: atomic writes and checked CSV reading.
+"""File IO shared by every stage: atomic writes, CSV writing and checked CSV reading.
 
-Writes never leave half a file behind, for a reader or after a killed run: everything is
-written to a temporary sibling and renamed over the target, which is atomic on one
-filesystem, so the old file stays whole until the new one is complete.
+Writes never leave half a file behind, for a reader or after a killed run or a full disk:
+everything is written to a temporary sibling, flushed to disk, and renamed over the target,
+which is atomic on one filesystem, so the old file stays whole until the new one is complete.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -18,22 +19,56 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 from lunaseg.errors import DataError
 
 __all__ = ["write_atomic", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
-           "csv_rows", "csv_number"]
+           "write_csv", "copy_atomic", "new_file_mode", "csv_rows", "csv_number"]
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0o644 for umask 022).
+
+    Temporary files start as 0o600; renamed into place they would keep it.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The data is flushed and fsynced before the rename; on any failure the temporary file is
+    removed and an existing ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        if error.filename is None:
+            # A full disk fails on the temporary file's handle: name the file being written.
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``path`` atomically (a kill mid-copy leaves the old ``path`` whole)."""
+    with open(source, "rb") as handle:
+        return write_atomic(path, lambda out: _copy_stream(handle, out))
+
+
+def _copy_stream(source: BinaryIO, target: BinaryIO) -> None:
+    while block := source.read(1 << 22):
+        target.write(block)
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
@@ -47,6 +82,15 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
     """Indented JSON; NaN and infinities are refused (they are not JSON)."""
     return write_text_atomic(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """Write a headed CSV atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return write_text_atomic(buffer.getvalue(), path)
 
 
 def csv_rows(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:

@@ -51,7 +51,9 @@ from tqdm import tqdm
 
 from lunaseg import ct as ct_io
 from lunaseg import luna
+from lunaseg.config import LidcConfig
 from lunaseg.errors import ConfigError, DataError
+from lunaseg.files import write_csv
 from lunaseg.geometry import Geometry
 
 __all__ = [
@@ -690,7 +692,7 @@ class _Tables:
             kept = [row for row in self.rows[name] if row[0] != uid]
             # Sorted by series (stable within a series), so re-runs give identical files.
             self.rows[name] = sorted(kept + new_rows[name], key=lambda row: row[0])
-            luna.write_csv(self.out_dir / name, columns, self.rows[name])
+            write_csv(self.out_dir / name, columns, self.rows[name])
 
 
 def _remove_other_copies(out_dir: Path, uid: str, keep: Path) -> None:
@@ -723,14 +725,16 @@ def _import_scan(xml_path: Path, out_dir: Path, subset: int,
     return scan, annotations
 
 
-def import_lidc(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                min_readers: int = 3, subset: int = 0, progress: bool = True) -> ImportSummary:
+def import_lidc(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                config: LidcConfig | None = None, *, progress: bool = True) -> ImportSummary:
     """Import LIDC-IDRI scans into ``out_dir`` in the LUNA16 layout.
 
     Each source is a scan folder (the XML next to or above its DICOM series), an XML file, or
     a tree of scan folders.  A scan that cannot be imported is logged and listed in
     ``ImportSummary.failures``; the others still import.
     """
+    config = config or LidcConfig()
+    min_readers, subset = config.min_readers, config.subset
     if isinstance(min_readers, bool) or not isinstance(min_readers, int) or min_readers < 1:
         raise ConfigError(f"min_readers must be a positive integer, got {min_readers!r}")
     if isinstance(subset, bool) or not isinstance(subset, int) or subset < 0:

@@ -1,4 +1,4 @@
-"""Soft Dice losses (SPEC §9): overlap-based, so the huge background does not swamp the nodule."""
+"""Soft Dice losses: overlap-based, so the huge background does not swamp the nodule."""
 
 from __future__ import annotations
 

@@ -7,24 +7,25 @@ download: rows for series that are not on disk are dropped and counted in one wa
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
 from lunaseg.errors import DataError
-from lunaseg.files import csv_number, csv_rows, write_text_atomic
+from lunaseg.files import csv_number, csv_rows
 
 __all__ = [
-    "Nodule", "CandidateRow", "CandidateInfo", "find_series", "read_nodules", "read_candidates",
-    "read_excluded", "load_candidates", "write_csv", "outline_mask_path", "read_series_list",
-    "expand_series",
-    "ANNOTATION_COLUMNS", "MALIGNANCY_COLUMNS", "CANDIDATE_COLUMNS",
+    "Nodule", "SubmissionMark", "CandidateRow", "CandidateInfo", "find_series", "read_nodules",
+    "read_marks", "read_candidates", "load_candidates", "outline_mask_path",
+    "read_series_list", "expand_series", "annotation_file",
+    "ANNOTATION_COLUMNS", "MALIGNANCY_COLUMNS", "CANDIDATE_COLUMNS", "SUBMISSION_COLUMNS",
+    "ANNOTATION_FILES", "CANDIDATE_FILES", "EXCLUDED_FILE", "UNKNOWN_DIAMETER_MM",
+    "UNKNOWN_DIAMETER_SCORED_MM",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ MALIGNANCY_COLUMNS = ANNOTATION_COLUMNS + (
     "mal_bool", "mal_details", "bboxLowX", "bboxLowY", "bboxLowZ",
     "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+SUBMISSION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+# LUNA16's "size unknown" diameter (excluded findings without a measured size), and the
+# diameter the official scoring script gives such findings.
+UNKNOWN_DIAMETER_MM = -1.0
+UNKNOWN_DIAMETER_SCORED_MM = 10.0
 
 # Files tried, best first: the de-duplicated list with malignancy beats the plain one.
 ANNOTATION_FILES = ("annotations_with_malignancy.csv", "annotations.csv")
@@ -49,6 +55,14 @@ class Nodule:
     center_xyz: tuple[float, float, float]
     diameter_mm: float
     is_malignant: bool | None = None  # None when the CSV has no malignancy column
+
+
+class SubmissionMark(NamedTuple):
+    """One row of a LUNA16 submission: a CAD mark with its score."""
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    probability: float
 
 
 class CandidateRow(NamedTuple):
@@ -110,17 +124,28 @@ def _keep_on_disk(items: list, available: Iterable[str] | None, what: str, path:
     return kept
 
 
-def read_nodules(path: str | os.PathLike, *,
+def read_nodules(path: str | os.PathLike, *, excluded: bool = False,
                  available: Iterable[str] | None = None) -> list[Nodule]:
-    """Nodules from annotations.csv, annotations_with_malignancy.csv or annotations_excluded.csv.
+    """Nodules from annotations.csv or annotations_with_malignancy.csv, or the findings of
+    annotations_excluded.csv (``excluded=True``).
 
-    ``available`` (series UIDs on disk) drops the other rows with one warning.
+    Diameters follow the LUNA16 kit: a negative diameter means "size unknown" (scored as
+    :data:`UNKNOWN_DIAMETER_SCORED_MM`) and is kept as it is here; an excluded finding with
+    an empty diameter is unknown too.  Nodules of unknown or zero size get one warning with
+    their lines.  ``available`` (series UIDs on disk) drops the other rows with one warning.
+    Every problem with a row is one :class:`DataError` naming the file and line.
     """
     path = Path(path)
     rows = list(csv_rows(path, ANNOTATION_COLUMNS))
     has_malignancy = bool(rows) and "mal_bool" in rows[0][1]
-    nodules = []
+    nodules, odd_lines = [], []
     for line, row in rows:
+        if None in row or any(value is None for value in row.values()):
+            raise DataError(f"{path}: line {line}: the row has "
+                            f"{'more' if None in row else 'fewer'} columns than the header")
+        uid = row["seriesuid"].strip()
+        if not uid:
+            raise DataError(f"{path}: line {line}: empty seriesuid")
         malignant = None
         if has_malignancy:
             flag = row["mal_bool"].strip().lower()
@@ -128,15 +153,36 @@ def read_nodules(path: str | os.PathLike, *,
                 raise DataError(f"{path}: line {line}: mal_bool is not True/False: "
                                 f"{row['mal_bool']!r}")
             malignant = flag in ("true", "1")
-        nodules.append(Nodule(row["seriesuid"], _xyz(row, path, line),
-                              csv_number(row, "diameter_mm", path, line), malignant))
+        if excluded and not row["diameter_mm"].strip():
+            diameter = UNKNOWN_DIAMETER_MM
+        else:
+            diameter = csv_number(row, "diameter_mm", path, line)
+        if not excluded and diameter <= 0:
+            odd_lines.append(line)
+        nodules.append(Nodule(uid, _xyz(row, path, line), diameter, malignant))
+    if odd_lines:
+        log.warning("%s: %d nodule(s) of unknown or zero size (line %s); a negative diameter "
+                    "is scored as %g mm, as LUNA16 does", path, len(odd_lines),
+                    ", ".join(map(str, odd_lines[:5])) + (" ..." if len(odd_lines) > 5 else ""),
+                    UNKNOWN_DIAMETER_SCORED_MM)
     return _keep_on_disk(nodules, available, "annotations", path)
 
 
-def read_excluded(path: str | os.PathLike, *,
-                  available: Iterable[str] | None = None) -> list[Nodule]:
-    """Irrelevant findings (annotations_excluded.csv); same columns as annotations.csv."""
-    return read_nodules(path, available=available)
+def read_marks(path: str | os.PathLike) -> list[SubmissionMark]:
+    """The marks of a LUNA16 submission CSV (``seriesuid,coordX,coordY,coordZ,probability``).
+
+    candidates.csv (with ``class`` instead of ``probability``) is not a submission and is
+    refused; a probability must be a finite number.
+    """
+    path = Path(path)
+    marks = []
+    for line, row in csv_rows(path, SUBMISSION_COLUMNS):
+        uid = (row.get("seriesuid") or "").strip()
+        if not uid:
+            raise DataError(f"{path}: line {line}: empty seriesuid")
+        marks.append(SubmissionMark(uid, _xyz(row, path, line),
+                                    csv_number(row, "probability", path, line)))
+    return marks
 
 
 def read_candidates(path: str | os.PathLike, *,
@@ -189,6 +235,13 @@ def expand_series(entries: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(uids))
 
 
+def annotation_file(root: str | os.PathLike) -> Path | None:
+    """The annotation CSV of a LUNA16 root: annotations_with_malignancy.csv (de-duplicated,
+    with malignancy) when present, else annotations.csv; None when there is neither."""
+    root = Path(root)
+    return next((root / name for name in ANNOTATION_FILES if (root / name).exists()), None)
+
+
 def _match_annotation(center_xyz: np.ndarray, nodules: list[Nodule]) -> Nodule | None:
     """The annotation whose centre lies within a quarter diameter on every axis (book rule)."""
     for nodule in nodules:
@@ -210,9 +263,8 @@ def load_candidates(root: str | os.PathLike, *,
     if series_on_disk is None:
         series_on_disk = find_series(root).keys()
     series_on_disk = set(series_on_disk)
-    annotation_file = next((root / n for n in ANNOTATION_FILES if (root / n).exists()), None)
-    nodules = [] if annotation_file is None else read_nodules(annotation_file,
-                                                              available=series_on_disk)
+    annotations = annotation_file(root)
+    nodules = [] if annotations is None else read_nodules(annotations, available=series_on_disk)
     by_series: dict[str, list[CandidateInfo]] = defaultdict(list)
     nodules_by_series: dict[str, list[Nodule]] = defaultdict(list)
     for nodule in nodules:
@@ -228,15 +280,6 @@ def load_candidates(root: str | os.PathLike, *,
                 by_series[uid].append(CandidateInfo(False, False, False, 0.0, uid, center_xyz))
             elif _match_annotation(np.asarray(center_xyz), nodules_by_series[uid]) is None:
                 by_series[uid].append(CandidateInfo(True, False, False, 0.0, uid, center_xyz))
-    if annotation_file is None and candidate_file is None:
+    if annotations is None and candidate_file is None:
         log.warning("%s: no annotations or candidates CSV found", root)
     return dict(by_series)
-
-
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    """Write a CSV atomically, so a killed run leaves the old file whole."""
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return write_text_atomic(buffer.getvalue(), path)

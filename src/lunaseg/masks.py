@@ -1,4 +1,4 @@
-"""Voxel masks: nodule masks from annotation centres (SPEC §4) and a coarse lung mask.
+"""Voxel masks: nodule masks from annotation centres and a coarse lung mask.
 
 Annotations give a centre and a diameter; training needs voxels.  The default is the book's
 heuristic, made edge-safe: grow a radius per axis from the centre while both sides stay
@@ -16,7 +16,8 @@ from scipy import ndimage
 from lunaseg.config import MaskConfig
 from lunaseg.geometry import Geometry
 
-__all__ = ["nodule_radii_irc", "annotation_mask", "positive_slices", "lung_mask", "body_box"]
+__all__ = ["nodule_radii_irc", "annotation_mask", "positive_slices", "lung_mask",
+           "resolve_lung_mask", "body_box", "bounding_box"]
 
 BODY_HU = -500.0  # anything denser is body, table or bone
 BODY_MARGIN_PX = 8
@@ -149,3 +150,31 @@ def lung_mask(hu: np.ndarray, *, air_hu: float = -400.0,
         iterations = max(int(math.ceil(dilation_mm / step)), 1)
         lung = ndimage.binary_dilation(lung, structure=in_plane_4, iterations=iterations)
     return lung
+
+
+def resolve_lung_mask(given: np.ndarray | None, hu: np.ndarray, spacing_irc: Sequence[float],
+                      wanted: bool) -> np.ndarray | None:
+    """A given lung mask (checked against ``hu``), else one computed from HU when ``wanted``,
+    else None."""
+    if given is None:
+        return lung_mask(hu, spacing_irc=spacing_irc) if wanted else None
+    given = np.asarray(given, dtype=bool)
+    if given.shape != np.shape(hu):
+        raise ValueError(f"lung_mask has shape {given.shape}, expected {np.shape(hu)}")
+    return given
+
+
+def bounding_box(mask: np.ndarray, margin: Sequence[int] | int = 0) -> tuple[slice, ...] | None:
+    """The box (one slice per axis) around a mask's voxels grown ``margin`` voxels on each
+    axis and clipped to the array; None when the mask is empty."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    margin = np.broadcast_to(np.asarray(margin, dtype=int), (mask.ndim,))
+    box = []
+    for axis, size in enumerate(mask.shape):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(max(int(present[0]) - int(margin[axis]), 0),
+                         min(int(present[-1]) + 1 + int(margin[axis]), size)))
+    return tuple(box)

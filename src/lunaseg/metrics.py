@@ -1,4 +1,4 @@
-"""Pixel counts and running epoch metrics with the book's TensorBoard tags (SPEC §9).
+"""Pixel counts and running epoch metrics with the book's TensorBoard tags.
 
 Counts stay on the device they were computed on; the only host sync is in
 :meth:`SegmentationMetrics.compute`, once per epoch.

@@ -1,52 +1,37 @@
-"""The 2D U-Net over slice stacks (SPEC §7) and its checkpoints.
+"""The segmentation model: a 2D U-Net over slice stacks, and loading it from a checkpoint.
 
 Module and attribute names are chosen so that ``state_dict`` keys equal those of the
-book's model; its checkpoints therefore load with ``strict=True``.  Checkpoints are read
-with ``torch.load(weights_only=True)``, which never runs pickled code, so a file from an
-untrusted source can at worst fail to load.
+book's model; its checkpoints therefore load with ``strict=True``.  Conv blocks are
+(3x3 conv -> ReLU -> BatchNorm) x 2, down-sampling is 2x2 average pooling, the up path a
+2x2 stride-2 transposed conv (or bilinear upsampling + 1x1 conv); with the defaults the
+model has exactly the book's 118,271 parameters.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import logging
 import math
-import os
-import random
 import re
-import sys
-import tempfile
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lunaseg import __version__
+from lunaseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from lunaseg.config import ModelConfig, from_dict, to_dict
 from lunaseg.errors import CheckpointError, ConfigError
+from lunaseg.inputs import SegmentationSpec, size_multiple
 
-__all__ = [
-    "UNet", "UNetWrapper", "build_model", "Checkpoint", "save_checkpoint", "load_checkpoint",
-    "load_model", "infer_model_config", "capture_rng_state", "restore_rng_state",
-    "CHECKPOINT_FORMAT",
-]
+__all__ = ["UNet", "UNetWrapper", "build_model", "load_model", "save_model",
+           "infer_model_config", "model_spec", "default_spec", "MODEL_KIND"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "lunaseg-1"
+MODEL_KIND = "segmentation"
 UP_MODES = ("upconv", "upsample")
-# Keys of a checkpoint written by the book's training script.
-BOOK_KEYS = (
-    "sys_argv", "time", "model_state", "model_name", "optimizer_state", "optimizer_name",
-    "epoch", "totalTrainingSamples_count",
-)
 
 
 class _ConvBlock(nn.Module):
@@ -96,22 +81,6 @@ class _UpBlock(nn.Module):
         return self.conv_block(torch.cat([up, skip], dim=1))
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` (or None) -> CUDA when available, else CPU; anything else as torch reads it."""
-    if isinstance(device, torch.device):
-        return device
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device: not a torch device: {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available; "
-                          "use 'cpu' or 'auto'")
-    return resolved
-
-
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"model.{name} must be an integer >= {minimum}, got {value!r}")
@@ -121,8 +90,9 @@ class UNet(nn.Module):
     """U-Net with ``depth`` levels and ``2**(wf + level)`` filters per level.
 
     Down-sampling is 2x2 average pooling (as in the book).  With ``padding`` the output
-    has the input's height and width, which must then be multiples of ``2**(depth - 1)``.
-    Returns raw scores (logits), shape (N, n_classes, H, W).
+    has the input's height and width, which must then be multiples of
+    :func:`lunaseg.inputs.size_multiple` of the depth.  Returns raw scores (logits),
+    shape (N, n_classes, H, W).
     """
 
     def __init__(
@@ -158,7 +128,7 @@ class UNet(nn.Module):
         self.last = nn.Conv2d(channels, n_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = 2 ** (self.depth - 1)
+        multiple = size_multiple(self.depth)
         if self.padding and (x.shape[-2] % multiple or x.shape[-1] % multiple):
             # Otherwise pooling drops a row/column and the output silently shrinks.
             raise ValueError(
@@ -180,15 +150,19 @@ class UNetWrapper(nn.Module):
     """BatchNorm over the input channels -> :class:`UNet` -> sigmoid probabilities.
 
     The input BatchNorm learns the HU scaling, so datasets need no normalisation step.
+    ``spec`` says how a CT becomes this model's input (:class:`SegmentationSpec`).
     """
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig | None = None,
+                 spec: SegmentationSpec | None = None) -> None:
         super().__init__()
         self.config = config if config is not None else ModelConfig()
         c = self.config
-        self.input_batchnorm = nn.BatchNorm2d(c.in_channels)
         self.unet = UNet(c.in_channels, c.n_classes, c.depth, c.wf, c.padding, c.batch_norm,
                          c.up_mode)
+        self.input_batchnorm = nn.BatchNorm2d(c.in_channels)
+        # What the model's input must be; it travels with the weights in every checkpoint.
+        self.spec = spec if spec is not None else default_spec(c)
         self.final = nn.Sigmoid()
         self._init_weights()
 
@@ -201,200 +175,18 @@ class UNetWrapper(nn.Module):
                     # (the book drew biases from a normal centred at -1/sqrt(fan_out)).
                     nn.init.zeros_(module.bias)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The U-Net's raw scores, before the sigmoid (they do not saturate)."""
+        return self.unet(self.input_batchnorm(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final(self.unet(self.input_batchnorm(x)))
+        return self.final(self.logits(x))
 
 
-def build_model(config: ModelConfig | None = None) -> UNetWrapper:
-    """A freshly initialised :class:`UNetWrapper` for ``config`` (defaults: SPEC §7)."""
-    return UNetWrapper(config if config is not None else ModelConfig())
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class Checkpoint:
-    """What :func:`load_checkpoint` found in a file (book or lunaseg layout)."""
-
-    path: str
-    model_state: dict[str, torch.Tensor]
-    model_config: ModelConfig
-    optimizer_state: dict | None
-    epoch: int | None
-    samples_seen: int | None
-    config: dict | None
-    sha1: str
-    format: str  # "lunaseg-1" or "book"
-    rng_state: dict | None = None
-    extra: dict | None = None
-    raw: dict = field(default_factory=dict, repr=False)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DataParallel / DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _plain(value: Any, where: str) -> Any:
-    """``value`` as tensors (on the CPU), dicts, lists, tuples, strings, numbers and None.
-
-    Anything else would make ``torch.load(weights_only=True)`` refuse the file later, so
-    the error is raised now, at save time, naming the offending entry.
-    """
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, torch.device):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, list):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(f"checkpoint entry {where} has unsupported type {type(value).__name__}")
-
-
-def capture_rng_state() -> dict:
-    """The global RNG states (Python, NumPy, torch CPU and CUDA) as checkpoint-safe data."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping) -> None:
-    """Undo :func:`capture_rng_state`; entries that are missing are left alone."""
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        s = state["numpy"]
-        keys = s["keys"].numpy().astype(np.uint32)
-        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _file_sha1(path: str | Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_checkpoint(
-    path: str | Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    config: dict | None = None,
-    epoch: int,
-    samples_seen: int,
-    rng_state: dict | None = None,
-    extra: dict | None = None,
-) -> str:
-    """Write model (and optimizer) state to ``path`` atomically; return the file's SHA1.
-
-    The dict holds the book's keys (so the book's tools can read it) and ours
-    (``format``, ``model_config``, ``config``, ``samples_seen``, ``rng_state``, ``extra``).
-    Only plain data is stored, so ``torch.load(weights_only=True)`` reads it.  A crash
-    mid-write leaves any previous file at ``path`` intact (temp file + ``os.replace``).
-    """
-    path = Path(path)
-    bare = _unwrap(model)
-    model_config = getattr(bare, "config", None)
-    payload = {
-        # The book's layout.
-        "sys_argv": list(sys.argv),
-        "time": str(datetime.datetime.now()),
-        "model_state": _plain(bare.state_dict(), "model_state"),
-        "model_name": type(bare).__name__,
-        "optimizer_state": _plain(optimizer.state_dict(), "optimizer_state") if optimizer else None,
-        "optimizer_name": type(optimizer).__name__ if optimizer else None,
-        "epoch": int(epoch),
-        "totalTrainingSamples_count": int(samples_seen),
-        # Ours.
-        "format": CHECKPOINT_FORMAT,
-        "lunaseg_version": __version__,
-        "torch_version": str(torch.__version__),  # TorchVersion is not plain data
-        "model_config": to_dict(model_config) if isinstance(model_config, ModelConfig) else None,
-        "config": _plain(config, "config"),
-        "samples_seen": int(samples_seen),
-        "rng_state": _plain(rng_state, "rng_state"),
-        "extra": _plain(extra, "extra"),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file lives in the target folder so os.replace is a same-filesystem rename.
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    sha1 = _file_sha1(path)
-    log.info("saved checkpoint %s (epoch %d, %d samples, sha1 %s)", path, epoch, samples_seen,
-             sha1)
-    return sha1
-
-
-def _load_error_reason(error: BaseException) -> str:
-    """A one-line reason from torch.load's (often multi-line) error message."""
-    text = str(error)
-    blocked = re.search(r"GLOBAL ([\w.]+)", text)
-    if blocked:
-        return f"refused to unpickle {blocked.group(1)} (only tensors and plain data are allowed)"
-    opcode = re.search(r"Unsupported operand (\d+)", text)
-    if opcode:
-        return (f"refused to unpickle: pickle opcode {opcode.group(1)} is not allowed "
-                "(random bytes, or not a torch checkpoint)")
-    if "Weights only load failed" in text:
-        after = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        detail = after[0].strip() if after and "WeightsUnpickler" in text else "unsafe content"
-        return f"refused to unpickle: {detail[:160]}"
-    lines = text.strip().splitlines()
-    first = lines[0].strip() if lines and lines[0].strip() != type(error).__name__ else ""
-    if len(first) > 160:
-        first = first[:157] + "..."
-    kind = type(error).__name__
-    return f"unreadable ({kind}: {first})" if first else f"unreadable ({kind})"
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") prefixes, if every key has one.
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
+def build_model(config: ModelConfig | None = None,
+                spec: SegmentationSpec | None = None) -> UNetWrapper:
+    """A freshly initialised :class:`UNetWrapper` for ``config`` (default: the book's U-Net)."""
+    return UNetWrapper(config if config is not None else ModelConfig(), spec)
 
 
 def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
@@ -419,10 +211,7 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
         n_classes = state["unet.last.weight"].shape[0]
         # With BatchNorm, index 2 of a block is a 1-D BatchNorm weight; without it, a conv.
         batch_norm = state["unet.down_path.0.block.2.weight"].dim() == 1
-        if "unet.up_path.0.up.1.weight" in state:
-            up_mode = "upsample"
-        else:
-            up_mode = "upconv"
+        up_mode = "upsample" if "unet.up_path.0.up.1.weight" in state else "upconv"
     except (KeyError, ValueError, IndexError) as error:
         raise CheckpointError(f"model_state does not look like a lunaseg/book U-Net ({error})") \
             from None
@@ -430,77 +219,72 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
                        wf=wf, padding=True, batch_norm=batch_norm, up_mode=up_mode)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a lunaseg or book checkpoint without executing any pickled code.
+def default_spec(config: ModelConfig) -> SegmentationSpec:
+    """The book's input for a U-Net of this shape: HU in [-1000, 1000], context from the
+    input channels, canonical orientation, one view."""
+    if config.in_channels % 2 == 0:
+        raise ConfigError(f"model has {config.in_channels} input channels; expected an odd "
+                          "number (one slice plus as many slices above as below)")
+    return SegmentationSpec(context_slices=(config.in_channels - 1) // 2,
+                            size_multiple=config.size_multiple)
 
-    ``torch.load(weights_only=True)`` accepts both the zip and the legacy (pre-1.6) format
-    and, with ``map_location``, tensors saved from CUDA on a machine without CUDA.  Anything
-    else raises :class:`CheckpointError` naming the file and the problem.
+
+def model_spec(checkpoint: Checkpoint, config: ModelConfig) -> SegmentationSpec:
+    """The input spec a checkpoint's model was trained with.
+
+    lunaseg files store it; for the book's files (and lunaseg files from before the spec was
+    stored) it is the book's input, with the HU window of the training settings if known.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with warnings.catch_warnings():
-            # E.g. "pickle protocol 4 detected": noise before the real verdict below.
-            warnings.simplefilter("ignore")
-            raw = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # any failure to parse means "not a checkpoint"
-        raise CheckpointError(f"{path}: not a checkpoint: {_load_error_reason(error)}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: not a checkpoint: holds a {type(raw).__name__}, not a dict")
-    state = raw.get("model_state")
-    if not isinstance(state, Mapping):
-        hint = " (a bare state_dict?)" if any(k.startswith("unet.") for k in raw) else ""
-        raise CheckpointError(f"{path}: not a checkpoint: no 'model_state' entry{hint}")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path}: model_state holds entries that are not named tensors")
-    state = _strip_prefixes(dict(state))
-
-    if isinstance(raw.get("model_config"), dict):
+    if checkpoint.spec is not None:
         try:
-            model_config = from_dict(ModelConfig, raw["model_config"])
+            spec = SegmentationSpec.from_dict(checkpoint.spec)
         except (ConfigError, TypeError) as error:
-            raise CheckpointError(f"{path}: bad model_config: {error}") from None
+            raise CheckpointError(f"{checkpoint.path}: bad input_spec: {error}") from None
     else:
+        spec = default_spec(config)
+        data = (checkpoint.config or {}).get("data") or {}
+        if "min_hu" in data and "max_hu" in data:
+            spec = SegmentationSpec(min_hu=float(data["min_hu"]), max_hu=float(data["max_hu"]),
+                                    context_slices=spec.context_slices,
+                                    size_multiple=spec.size_multiple)
+    if spec.channels != config.in_channels or spec.size_multiple != config.size_multiple:
+        raise CheckpointError(f"{checkpoint.path}: input_spec ({spec.channels} channels, "
+                              f"multiple {spec.size_multiple}) does not fit the model "
+                              f"({config.in_channels} channels, multiple "
+                              f"{config.size_multiple})")
+    return spec
+
+
+def _model_config(checkpoint: Checkpoint) -> ModelConfig:
+    if checkpoint.model_kind not in (None, MODEL_KIND):
+        raise CheckpointError(f"{checkpoint.path}: holds a {checkpoint.model_kind} model, "
+                              f"not a segmentation U-Net")
+    if checkpoint.model_config is not None:
         try:
-            model_config = infer_model_config(state)
-        except CheckpointError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-
-    samples = raw.get("samples_seen", raw.get("totalTrainingSamples_count"))
-    epoch = raw.get("epoch")
-    optimizer_state = raw.get("optimizer_state")
-    return Checkpoint(
-        path=str(path),
-        model_state=state,
-        model_config=model_config,
-        optimizer_state=optimizer_state if isinstance(optimizer_state, dict) else None,
-        epoch=int(epoch) if isinstance(epoch, int) else None,
-        samples_seen=int(samples) if isinstance(samples, int) else None,
-        config=raw.get("config") if isinstance(raw.get("config"), dict) else None,
-        sha1=_file_sha1(path),
-        format=raw.get("format", "book") if isinstance(raw.get("format"), str) else "book",
-        rng_state=raw.get("rng_state") if isinstance(raw.get("rng_state"), dict) else None,
-        extra=raw.get("extra") if isinstance(raw.get("extra"), dict) else None,
-        raw=raw,
-    )
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[UNetWrapper, Checkpoint]:
-    """A :class:`UNetWrapper` with the weights from ``path``, in eval mode on ``device``."""
-    checkpoint = load_checkpoint(path, map_location="cpu")
+            return from_dict(ModelConfig, checkpoint.model_config)
+        except (ConfigError, TypeError) as error:
+            raise CheckpointError(f"{checkpoint.path}: bad model_config: {error}") from None
     try:
-        model = build_model(checkpoint.model_config)
+        return infer_model_config(checkpoint.model_state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{checkpoint.path}: {error}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[UNetWrapper, Checkpoint]:
+    """A :class:`UNetWrapper` with the weights and input spec from ``path`` (lunaseg's or the
+    book's), in eval mode on ``device``, and what the file held."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    config = _model_config(checkpoint)
+    try:
+        model = build_model(config, model_spec(checkpoint, config))
     except ConfigError as error:
         raise CheckpointError(f"{path}: model_config cannot build a model: {error}") from None
     try:
         model.load_state_dict(checkpoint.model_state, strict=True)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        lines = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in lines[1:3]) if len(lines) > 1 else lines[0]
         if len(detail) > 200:
             detail = detail[:197] + "..."
         raise CheckpointError(f"{path}: weights do not fit the model: {detail}") from None
@@ -509,3 +293,12 @@ def load_model(
     log.info("loaded %s checkpoint %s (epoch %s, sha1 %s)", checkpoint.format, path,
              checkpoint.epoch, checkpoint.sha1)
     return model, checkpoint
+
+
+def save_model(path: str | Path, model: nn.Module, **fields) -> str:
+    """Save a U-Net with its settings and input spec (see
+    :func:`lunaseg.checkpoint.save_checkpoint` for ``fields``); returns the file's SHA1."""
+    bare = unwrap(model)
+    return save_checkpoint(path, model=bare, model_kind=MODEL_KIND,
+                           model_config=to_dict(bare.config), spec=bare.spec.to_dict(),
+                           **fields)

@@ -8,19 +8,20 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from lunaseg import layout
 from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, MaskConfig, SegmentConfig,
                             SynthConfig, TrainConfig, from_dict, to_dict)
 from lunaseg.errors import DataError
-from lunaseg.evaluate import (CANDIDATE_FP_BUDGET, Finding, Mark, froc, match_marks,
-                              plot_froc, read_annotations, read_candidates,
-                              write_result_json)
+from lunaseg.evaluate import (CANDIDATE_FP_BUDGET, Finding, Mark, froc, load_findings,
+                              load_marks, match_marks, write_result_json)
 from lunaseg.files import write_json_atomic
+from lunaseg.report import plot_froc
 
 __all__ = ["EvaluationReport", "score_files", "evaluate_model", "DemoSettings", "run_demo"]
 
@@ -57,7 +58,8 @@ class EvaluationReport:
             lines.append(f"missed: {miss['series_uid']} at ({miss['center_xyz'][0]:.1f}, "
                          f"{miss['center_xyz'][1]:.1f}, {miss['center_xyz'][2]:.1f}), "
                          f"{miss['diameter_mm']:.1f} mm: {miss['reason']}")
-        lines.append(f"results: {self.out_dir / 'froc.json'}, {self.out_dir / 'froc.png'}")
+        lines.append(f"results: {self.out_dir / layout.FROC_JSON}, "
+                     f"{self.out_dir / layout.FROC_PNG}")
         return "\n".join(lines)
 
 
@@ -70,9 +72,9 @@ def _by_size_line(result) -> str:
 
 def _write_outputs(result, out_dir: Path, misses: list[dict], title: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_result_json(result, out_dir / "froc.json")
-    plot_froc(result, out_dir / "froc.png", title=title)
-    write_json_atomic(misses, out_dir / "misses.json")
+    write_result_json(result, out_dir / layout.FROC_JSON)
+    plot_froc(result, out_dir / layout.FROC_PNG, title=title)
+    write_json_atomic(misses, out_dir / layout.MISSES_JSON)
 
 
 def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
@@ -80,8 +82,8 @@ def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
                 series: Sequence[str] | None = None,
                 fp_budget: float = CANDIDATE_FP_BUDGET) -> EvaluationReport:
     """LUNA16 FROC/CPM of a submission CSV against an annotations CSV."""
-    findings, marks = read_annotations(annotations), read_candidates(candidates)
-    excluded_findings = read_annotations(excluded, excluded=True) if excluded else {}
+    findings, marks = load_findings(annotations), load_marks(candidates)
+    excluded_findings = load_findings(excluded, excluded=True) if excluded else {}
     if series is not None:
         # A listed scan with nothing in any file is a clean scan to LUNA16, but it is also
         # what a mistyped UID looks like, and each one lowers the false positives per scan.
@@ -94,37 +96,35 @@ def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
                   fp_budget=fp_budget)
     misses = [{"series_uid": n.series_uid, "center_xyz": list(n.center_xyz),
                "diameter_mm": n.diameter_mm,
-               "reason": "cut by the 100-marks-per-scan limit" if n.hit_any else "no mark"}
+               "reason": _cut_reason(result) if n.hit_any else "no mark"}
               for n in result.nodules if not n.hit]
     report = EvaluationReport(Path(out_dir), result, misses)
     _write_outputs(result, report.out_dir, misses, Path(candidates).name)
     return report
 
 
+def _cut_reason(result) -> str:
+    return f"found, but ranked below the {result.max_marks_per_scan}-marks-per-scan limit"
+
+
 def _split_series(data_dir: Path, model_path: Path, split: str, available: list[str]
                   ) -> list[str]:
-    """The run's saved split (splits.json beside the checkpoint), else the default split."""
-    from lunaseg.datasets import split_series
+    """The run's saved split (splits.json beside the checkpoint), else the split its
+    training settings make (beside or inside the checkpoint), else the default split."""
+    from lunaseg.checkpoint import load_checkpoint
+    from lunaseg.datasets import load_splits
 
     if split == "all":
         return sorted(available)
-    splits_file = model_path.parent / "splits.json"
-    if splits_file.exists():
-        splits = json.loads(splits_file.read_text())
-    else:
-        # A checkpoint copied out of its run folder still carries the run's settings.
-        from lunaseg.model import load_checkpoint
-
-        config_file = model_path.parent / "config.json"
-        saved = (json.loads(config_file.read_text()) if config_file.exists()
-                 else load_checkpoint(model_path).config)
-        if saved is None:
-            log.warning("%s: no splits.json or training settings beside or inside the "
-                        "checkpoint; using the default split", model_path)
-            config = DataConfig()
-        else:
-            config = from_dict(TrainConfig, saved).data
-        splits = split_series(available, config)
+    config_file = model_path.parent / layout.RUN_CONFIG_FILE
+    saved = (json.loads(config_file.read_text()) if config_file.exists()
+             else load_checkpoint(model_path).config)
+    if saved is None and not (model_path.parent / layout.SPLITS_FILE).exists():
+        log.warning("%s: no splits.json or training settings beside or inside the "
+                    "checkpoint; using the default split", model_path)
+    config = DataConfig() if saved is None else from_dict(TrainConfig, saved).data
+    splits = load_splits(model_path.parent / layout.SPLITS_FILE, available, config,
+                         strict=False)
     chosen = [uid for uid in splits.get(split, []) if uid in set(available)]
     if not chosen:
         raise DataError(f"{data_dir}: the {split} split holds no series on disk")
@@ -161,10 +161,10 @@ class _ScanVolumes:
 
         from lunaseg.ct import read_geometry
 
-        geometry, _ = read_geometry(folder / "probability.nii.gz")
-        prob = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "probability.nii.gz")))
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
-        candidates = json.loads((folder / "candidates.json").read_text())["candidates"]
+        geometry, _ = read_geometry(folder / layout.PROBABILITY_FILE)
+        prob = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / layout.PROBABILITY_FILE)))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / layout.MASK_FILE)))
+        candidates = json.loads((folder / layout.CANDIDATES_JSON).read_text())["candidates"]
         return cls(geometry, prob, mask, candidates)
 
 
@@ -216,8 +216,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
 
     ``series_uids`` narrows the split to those scans (``split="all"``: any on disk).
     """
-    from lunaseg.infer import segment_inputs
-    from lunaseg.luna import ANNOTATION_FILES, EXCLUDED_FILE, find_series
+    from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series
+    from lunaseg.segment import segment_inputs
 
     data_dir, model_path, out_dir = Path(data_dir), Path(model_path), Path(out_dir)
     segment = segment or SegmentConfig()
@@ -229,16 +229,16 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
         if not series:
             raise DataError(f"{data_dir}: none of the {len(wanted)} series asked for is in "
                             f"the {split} split on disk")
-    outputs = segment_inputs([data_dir], model_path, out_dir / "segment", segment,
-                             series_uids=series, progress=progress)
-    annotation_file = next((data_dir / n for n in ANNOTATION_FILES if (data_dir / n).exists()),
-                           None)
-    if annotation_file is None:
+    annotations = annotation_file(data_dir)
+    if annotations is None:
         raise DataError(f"{data_dir}: no annotations.csv to score against")
+    segment_dir = out_dir / layout.SEGMENT_DIR
+    outputs = segment_inputs([data_dir], model_path, segment_dir, segment,
+                             series_uids=series, progress=progress)
     excluded_file = data_dir / EXCLUDED_FILE
-    result = froc(read_annotations(annotation_file),
-                  read_candidates(out_dir / "segment" / "submission.csv"),
-                  excluded=(read_annotations(excluded_file, excluded=True)
+    result = froc(load_findings(annotations),
+                  load_marks(segment_dir / layout.SUBMISSION_FILE),
+                  excluded=(load_findings(excluded_file, excluded=True)
                             if excluded_file.exists() else None),
                   series=series, max_marks_per_scan=segment.max_candidates,
                   fp_budget=fp_budget)
@@ -248,7 +248,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
         if nodule.hit:
             continue
         if nodule.hit_any:
-            reason = "found, but ranked below the 100-marks-per-scan limit"
+            reason = _cut_reason(result)
         elif not segment.write_volumes:
             reason = "not found (run without --no-volumes to see why)"
         else:
@@ -276,7 +276,7 @@ class DemoSettings:
     # The book's heuristic masks.  The phantoms' true voxels (cache.masks = "outline") were
     # measured too and found no more nodules (see the README).
     masks: MaskConfig = field(default_factory=MaskConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)  # its chunk follows train.data
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(chunk_irc=(7, 64, 64)))
     # The book's U-Net and Dice loss plus what cuts false positives (each measured; see the
     # README): negative crops (look-alikes, lung, body), whole slices, hard negatives re-cut
     # every epoch at the model's own false positives, a cross-entropy term beside a lighter
@@ -285,7 +285,7 @@ class DemoSettings:
     # validation (about 20 s each here) runs at the first and the last epoch only:
     # candidates, not pixels, are what is scored.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        data=DataConfig(val_stride=6, chunk_irc=(7, 64, 64), crop_px=48,
+        data=DataConfig(val_stride=6, crop_px=48,
                         negative_crop_fraction=0.6, full_slice_fraction=0.2,
                         hard_negative_fraction=0.5, epoch_samples=2048),
         augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
@@ -346,13 +346,13 @@ class DemoResult:
                   f"checkpoints: {self.train.checkpoint}"
                   + (f", {self.train.best_checkpoint}" if self.train.best_checkpoint else ""),
                   f"tensorboard: tensorboard --logdir {self.train.tb_dir}",
-                  f"overlays:    {self.run_dir / 'overlays'}"]
+                  f"overlays:    {self.run_dir / layout.OVERLAYS_DIR}"]
         if self.montage is not None:
             lines.append(f"montage:     {self.montage}")
         if self.evaluation is not None:
-            lines.append(f"FROC:        {self.evaluation.out_dir / 'froc.png'}")
-            lines.append(f"reports:     {self.evaluation.out_dir / 'segment'}/<series>/"
-                         f"report.html")
+            lines.append(f"FROC:        {self.evaluation.out_dir / layout.FROC_PNG}")
+            lines.append(f"reports:     {self.evaluation.out_dir / layout.SEGMENT_DIR}/"
+                         f"<series>/{layout.REPORT_FILE}")
         return "\n".join(lines)
 
 
@@ -394,7 +394,7 @@ def _synth_if_needed(data_dir: Path, config: SynthConfig, progress: bool) -> Non
 def _demo_montage(data_dir: Path, out_png: Path) -> Path:
     """Phantom slices with the cached training masks outlined (what the model learns from)."""
     from lunaseg.cache import Cache
-    from lunaseg.montage import render_montage, scans_from_dataset
+    from lunaseg.report import render_montage, scans_from_dataset
 
     cache = Cache(data_dir / "cache")
     scans = scans_from_dataset(data_dir, max_scans=6)
@@ -412,7 +412,7 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     """The main job on built-in data: synthetic LUNA16-format phantoms -> prepcache ->
     training with validation -> candidates on the validation scans, scored the LUNA16 way."""
     from lunaseg.cache import prepcache
-    from lunaseg.train import LAST_CHECKPOINT, check_train_config, train
+    from lunaseg.train import check_train_config, train
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     check_train_config(settings.train)  # a bad setting fails now, not after the phantoms
@@ -426,8 +426,7 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     seconds["synth"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    cache_config = replace(settings.cache, chunk_irc=settings.train.data.chunk_irc)
-    summary = prepcache(data_dir, data_dir / "cache", config=cache_config,
+    summary = prepcache(data_dir, data_dir / "cache", config=settings.cache,
                         mask_config=settings.masks, progress=progress)
     log.info("%s", summary.line())
     seconds["prepcache"] = time.perf_counter() - started
@@ -441,7 +440,7 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     seconds["train"] = time.perf_counter() - started
 
     evaluation = None
-    model_path = run_dir / LAST_CHECKPOINT
+    model_path = run_dir / layout.LAST_CHECKPOINT
     if model_path.exists() and not result.interrupted:
         started = time.perf_counter()
         evaluation = evaluate_model(data_dir, model_path, out_dir / "evaluation", split="val",

@@ -1,49 +1,49 @@
-"""Training loop (SPEC §9): Adam on Dice + weighted false-negative Dice, TensorBoard, checkpoints.
+"""Training the U-Net: Adam on Dice + weighted false-negative Dice, TensorBoard, checkpoints.
 
 One process trains on the CPU or one GPU; under ``torchrun`` every rank trains on its own
 share of samples with DistributedDataParallel, metrics are summed over ranks and rank 0
 alone logs and saves.  A checkpoint is written after every epoch (so a killed run resumes
-where it stopped) and ``checkpoint.best.pt`` follows the best validation recall.
+where it stopped) and ``checkpoint.best.pt`` follows the best validation.  Every
+checkpoint carries the model's input spec, built from the training settings.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from lunaseg import layout
 from lunaseg.augment import SegmentationAugmentation
 from lunaseg.cache import Cache
+from lunaseg.checkpoint import load_checkpoint
 from lunaseg.config import TrainConfig, check_at_least, check_fraction, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
-                              check_cached_chunks, check_data_config, pad_to_multiple,
-                              rank_share, split_series, validation_items)
+                              check_cached_chunks, check_data_config, load_splits, rank_share,
+                              validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
-from lunaseg.files import write_bytes_atomic, write_json_atomic
+from lunaseg.files import copy_atomic, write_bytes_atomic, write_json_atomic
+from lunaseg.inputs import SegmentationSpec, clip_hu, pad_to_multiple
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
-from lunaseg.model import (build_model, capture_rng_state, load_checkpoint, resolve_device,
-                           restore_rng_state, save_checkpoint)
+from lunaseg.model import build_model, save_model
+from lunaseg.runtime import (autocast, capture_rng_state, resolve_device, restore_rng_state,
+                             whole_slice_batch)
 
-__all__ = ["TrainResult", "train", "check_train_config", "evaluate_slices", "LAST_CHECKPOINT",
-           "BEST_CHECKPOINT"]
+__all__ = ["TrainResult", "train", "check_train_config", "training_spec", "resume_config",
+           "evaluate_slices", "LAST_CHECKPOINT", "BEST_CHECKPOINT"]
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "checkpoint.pt"
-BEST_CHECKPOINT = "checkpoint.best.pt"
+LAST_CHECKPOINT = layout.LAST_CHECKPOINT
+BEST_CHECKPOINT = layout.BEST_CHECKPOINT
 IMAGE_SERIES = 12  # the book logs the first 12 series of a split...
 IMAGE_SLICES = 6  # ...6 evenly spaced slices each
 
@@ -108,17 +108,17 @@ def _broadcast_buffers(model: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    # bf16 autocast only on CUDA: CPUs without bf16 units (AVX2) run it ~15x slower.
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def training_spec(config: TrainConfig) -> SegmentationSpec:
+    """The input spec of the models a run trains: its HU window, context and U-Net depth."""
+    return SegmentationSpec(min_hu=config.data.min_hu, max_hu=config.data.max_hu,
+                            context_slices=config.data.context_slices,
+                            size_multiple=config.model.size_multiple)
 
 
 def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
                   config: TrainConfig, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    with _autocast(device, config.amp):
+    with autocast(device, config.amp):
         pred = model(input)
     pred = pred.float()
     loss = segmentation_loss(pred, label, config.fn_weight, bce_weight=config.bce_weight,
@@ -145,7 +145,7 @@ def _mine_hard_negatives(model: nn.Module, sampler: TrainingSampler, config: Tra
     model.eval()
 
     def predict(input: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, config.amp):
+        with autocast(device, config.amp):
             return model(input.contiguous(memory_format=torch.channels_last)).float()
 
     # no_grad, not inference_mode: the new crops are tensors that training keeps using.
@@ -153,24 +153,15 @@ def _mine_hard_negatives(model: nn.Module, sampler: TrainingSampler, config: Tra
         return sampler.mine_hard_negatives(predict, epoch)
 
 
-def _whole_slice_batch(config: TrainConfig, device: torch.device) -> int:
-    """Batch size for running the model on whole slices outside training.
-
-    A CPU keeps one slice's activations in cache: 4 slices of 224x256 per batch ran in half
-    the time per slice of 32 (and so does ``lunaseg segment``, see lunaseg.infer); a GPU
-    takes the training batch.
-    """
-    return min(config.batch_size, 4) if device.type == "cpu" else config.batch_size
-
-
 def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]],
-                    config: TrainConfig, device: torch.device, *, batch_size: int | None = None,
+                    config: TrainConfig, device: torch.device, *, batch_size: int = 0,
                     progress: bool = False) -> SegmentationMetrics:
-    """Loss and pixel counts of ``model`` on whole slices (validation or test split)."""
+    """Loss and pixel counts of ``model`` on whole slices (validation or test split), with
+    the input its spec asks for."""
     from tqdm import tqdm
 
-    dataset = SliceDataset(cache, items, config.data, config.model.size_multiple)
-    sampler = SeriesBatchSampler(items, batch_size or _whole_slice_batch(config, device))
+    dataset = SliceDataset(cache, items, model.spec)
+    sampler = SeriesBatchSampler(items, whole_slice_batch(device, batch_size))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=config.num_workers,
                                          pin_memory=device.type == "cuda")
@@ -193,7 +184,7 @@ class _Logger:
     def __init__(self, tb_dir: Path, out_dir: Path, enabled: bool):
         self.enabled = enabled
         self.tb_dir = tb_dir
-        self.image_dir = out_dir / "overlays"
+        self.image_dir = out_dir / layout.OVERLAYS_DIR
         self._writers: dict = {}
         self._labels_logged: set[str] = set()
 
@@ -222,35 +213,35 @@ class _Logger:
 
         writer = self.writer(split)
         model.eval()
+        spec = model.spec
         for k, uid in enumerate(sorted(uids)[:IMAGE_SERIES]):
             entry = cache[uid]
             count = entry.hu.shape[0]
             indices = np.linspace(0, count - 1, IMAGE_SLICES + 2)[1:-1].round().astype(int)
-            stacks = np.stack([pad_to_multiple(entry.context_stack(i, config.data.context_slices),
-                                               config.model.size_multiple,
-                                               int(config.data.min_hu)) for i in indices])
-            input = torch.from_numpy(np.clip(stacks, config.data.min_hu, config.data.max_hu)
-                                     .astype(np.float32)).to(device)
+            stacks = np.stack([pad_to_multiple(entry.context_stack(i, spec.context_slices),
+                                               spec.size_multiple, int(spec.min_hu))
+                               for i in indices])
+            input = torch.from_numpy(clip_hu(stacks, spec)).to(device)
             input = input.contiguous(memory_format=torch.channels_last)
-            step = _whole_slice_batch(config, device)
-            with torch.inference_mode(), _autocast(device, config.amp):
+            step = whole_slice_batch(device)
+            with torch.inference_mode(), autocast(device, config.amp):
                 pred = torch.cat([model(input[i:i + step]).float()
                                   for i in range(0, len(input), step)])
             pred = pred[:, 0].cpu().numpy() > 0.5
             height, width = entry.hu.shape[1:]
             for j, index in enumerate(indices):
                 label = entry.mask_slice(index)
-                png = _png_bytes(overlay_rgb(entry.hu[index], pred[j, :height, :width], label))
-                _add_png(writer, f"{split}/{k}_prediction_{j}", png, height, width,
-                         samples_seen)
+                rgb = overlay_rgb(entry.hu[index], pred[j, :height, :width], label)
+                writer.add_image(f"{split}/{k}_prediction_{j}", rgb, samples_seen,
+                                 dataformats="HWC")
                 name = f"epoch{epoch:03d}_{split}_{k:02d}_slice{int(index):03d}.png"
-                write_bytes_atomic(png, self.image_dir / name)
+                write_bytes_atomic(_png_bytes(rgb), self.image_dir / name)
                 key = f"{split}/{k}/{j}"
                 if key not in self._labels_logged:
                     self._labels_logged.add(key)
-                    label_png = _png_bytes(overlay_rgb(entry.hu[index], label, label))
-                    _add_png(writer, f"{split}/{k}_label_{j}", label_png, height, width,
-                             samples_seen)
+                    writer.add_image(f"{split}/{k}_label_{j}",
+                                     overlay_rgb(entry.hu[index], label, label), samples_seen,
+                                     dataformats="HWC")
         writer.flush()
 
     def close(self) -> None:
@@ -259,24 +250,14 @@ class _Logger:
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG, encoded once for both TensorBoard and the PNG copy.
+    """(H, W, 3) uint8 -> PNG (zlib level 1: a validation writes about 150 of these)."""
+    import io
 
-    zlib level 1: 4 ms instead of 30 ms for encoding twice at the defaults, for files 13%
-    larger; a validation logs about 150 of these.
-    """
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-def _add_png(writer, tag: str, png: bytes, height: int, width: int, step: int) -> None:
-    """What ``SummaryWriter.add_image`` writes, from PNG bytes already encoded."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def _is_better(metrics: dict, best: dict | None, min_recall: float | None = None) -> bool:
@@ -292,18 +273,6 @@ def _is_better(metrics: dict, best: dict | None, min_recall: float | None = None
         return (0, m["pr/recall"], m["pr/f1_score"])
 
     return key(metrics) > key(best)
-
-
-def _load_splits(path: Path, cache: Cache, config: TrainConfig) -> dict[str, list[str]]:
-    """Splits are made once and saved, so a resumed or repeated run trains on the same series."""
-    if path.exists():
-        splits = json.loads(path.read_text())
-        missing = sorted(set(sum(splits.values(), [])) - set(cache.series_uids))
-        if missing:
-            raise DataError(f"{path}: lists {len(missing)} series the cache does not hold "
-                            f"(first: {missing[0]}); delete it to split again")
-        return splits
-    return split_series(cache.series_uids, config.data)
 
 
 def check_train_config(config: TrainConfig) -> None:
@@ -340,13 +309,48 @@ def check_train_config(config: TrainConfig) -> None:
                           f"{config.model.depth}")
 
 
+def _flat(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"data.crop_px": 64, ...}, tuples as lists (as in JSON)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def resume_config(saved: dict, requested: TrainConfig,
+                  default: TrainConfig | None = None) -> TrainConfig:
+    """The settings a resumed run continues with: the run's own (``saved``), with the device
+    of ``requested`` and its epochs when they differ from ``default`` (so a larger number
+    extends the run).  Other settings asked for (different from the default) that the run's
+    own override are named in one warning."""
+    default = default or TrainConfig()
+    try:
+        run = from_dict(TrainConfig, saved)
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"the run's saved settings are not this lunaseg's: {error}") \
+            from None
+    asked, plain, own = (_flat(to_dict(c)) for c in (requested, default, run))
+    ignored = [f"{key} {asked[key]} (the run's: {own[key]})" for key in asked
+               if key not in ("epochs", "device") and asked[key] != plain[key]
+               and asked[key] != own[key]]
+    if ignored:
+        log.warning("a resumed run continues with its own settings; ignoring %s",
+                    ", ".join(ignored))
+    epochs = requested.epochs if requested.epochs != default.epochs else run.epochs
+    return replace(run, device=requested.device, epochs=epochs)
+
+
 def train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
           tb_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           compile_model: bool = False, max_steps: int | None = None,
           progress: bool = True) -> TrainResult:
     """Train a U-Net on the cached dataset; see the module docstring for what is written.
 
-    ``max_steps`` stops after that many optimizer steps in total (for tests and benchmarks).
+    With ``resume`` (a checkpoint of an earlier run) the run continues with its own settings
+    (:func:`resume_config`).  ``max_steps`` stops after that many optimizer steps in total.
     """
     check_train_config(config)
     dist_info, device = _init_distributed(config.device)
@@ -369,7 +373,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
 
     torch.manual_seed(config.seed + dist_info.rank)
     out_dir = Path(out_dir)
-    tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / "tensorboard"
+    tb_dir = Path(tb_dir) if tb_dir is not None else out_dir / layout.TENSORBOARD_DIR
     cache = Cache(cache_dir)
 
     start_epoch, samples_seen, best, history = 1, 0, None, []
@@ -379,8 +383,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         if checkpoint.format == "book" or checkpoint.config is None:
             raise CheckpointError(f"{resume}: not a lunaseg training checkpoint (no config); "
                                   f"it can be used with `lunaseg segment` but not resumed")
-        config = from_dict(TrainConfig, {**checkpoint.config, "device": config.device,
-                                         "epochs": config.epochs})
+        config = resume_config(checkpoint.config, config)
         extra = checkpoint.extra or {}
         start_epoch = int(checkpoint.epoch) + 1
         samples_seen = int(checkpoint.samples_seen or 0)
@@ -393,14 +396,14 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    splits = _load_splits(out_dir / "splits.json", cache, config)
+    splits = load_splits(out_dir / layout.SPLITS_FILE, cache.series_uids, config.data)
     if dist_info.is_main:
-        write_json_atomic(splits, out_dir / "splits.json")
-        write_json_atomic(to_dict(config), out_dir / "config.json")
+        write_json_atomic(splits, out_dir / layout.SPLITS_FILE)
+        write_json_atomic(to_dict(config), out_dir / layout.RUN_CONFIG_FILE)
     if not splits["train"]:
         raise DataError(f"{cache.folder}: no series left for training after the split")
 
-    model = build_model(config.model).to(device)
+    model = build_model(config.model, training_spec(config)).to(device)
     # channels_last: faster convolutions on GPUs and (by ~40%) with oneDNN on CPUs too.
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -419,9 +422,9 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
     if compile_model:
         train_model = torch.compile(train_model)
 
-    sampler = TrainingSampler(cache, splits["train"], config.data, device, seed=config.seed,
-                              rank=dist_info.rank, world_size=dist_info.world_size,
-                              size_multiple=config.model.size_multiple)
+    sampler = TrainingSampler(cache, splits["train"], config.data, device, model.spec,
+                              seed=config.seed, rank=dist_info.rank,
+                              world_size=dist_info.world_size)
     augment = SegmentationAugmentation(config.augment, seed=config.seed)
     logger = _Logger(tb_dir, out_dir, dist_info.is_main)
     val_items = validation_items(cache, splits["val"], full_ct=config.data.full_ct_validation)
@@ -432,8 +435,8 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
     epoch = start_epoch - 1
 
     def save(epoch_done: int, extra: dict | None = None) -> str:
-        return save_checkpoint(
-            out_dir / LAST_CHECKPOINT, model=model, optimizer=optimizer, config=to_dict(config),
+        return save_model(
+            out_dir / LAST_CHECKPOINT, model, optimizer=optimizer, config=to_dict(config),
             epoch=epoch_done, samples_seen=samples_seen, rng_state=capture_rng_state(),
             extra={"best": best, "history": history, **(extra or {})})
 
@@ -505,11 +508,11 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
             if dist_info.is_main:
                 sha1 = save(epoch)
                 if best is not None and best["epoch"] == epoch:
-                    shutil.copyfile(out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT)
+                    copy_atomic(out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT)
                     log.info("new best model (val recall %.4f): %s sha1 %s", best["pr/recall"],
                              out_dir / BEST_CHECKPOINT, sha1)
                 write_json_atomic({"history": history, "best": best},
-                                   out_dir / "metrics.json")
+                                   out_dir / layout.METRICS_FILE)
             result.epochs_done = epoch
             if max_steps is not None and total_steps >= max_steps:
                 break
@@ -545,11 +548,3 @@ def _summary_line(record: dict) -> str:
                          f"{m['blobs/fp_per_slice']:.1f} FP blobs per slice")
             parts.append(part)
     return "; ".join(parts)
-
-
-def batches_for_benchmark(sampler: TrainingSampler, batch_size: int) -> Iterator:
-    """Endless training batches (for the throughput benchmark)."""
-    epoch = 1
-    while True:
-        yield from sampler.batches(epoch, batch_size)
-        epoch += 1

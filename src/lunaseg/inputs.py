@@ -1,0 +1,142 @@
+"""How a CT becomes model input: the input spec a checkpoint carries, and the helpers that
+apply it (HU window, context-slice stacks, padding to the U-Net's size multiple).
+
+Training, validation, ``segment``, ``evaluate --model`` and the classifier all build their
+input through this module from the spec saved with the model, so a model trained with
+another HU window or context is fed what it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from lunaseg.errors import ConfigError
+
+__all__ = ["CANONICAL_ORIENTATION", "SegmentationSpec", "ClassifierSpec", "context_indices",
+           "context_stack", "pad_to_multiple", "clip_hu", "size_multiple"]
+
+# The voxel order every model sees: array axes (col, row, index) pointing to the patient's
+# Left, Posterior and Superior, i.e. an identity direction matrix, as LUNA16 stores its scans.
+CANONICAL_ORIENTATION = "LPS"
+
+
+def size_multiple(depth: int) -> int:
+    """Input height and width of a padded U-Net of ``depth`` levels must be multiples of this
+    (each level but the last halves them)."""
+    return 2 ** (depth - 1)
+
+
+def _spec_from_dict(cls: type, data: dict) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    spec = cls(**values)
+    spec.check()
+    return spec
+
+
+@dataclass(frozen=True)
+class SegmentationSpec:
+    """What a segmentation model takes: each slice with ``context_slices`` slices on either
+    side as channels, HU clipped to [min_hu, max_hu], height and width padded to a multiple
+    of ``size_multiple``, voxels in ``orientation`` order; ``tta`` is the number of mirrored
+    views it was validated with (what ``segment`` uses unless told otherwise)."""
+
+    min_hu: float = -1000.0
+    max_hu: float = 1000.0
+    context_slices: int = 3
+    size_multiple: int = 4
+    orientation: str = CANONICAL_ORIENTATION
+    tta: int = 1
+
+    @property
+    def channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+    def check(self) -> None:
+        if not self.max_hu > self.min_hu:
+            raise ConfigError(f"input spec: need min_hu < max_hu, got {self.min_hu}, "
+                              f"{self.max_hu}")
+        if self.context_slices < 0 or self.size_multiple < 1:
+            raise ConfigError(f"input spec: context_slices must be >= 0 and size_multiple "
+                              f">= 1, got {self.context_slices}, {self.size_multiple}")
+        if self.tta not in (1, 2, 4):
+            raise ConfigError(f"input spec: tta must be 1, 2 or 4, got {self.tta}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SegmentationSpec":
+        return _spec_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What a candidate classifier takes: one (index, row, col) crop of ``crop_irc`` voxels
+    centred on the candidate, HU clipped to [min_hu, max_hu], in ``orientation`` order."""
+
+    min_hu: float = -1000.0
+    max_hu: float = 1000.0
+    crop_irc: tuple[int, int, int] = (32, 48, 48)
+    orientation: str = CANONICAL_ORIENTATION
+
+    def check(self) -> None:
+        if not self.max_hu > self.min_hu:
+            raise ConfigError(f"input spec: need min_hu < max_hu, got {self.min_hu}, "
+                              f"{self.max_hu}")
+        if len(self.crop_irc) != 3 or min(self.crop_irc) < 1:
+            raise ConfigError(f"input spec: crop_irc must be 3 sizes >= 1, got {self.crop_irc}")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["crop_irc"] = list(self.crop_irc)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClassifierSpec":
+        return _spec_from_dict(cls, data)
+
+
+def context_indices(n_slices: int, slice_indices: Sequence[int] | np.ndarray,
+                    context_slices: int) -> np.ndarray:
+    """(N, 2c+1) int64 slice indices of each slice's stack; beyond the volume the first or
+    last slice repeats."""
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be >= 1, got {n_slices}")
+    if context_slices < 0:
+        raise ValueError(f"context_slices must be >= 0, got {context_slices}")
+    centre = np.asarray(slice_indices, dtype=np.int64).reshape(-1, 1)
+    offsets = np.arange(-context_slices, context_slices + 1, dtype=np.int64).reshape(1, -1)
+    return np.clip(centre + offsets, 0, n_slices - 1)
+
+
+def context_stack(hu: np.ndarray, slice_indices: Sequence[int] | np.ndarray,
+                  context_slices: int) -> np.ndarray:
+    """(N, 2c+1, R, C) stacks of a (I, R, C) volume, in its dtype (no clipping): channel c
+    is the slice itself, those before and after it the slices below and above."""
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
+    return np.take(hu, context_indices(hu.shape[0], slice_indices, context_slices), axis=0)
+
+
+def clip_hu(array: np.ndarray, spec: SegmentationSpec | ClassifierSpec) -> np.ndarray:
+    """``array`` clipped to the spec's HU window, as float32."""
+    return np.clip(array, spec.min_hu, spec.max_hu).astype(np.float32, copy=False)
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int, fill: float | int) -> np.ndarray:
+    """Pad the last two axes at the bottom/right up to a multiple of ``multiple``."""
+    height, width = array.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return array
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    return np.pad(array, widths, constant_values=fill)

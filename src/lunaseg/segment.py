@@ -1,0 +1,265 @@
+"""``lunaseg segment``: one CT, or many, to probabilities, candidates and the files a person
+or a scorer reads (volumes with the input's geometry, candidate tables, views, an HTML
+report per scan, a LUNA16 submission)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lunaseg import layout
+from lunaseg.candidates import Candidate, check_extraction, label_candidates
+from lunaseg.config import SegmentConfig, to_dict
+from lunaseg.ct import CT, write_image
+from lunaseg.errors import ConfigError, DataError
+from lunaseg.files import write_csv, write_text_atomic
+from lunaseg.inputs import SegmentationSpec
+from lunaseg.predict import check_tta, predict_ct, resolve_spec
+from lunaseg.report import candidate_png, html_report
+from lunaseg.runtime import resolve_device
+from lunaseg.scans import ScanSource, find_scans
+
+__all__ = ["SegmentResult", "ScanOutput", "segment_ct", "segment_inputs", "check_segment_config",
+           "SUBMISSION_COLUMNS", "CANDIDATE_CSV_COLUMNS", "REPORT_MAX_ROWS"]
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+CANDIDATE_CSV_COLUMNS = (
+    "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_probability",
+    "mean_probability", "diameter_mm", "volume_mm3", "voxels", "index", "row", "col",
+    "first_slice", "last_slice", "mean_hu", "uneroded",
+)
+# The HTML report's table stops here: a model that marks most of the lung (untrained, or
+# given a kind of scan it never saw) would otherwise make a page of hundreds of megabytes.
+REPORT_MAX_ROWS = 1000
+
+
+def check_segment_config(config: SegmentConfig) -> None:
+    """ConfigError naming the first segment setting that cannot work."""
+    check_extraction(config)
+    if config.max_candidates < 1:
+        raise ConfigError(f"segment.max_candidates must be >= 1, got {config.max_candidates}")
+    if config.batch_size < 0:
+        raise ConfigError(f"segment.batch_size must be >= 0 (0 = auto), got "
+                          f"{config.batch_size}")
+    if config.overlays < 0:
+        raise ConfigError(f"segment.overlays must be >= 0, got {config.overlays}")
+    check_tta(config.tta)
+
+
+@dataclass(eq=False)
+class SegmentResult:
+    """Output of :func:`segment_ct` for one scan."""
+
+    prob: np.ndarray  # (I, R, C) float32 probabilities
+    labels: np.ndarray  # (I, R, C) int32: 0 background, k + 1 = candidates[k]
+    candidates: list[Candidate]
+    seconds: float  # inference + candidate extraction
+    context_slices: int = 3
+    device: str = "cpu"
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(I, R, C) uint8: 1 on every candidate's voxels."""
+        return (self.labels > 0).astype(np.uint8)
+
+
+def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
+               spec: SegmentationSpec | None = None,
+               device: str | torch.device | None = None, progress: bool = False,
+               lung_mask: np.ndarray | None = None) -> SegmentResult:
+    """Probabilities, candidate label map and candidates for one CT.
+
+    ``spec`` None uses the model's own input spec (lunaseg's U-Net carries the one of its
+    checkpoint); ``device`` None uses ``config.device`` ("auto": CUDA when available).
+    """
+    config = config or SegmentConfig()
+    check_segment_config(config)
+    spec = resolve_spec(model, spec)
+    device = resolve_device(config.device if device is None else device)
+    start = time.perf_counter()
+    prob, lung_mask = predict_ct(model, ct, config, spec=spec, device=device,
+                                 progress=progress, lung_mask=lung_mask)
+    candidates, labels = label_candidates(prob, ct.hu, ct.geometry, config,
+                                          lung_mask=lung_mask, series_uid=ct.series_uid)
+    return SegmentResult(prob, labels, candidates, time.perf_counter() - start,
+                         context_slices=spec.context_slices, device=str(device))
+
+
+
+
+@dataclass(frozen=True)
+class ScanOutput:
+    """What :func:`segment_inputs` wrote for one scan."""
+
+    series_uid: str
+    source: Path
+    folder: Path
+    candidates: int
+    seconds: float  # reading + inference + candidates + writing
+
+
+def _safe_name(uid: str) -> str:
+    """A folder name for a series UID (UIDs are digits and dots; file stems may not be)."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in uid).strip(".")
+    return cleaned or "scan"
+
+
+def _candidate_row(candidate: Candidate) -> list:
+    x, y, z = candidate.center_xyz
+    i, r, c = candidate.center_irc
+    return [candidate.rank, candidate.series_uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}",
+            f"{candidate.probability:.6f}", f"{candidate.max_probability:.6f}",
+            f"{candidate.mean_probability:.6f}",
+            f"{candidate.diameter_mm:.3f}", f"{candidate.volume_mm3:.3f}", candidate.voxels,
+            f"{i:.3f}", f"{r:.3f}", f"{c:.3f}", candidate.slice_span[0],
+            candidate.slice_span[1], f"{candidate.mean_hu:.1f}", int(candidate.uneroded)]
+
+
+def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
+                config: SegmentConfig, settings: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.write_volumes:
+        write_image(result.prob.astype(np.float32, copy=False), ct.geometry,
+                    folder / layout.PROBABILITY_FILE, compress=True)
+        write_image(result.mask, ct.geometry, folder / layout.MASK_FILE, compress=True)
+    write_csv(folder / layout.CANDIDATES_CSV, CANDIDATE_CSV_COLUMNS,
+              (_candidate_row(c) for c in result.candidates))
+    scan_info = {
+        "series_uid": ct.series_uid,
+        "source": str(source.path),
+        "shape_irc": list(ct.shape_irc),
+        **ct.geometry.to_dict(),
+        "hu_range": [int(ct.hu.min()), int(ct.hu.max())] if ct.hu.size else [],
+        "seconds": round(result.seconds, 3),
+        "device": result.device,
+        "context_slices": result.context_slices,
+        "candidates": len(result.candidates),
+    }
+    document = {**scan_info, "settings": settings,
+                "candidates": [c.to_dict() for c in result.candidates]}
+    write_text_atomic(json.dumps(document, indent=1) + "\n", folder / layout.CANDIDATES_JSON)
+
+    # Overlays for the best ``config.overlays`` candidates; stale ones from a previous run
+    # with more candidates are removed so the folder matches candidates.csv.
+    png_folder = folder / layout.CANDIDATE_VIEWS_DIR
+    shown = result.candidates[: config.overlays]
+    wanted = {f"cand_{c.rank:03d}.png" for c in shown}
+    if png_folder.is_dir():
+        for old in png_folder.glob("cand_*.png"):
+            if old.name not in wanted:
+                old.unlink()
+    spacing_irc = ct.geometry.spacing_xyz[::-1]
+    thumbnails = []
+    for candidate in shown:
+        title = (f"#{candidate.rank}  p={candidate.probability:.3f}  "
+                 f"d={candidate.diameter_mm:.1f} mm  xyz=({candidate.center_xyz[0]:.1f}, "
+                 f"{candidate.center_xyz[1]:.1f}, {candidate.center_xyz[2]:.1f})")
+        thumbnails.append(candidate_png(ct.hu, result.labels, candidate.rank + 1,
+                                        candidate.center_irc,
+                                        png_folder / f"cand_{candidate.rank:03d}.png",
+                                        spacing_irc=spacing_irc, title=title))
+    columns = ["rank", "probability", "max_probability", "mean_probability", "diameter_mm",
+               "voxels", "center_xyz", "center_irc", "slice_span", "mean_hu", "uneroded"]
+    rows = []
+    for candidate in result.candidates[:REPORT_MAX_ROWS]:
+        row = candidate.to_dict()
+        row["center_xyz"] = [round(v, 1) for v in candidate.center_xyz]
+        row["center_irc"] = [round(v, 1) for v in candidate.center_irc]
+        rows.append(row)
+    notes = []
+    if len(result.candidates) > len(rows):
+        notes.append(f"The table lists the first {len(rows):,} of {len(result.candidates):,} "
+                     "candidates; candidates.csv holds them all.")
+    if len(result.candidates) > len(shown):
+        notes.append(f"Views are shown for the first {len(shown)} of "
+                     f"{len(result.candidates):,} candidates (SegmentConfig.overlays).")
+    note = " ".join(notes)
+    html_report(folder / layout.REPORT_FILE, title=f"lunaseg candidates: {ct.series_uid}",
+                scan_info=scan_info, settings=settings, candidates=rows, columns=columns,
+                thumbnails=thumbnails, note=note)
+
+
+def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str | os.PathLike,
+                   out_dir: str | os.PathLike, config: SegmentConfig | None = None, *,
+                   spec: SegmentationSpec | None = None,
+                   series_uids: Iterable[str] | None = None,
+                   device: str | torch.device | None = None,
+                   progress: bool = True) -> list[ScanOutput]:
+    """Segment every scan in ``inputs`` and write the results under ``out_dir``.
+
+    ``inputs``: image files, DICOM series folders or LUNA16 roots (see :func:`find_scans`).
+    ``model``: a checkpoint path (read with ``lunaseg.model.load_model``) or a module.
+    Per scan ``out_dir/<uid>/`` gets probability.nii.gz (float32) and mask.nii.gz (uint8)
+    with the scan's geometry, candidates.csv, candidates.json, candidates/cand_NNN.png and
+    report.html; ``out_dir/submission.csv`` holds the LUNA16 marks (at most
+    ``config.max_candidates`` per scan), rewritten after every scan so an interrupted run
+    keeps what it finished.  A scan that cannot be read is skipped with a warning (all
+    unreadable: DataError).
+    """
+    config = config or SegmentConfig()
+    check_segment_config(config)
+    device = resolve_device(config.device if device is None else device)
+    out_dir = Path(out_dir)
+    sources = find_scans(inputs, series_uids)
+    if not sources:
+        raise DataError("no scans to segment in " + ", ".join(str(p) for p in inputs))
+    model_path = None
+    if not isinstance(model, nn.Module):
+        from lunaseg.model import load_model
+
+        model_path = Path(model)
+        model, _checkpoint = load_model(model_path, device=device)
+    spec = resolve_spec(model, spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**to_dict(config), "model": str(model_path) if model_path else type(model).__name__,
+                "device": str(device), "input_spec": spec.to_dict()}
+    write_text_atomic(json.dumps(settings, indent=2) + "\n", out_dir / layout.SEGMENT_CONFIG_FILE)
+    log.info("segmenting %d scan(s) on %s into %s", len(sources), device, out_dir)
+
+    from tqdm import tqdm
+
+    submission: list[list] = []
+    skipped: list[str] = []
+    outputs: list[ScanOutput] = []
+    for source in tqdm(sources, unit="scan", disable=not progress, desc="segment"):
+        start = time.perf_counter()
+        try:
+            ct = source.load()
+        except DataError as error:
+            # One unreadable scan must not end a run over hundreds; it is counted and named.
+            log.warning("skipped: %s", error)
+            skipped.append(source.uid)
+            continue
+        result = segment_ct(model, ct, config, spec=spec, device=device, progress=progress)
+        folder = out_dir / _safe_name(ct.series_uid)
+        _write_scan(ct, source, result, folder, config, settings)
+        for candidate in result.candidates[: config.max_candidates]:
+            x, y, z = candidate.center_xyz
+            submission.append([ct.series_uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}",
+                               f"{candidate.probability:.6f}"])
+        write_csv(out_dir / layout.SUBMISSION_FILE, SUBMISSION_COLUMNS, submission)
+        seconds = time.perf_counter() - start
+        log.info("%s: %d candidates, %.1f s (inference + candidates %.1f s)", ct.series_uid,
+                 len(result.candidates), seconds, result.seconds)
+        if len(result.candidates) > 10 * REPORT_MAX_ROWS:
+            log.warning("%s: %d candidates; is the model trained for scans like this one?",
+                        ct.series_uid, len(result.candidates))
+        outputs.append(ScanOutput(ct.series_uid, source.path, folder, len(result.candidates),
+                                  seconds))
+    if skipped:
+        log.warning("%d of %d scans could not be read and were skipped: %s%s", len(skipped),
+                    len(sources), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+        if not outputs:
+            raise DataError(f"none of the {len(sources)} scans could be read (see the warnings)")
+    return outputs

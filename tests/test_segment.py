@@ -1,0 +1,199 @@
+"""``segment``: one CT or many to candidates and the files people and scorers read."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import SHARED, DenseStandIn, rotated_geometry, sphere_phantom
+from lunaseg.config import SegmentConfig
+from lunaseg.ct import CT, load_ct, write_image
+from lunaseg.errors import ConfigError, DataError
+from lunaseg.geometry import Geometry
+from lunaseg.inputs import SegmentationSpec
+from lunaseg.scans import find_scans
+from lunaseg.segment import SUBMISSION_COLUMNS, segment_ct, segment_inputs
+
+DICOM_SLAB = SHARED / "data" / "lidc-idri-0001" / "dicom"
+
+
+class MarkerHU(nn.Module):
+    """Probability 1 exactly where the centre slice is 100 HU; records the slices it saw."""
+
+    spec = SegmentationSpec()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape))
+        return (x[:, 3:4] == 100).float()
+
+
+def test_lung_mask_runs_the_network_only_around_the_lungs():
+    # 1 mm voxels: body in every slice, lungs only in slices 40-49 (the chest of a scan that
+    # also covers neck and abdomen), a 100 HU nodule in a lung and a 100 HU liver lesion.
+    hu = np.full((100, 160, 160), -1000, dtype=np.int16)
+    r, c = np.ogrid[:160, :160]
+    hu[:, ((r - 80) / 72.0) ** 2 + ((c - 80) / 72.0) ** 2 <= 1] = 40
+    for center_c in (62, 98):
+        lung = ((r - 80) / 14.0) ** 2 + ((c - center_c) / 10.0) ** 2 <= 1
+        hu[40:50][:, lung] = -850
+    hu[44:47, 79:82, 61:64] = 100  # nodule in a lung
+    hu[85:88, 79:82, 79:82] = 100  # liver lesion, far below the lungs
+    ct = CT(hu, Geometry.identity(), "1.2.3")
+    config = SegmentConfig(erosion_iterations=0, lung_mask=True)
+    model = MarkerHU()
+    result = segment_ct(model, ct, config, device="cpu")
+    assert [c.center_irc for c in result.candidates] == [pytest.approx((45, 80, 62))]
+    # The network saw the lungs' 10 slices and 20 mm beyond, not the liver; in-plane the
+    # lungs (29 x 57 px, grown 5 mm) plus 20 mm, padded to multiples of 4.
+    assert sum(shape[0] for shape in model.seen) == 10 + 2 * 20
+    assert result.prob[85:88].max() == 0
+    assert model.seen[0][-2:] == (80, 108)
+    model.seen.clear()
+    config.lung_mask = False
+    result = segment_ct(model, ct, config, device="cpu")
+    assert len(result.candidates) == 2 and sum(shape[0] for shape in model.seen) == 100
+    assert model.seen[0][-2:] == (160, 160)  # the body and its margin: everything
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])
+def test_segment_inputs_keeps_geometry(tmp_path, suffix):
+    import SimpleITK as sitk
+
+    geometry = rotated_geometry()
+    hu, _ = sphere_phantom()
+    source = write_image(hu, geometry, tmp_path / f"phantom{suffix}")
+    outputs = segment_inputs([source], DenseStandIn(), tmp_path / "out",
+                             SegmentConfig(overlays=2), device="cpu", progress=False)
+    assert [o.series_uid for o in outputs] == ["phantom"] and outputs[0].candidates == 1
+    folder = tmp_path / "out" / "phantom"
+    for name, dtype in (("mask.nii.gz", np.uint8), ("probability.nii.gz", np.float32)):
+        image = sitk.ReadImage(str(folder / name))
+        read_back = Geometry(np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing()),
+                             np.asarray(image.GetDirection()).reshape(3, 3))
+        assert read_back.allclose(geometry, atol=1e-4), name
+        assert sitk.GetArrayViewFromImage(image).dtype == dtype
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
+    assert mask.shape == hu.shape and int(mask.sum()) == int((hu > -500).sum())
+    # The mask as .mha too, written with the CT's geometry.
+    ct = load_ct(source)
+    result = segment_ct(DenseStandIn(), ct, SegmentConfig(), device="cpu")
+    image = sitk.ReadImage(str(write_image(result.mask, ct.geometry, tmp_path / "m.mha")))
+    assert Geometry(np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing()),
+                    np.asarray(image.GetDirection()).reshape(3, 3)).allclose(geometry)
+
+
+def test_find_scans_luna_root_and_uid_filter(tmp_path):
+    hu = np.full((4, 8, 8), -800, dtype=np.int16)
+    for subset, uid in (("subset0", "1.2.3"), ("subset1", "1.2.4")):
+        write_image(hu, Geometry.identity(), tmp_path / subset / f"{uid}.mhd")
+    assert [s.uid for s in find_scans([tmp_path])] == ["1.2.3", "1.2.4"]
+    assert [s.uid for s in find_scans([tmp_path], series_uids=["1.2.4", "9.9"])] == ["1.2.4"]
+    with pytest.raises(DataError, match="no such file"):
+        find_scans([tmp_path / "missing"])
+
+
+def test_files_sharing_a_name_stay_separate_scans(tmp_path):
+    hu = np.full((4, 16, 16), -800, dtype=np.int16)
+    paths = [write_image(hu, Geometry.identity(), tmp_path / patient / "ct.nii.gz")
+             for patient in ("p1", "p2")]
+    assert [s.uid for s in find_scans(paths)] == ["p1_ct", "p2_ct"]
+    assert [s.uid for s in find_scans([paths[0], paths[0]])] == ["ct"]  # one file, once
+    outputs = segment_inputs(paths, DenseStandIn(), tmp_path / "seg",
+                             SegmentConfig(overlays=0, write_volumes=False), device="cpu",
+                             progress=False)
+    assert [o.folder.name for o in outputs] == ["p1_ct", "p2_ct"]
+
+
+@pytest.mark.skipif(not DICOM_SLAB.is_dir(), reason=f"real DICOM slab not found at {DICOM_SLAB}")
+def test_segment_inputs_on_real_dicom_writes_everything(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from lunaseg import segment
+
+    monkeypatch.setattr(segment, "REPORT_MAX_ROWS", 5)  # the report's table is capped
+    config = SegmentConfig(overlays=3, max_candidates=10)
+    outputs = segment_inputs([DICOM_SLAB], DenseStandIn(), tmp_path, config,
+                             device="cpu", progress=False)
+    assert len(outputs) == 1
+    uid = outputs[0].series_uid
+    folder = tmp_path / uid
+    for name in ("probability.nii.gz", "mask.nii.gz", "candidates.csv", "candidates.json",
+                 "report.html", "candidates/cand_000.png", "candidates/cand_002.png"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "candidates" / "cand_003.png").exists()
+
+    # Reference geometry straight from the DICOM files, independent of lunaseg.ct.
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(DICOM_SLAB), uid))
+    dicom = reader.Execute()
+    mask = sitk.ReadImage(str(folder / "mask.nii.gz"))
+    assert mask.GetSize() == dicom.GetSize()
+    np.testing.assert_allclose(mask.GetOrigin(), dicom.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mask.GetSpacing(), dicom.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(mask.GetDirection(), dicom.GetDirection(), atol=1e-6)
+
+    document = json.loads((folder / "candidates.json").read_text())
+    assert document["series_uid"] == uid and document["candidates"] == \
+        sorted(document["candidates"], key=lambda c: -c["probability"])
+    with open(folder / "candidates.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(document["candidates"]) == outputs[0].candidates
+    with open(tmp_path / "submission.csv", newline="") as handle:
+        submission = list(csv.reader(handle))
+    assert tuple(submission[0]) == SUBMISSION_COLUMNS
+    assert 1 <= len(submission) - 1 <= config.max_candidates
+    assert all(row[0] == uid for row in submission[1:])
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert outputs[0].candidates > 5 and page.count("<tr><td>") == 5
+    assert f"The table lists the first 5 of {outputs[0].candidates:,} candidates" in page
+    assert "http://" not in page and "https://" not in page
+    assert (folder / "candidates" / "cand_000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_segment_inputs_skips_unreadable_scans(tmp_path, caplog):
+    hu, _ = sphere_phantom(shape=(8, 24, 24), center_irc=(4, 12, 12), radius_mm=3.0)
+    good = write_image(hu, Geometry.identity(), tmp_path / "in" / "good.mha")
+    bad = tmp_path / "in" / "bad.mha"
+    bad.write_bytes(b"not an image")
+    config = SegmentConfig(overlays=0, write_volumes=False)
+    with caplog.at_level("WARNING", logger="lunaseg.segment"):
+        outputs = segment_inputs([good, bad], DenseStandIn(), tmp_path / "out", config,
+                                 progress=False)
+    assert [o.series_uid for o in outputs] == ["good"]
+    assert "1 of 2 scans could not be read" in caplog.text
+    assert not (tmp_path / "out" / "good" / "mask.nii.gz").exists()
+    with pytest.raises(DataError, match="none of the 1 scans"):
+        segment_inputs([bad], DenseStandIn(), tmp_path / "out2", config, progress=False)
+
+
+def test_bad_segment_options_are_named():
+    ct = CT(np.zeros((2, 8, 8), np.int16), Geometry.identity(), "s")
+    for option, value in (("tta", 3), ("batch_size", -1), ("overlays", -2),
+                          ("max_candidates", 0), ("threshold", 1.0)):
+        with pytest.raises(ConfigError, match=option):
+            segment_ct(DenseStandIn(), ct, SegmentConfig(**{option: value}), device="cpu")
+
+
+def test_a_model_without_a_spec_needs_one():
+    ct = CT(np.zeros((2, 8, 8), np.int16), Geometry.identity(), "s")
+
+    class Bare(nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x[:, :1])
+
+    with pytest.raises(ConfigError, match="carries no input spec"):
+        segment_ct(Bare(), ct, device="cpu")
+    assert segment_ct(Bare(), ct, spec=SegmentationSpec(), device="cpu").candidates == []
