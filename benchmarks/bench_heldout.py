@@ -6,22 +6,38 @@ with ``lunaseg synth --seed S`` (kept in ``--work`` and reused by later runs), s
 scored with ``lunaseg evaluate --data ... --split all``, then every set's candidates are
 scored as one submission.
 
+With ``--variants`` the network runs once per scan (all four mirror views kept, on the body
+box) and each grouping x view rule x lung mask is scored from those logits, pooled over the
+sets: one network pass for every variant.
+
     python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.pt \\
         --seeds 7 8 9 --shape 64,256,256 --work /tmp/heldout
+    python benchmarks/bench_heldout.py --model ... --work /tmp/heldout --variants
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from lunaseg.candidates import extract_candidates
 from lunaseg.config import SynthConfig
+from lunaseg.ct import load_ct
 from lunaseg.errors import LunasegError
-from lunaseg.evaluate import froc, load_findings, load_marks, write_result_json
+from lunaseg.evaluate import Mark, froc, load_findings, load_marks, write_result_json
 from lunaseg.luna import EXCLUDED_FILE, find_series
+from lunaseg.masks import lung_mask
+from lunaseg.model import load_model
 from lunaseg.pipeline import DemoSettings, evaluate_model
+from lunaseg.predict import combine_views, predict_views
 from lunaseg.synth import synthesize_dataset
+
+VARIANTS = [(grouping, rule, lung) for grouping in ("lunaseg", "book")
+            for rule in ("consensus", "mean", "one view") for lung in (True, False)]
 
 
 def _row(name: str, result) -> str:
@@ -46,26 +62,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the sets (reused when present) and the evaluations")
     parser.add_argument("--tta", type=int, default=None,
                         help="mirrored views (default: the demo's segment settings)")
-    parser.add_argument("--score", choices=["max", "mean"], default=None,
-                        help="candidate score (default: the demo's)")
+    parser.add_argument("--variants", action="store_true",
+                        help="score every grouping, view rule and lung mask setting from one "
+                             "network pass per scan, instead of the segment defaults")
     args = parser.parse_args(argv)
 
     segment = DemoSettings().segment
     segment.overlays = 0
     if args.tta is not None:
         segment.tta = args.tta
-    if args.score is not None:
-        segment.score = args.score
     work, model = Path(args.work), Path(args.model)
     shape_irc = tuple(int(v) for v in args.shape.split(","))
-    tag = f"{model.parent.name}_{model.stem}_tta{segment.tta}_{segment.score}"
-
-    findings, excluded, marks, series, rows = {}, {}, {}, [], []
+    sets = []
     for seed in args.seeds:
         data = work / f"seed{seed}_{'x'.join(map(str, shape_irc))}_{args.series}"
         if not (data / "annotations.csv").exists():
             synthesize_dataset(data, SynthConfig(series=args.series, seed=seed,
                                                  shape_irc=shape_irc))
+        sets.append((seed, data))
+    if args.variants:
+        return _variants(model, sets, segment)
+    tag = f"{model.parent.name}_{model.stem}_tta{segment.tta}"
+
+    findings, excluded, marks, series, rows = {}, {}, {}, [], []
+    for seed, data in sets:
         report = evaluate_model(data, model, work / f"{tag}_seed{seed}", split="all",
                                 segment=segment)
         rows.append(_row(f"seed {seed}", report.froc))
@@ -78,13 +98,50 @@ def main(argv: list[str] | None = None) -> int:
     pooled = froc(findings, marks, excluded=excluded, series=series,
                   max_marks_per_scan=segment.max_candidates)
     write_result_json(pooled, work / f"{tag}_pooled.json")
-    print(f"{model} on fresh phantoms {args.shape}, tta {segment.tta}, score {segment.score}, "
-          f"lung mask {segment.lung_mask}")
+    print(f"{model} on fresh phantoms {args.shape}, segment settings: tta {segment.tta} "
+          f"(None: the model's), lung mask {segment.lung_mask}")
     print("| set | scans | nodules | found | within 20 FP / scan | CPM (95% CI) | marks / scan |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print(_row("all together", pooled))
     print(f"pooled result: {work / (tag + '_pooled.json')}")
+    return 0
+
+
+def _variants(model_path: Path, sets: list, segment) -> int:
+    """Every variant of VARIANTS scored on all sets pooled, from one network pass per scan."""
+    model, _ = load_model(model_path)
+    findings, excluded, series = {}, {}, []
+    marks: dict = {variant: {} for variant in VARIANTS}
+    for seed, data in sets:
+        findings.update(load_findings(data / "annotations.csv"))
+        if (data / EXCLUDED_FILE).exists():
+            excluded.update(load_findings(data / EXCLUDED_FILE, excluded=True))
+        for uid, path in sorted(find_series(data).items()):
+            ct = load_ct(path, uid)
+            views = predict_views(model, ct.hu, model.spec, tta=4, device=segment.device)
+            lungs = lung_mask(ct.hu, spacing_irc=ct.geometry.spacing_xyz[::-1])
+            combined = {"consensus": combine_views(views, "consensus"),
+                        "mean": combine_views(views, "mean"), "one view": views[0]}
+            for variant in VARIANTS:
+                grouping, rule, lung = variant
+                config = replace(segment, grouping=grouping, lung_mask=lung)
+                found = extract_candidates(combined[rule], ct.hu, ct.geometry, config,
+                                           lung_mask=lungs if lung else None)
+                marks[variant][uid] = [Mark(np.asarray(c.center_xyz), c.probability)
+                                       for c in found[:segment.max_candidates]]
+            series.append(uid)
+    print(f"{model_path} on fresh phantoms, {len(series)} scans, seeds "
+          f"{' '.join(str(seed) for seed, _ in sets)}; model spec: grouping "
+          f"{model.spec.grouping}, {model.spec.tta} views")
+    print("| grouping | views | lung mask | scans | nodules | found | within 20 FP / scan | "
+          "CPM (95% CI) | marks / scan |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for variant in VARIANTS:
+        result = froc(findings, marks[variant], excluded=excluded, series=series,
+                      max_marks_per_scan=segment.max_candidates)
+        grouping, rule, lung = variant
+        print(_row(f"{grouping} | {rule} | {'yes' if lung else 'no'}", result))
     return 0
 
 

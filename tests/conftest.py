@@ -31,10 +31,20 @@ def shared_path(*parts: str) -> Path:
 class DenseStandIn(nn.Module):
     """Deterministic "model": probability rises steeply above -500 HU on the centre slice."""
 
-    spec = SegmentationSpec()
+    spec = SegmentationSpec(tta=1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, 3:4] + 500.0) / 50.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((x[:, 3:4] + 500.0) / 50.0)
+        return torch.sigmoid(self.logits(x))
+
+
+def logit(prob: np.ndarray) -> np.ndarray:
+    """Logits of a hand-made probability volume; 0 becomes the logit of what no network saw."""
+    prob = np.asarray(prob, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(prob > 0, np.log(prob / (1 - prob)), -100.0).astype(np.float32)
 
 
 def rotated_geometry(spacing_xyz=(0.8, 0.7, 2.0)) -> Geometry:
@@ -109,3 +119,16 @@ def tiny_luna(tmp_path) -> Path:
     write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, annotations)
     write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_cli_logging():
+    """``lunaseg.cli.main`` points the package logger at the stderr of its moment (pytest's
+    capture of one test); later tests must not log into that closed stream."""
+    import logging
+
+    yield
+    logger = logging.getLogger("lunaseg")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

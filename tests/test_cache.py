@@ -61,7 +61,7 @@ def test_phantom_masks_replace_the_heuristic(tmp_path):
     assert sum(len(cache[uid].nodules) for uid in cache.series_uids) > 0
     for uid in find_series(data):
         entry = cache[uid]
-        truth = load_ct(outline_mask_path(data, uid)).hu > 0
+        truth = load_ct(outline_mask_path(data, uid), require_ct=False).hu > 0
         row0, col0 = entry.crop_rc
         rows, cols = entry.hu.shape[1:]
         np.testing.assert_array_equal(entry.mask(), truth[:, row0:row0 + rows, col0:col0 + cols])
@@ -95,17 +95,20 @@ def test_incremental_and_corruption_repair(tiny_luna, tmp_path):
     again = prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
     assert len(again.skipped) == 3 and not again.built
     uids = sorted(find_series(tiny_luna))
-    # A truncated array is noticed without --check (size), a flipped byte only with it.
+    # A truncated array and a flipped byte (same size) are both noticed and rebuilt.
     hu_file = cache_dir / uids[0] / "hu.npy"
     hu_file.write_bytes(hu_file.read_bytes()[:-10])
-    chunks_file = cache_dir / uids[1] / "chunks.npy"
+    chunks_file = cache_dir / uids[1] / "hu.npy"
     data = bytearray(chunks_file.read_bytes())
     data[-3] ^= 0xFF
     chunks_file.write_bytes(bytes(data))
-    quick = prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
-    assert quick.built == [uids[0]]
-    checked = prepcache(tiny_luna, cache_dir, config=SERIAL, check=True, progress=False)
-    assert checked.built == [uids[1]] and len(checked.skipped) == 2
+    # Readers notice the truncated one when they open it: one warning, the series skipped.
+    assert Cache(cache_dir).usable() == uids[1:]
+    with pytest.raises(DataError, match=r"hu\.npy: \d+ bytes, the cache wrote \d+"):
+        Cache(cache_dir)[uids[0]].check()
+    repaired = prepcache(tiny_luna, cache_dir, config=SERIAL, progress=False)
+    assert sorted(repaired.built) == uids[:2] and len(repaired.skipped) == 1
+    assert Cache(cache_dir).usable() == uids
     # A changed source file or nodule list rebuilds just that entry.
     source = find_series(tiny_luna)[uids[2]]
     source.write_text(source.read_text())  # new mtime
@@ -190,3 +193,12 @@ def test_pad_crop_pads_instead_of_shifting():
     np.testing.assert_array_equal(out[:, :, 2:], -1)  # columns 6, 7 are outside
     np.testing.assert_array_equal(out[0, 1:, :2], volume[0, :2, 4:])  # slice -2 repeats slice 0
     np.testing.assert_array_equal(out[2, 1:, :2], volume[0, :2, 4:])
+
+
+def test_one_missing_raw_never_stops_the_other_series(tiny_luna, tmp_path):
+    uids = sorted(find_series(tiny_luna))
+    find_series(tiny_luna)[uids[1]].with_suffix(".raw").unlink()
+    summary = prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
+    assert sorted(summary.built) == [uids[0], uids[2]]
+    assert list(summary.failed) == [uids[1]] and "raw is missing" in summary.failed[uids[1]]
+    assert "1 failed" in summary.line() and "raw is missing" in summary.line()

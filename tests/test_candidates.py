@@ -1,27 +1,31 @@
-"""Candidates from probability volumes: components, erosion, centres, scores, lung mask."""
+"""Candidates from logit volumes: components, erosion, groupings, centres, ranking, lung mask."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from conftest import DenseStandIn, rotated_geometry, sphere_phantom, toy_chest
-from lunaseg.candidates import extract_candidates
+from conftest import DenseStandIn, logit, rotated_geometry, sphere_phantom, toy_chest
+from lunaseg.candidates import extract_candidates, score_probability, threshold_logit
 from lunaseg.config import SegmentConfig
 from lunaseg.errors import ConfigError
 from lunaseg.geometry import Geometry
 from lunaseg.masks import lung_mask
-from lunaseg.predict import predict_volume
+from lunaseg.predict import predict_logits
 
 SPEC = DenseStandIn.spec
+NO_MASK = SegmentConfig(lung_mask=False)
+NO_EROSION = SegmentConfig(lung_mask=False, erosion_iterations=0)
 
 
 def test_sphere_gives_one_candidate_at_the_right_place():
     geometry = rotated_geometry()
     center = (11, 33, 30)
     hu, ball = sphere_phantom(center_irc=center)
-    prob = predict_volume(DenseStandIn(), hu, SPEC)
-    candidates = extract_candidates(prob, hu, geometry, SegmentConfig(), series_uid="s1")
+    logits = predict_logits(DenseStandIn(), hu, SPEC)
+    candidates = extract_candidates(logits, hu, geometry, NO_MASK, series_uid="s1")
     assert len(candidates) == 1
     cand = candidates[0]
     expected_xyz = geometry.irc_to_xyz(np.array(center, dtype=float))
@@ -34,20 +38,35 @@ def test_sphere_gives_one_candidate_at_the_right_place():
     assert cand.slice_span == (int(np.flatnonzero(ball.any(axis=(1, 2)))[0]),
                                int(np.flatnonzero(ball.any(axis=(1, 2)))[-1]))
     assert cand.max_probability > 0.99 and cand.series_uid == "s1"
-    assert not cand.uneroded
+    assert cand.max_logit == pytest.approx(10.8) and not cand.uneroded
 
 
-def test_erosion_keeps_a_two_voxel_nodule_unless_told_otherwise():
+def test_lunaseg_grouping_keeps_a_two_voxel_nodule_the_book_drops():
     hu = np.full((6, 16, 16), -800, dtype=np.int16)
     hu[2, 7, 7:9] = 40
-    prob = predict_volume(DenseStandIn(), hu, SPEC)
+    logits = predict_logits(DenseStandIn(), hu, SPEC)
     geometry = Geometry.identity((0.7, 0.7, 2.5))
-    kept = extract_candidates(prob, hu, geometry, SegmentConfig(erosion_iterations=1))
+    kept = extract_candidates(logits, hu, geometry, NO_MASK)
     assert len(kept) == 1 and kept[0].voxels == 2 and kept[0].uneroded
     assert kept[0].center_irc == pytest.approx((2.0, 7.0, 7.5))
-    book = extract_candidates(prob, hu, geometry,
-                              SegmentConfig(erosion_iterations=1, keep_vanished=False))
-    assert book == []
+    assert extract_candidates(logits, hu, geometry, NO_MASK, grouping="book") == []
+    # The config's grouping wins over the model's.
+    book = SegmentConfig(lung_mask=False, grouping="book")
+    assert extract_candidates(logits, hu, geometry, book, grouping="lunaseg") == []
+
+
+def test_book_grouping_measures_the_eroded_core_and_weights_centres_by_hu():
+    hu = np.full((9, 30, 30), -800, dtype=np.int16)
+    hu[2:7, 8:15, 8:15] = 40  # a 5 x 7 x 7 cube, denser on its right
+    hu[2:7, 8:15, 13:15] = 900
+    logits = predict_logits(DenseStandIn(), hu, SPEC)
+    (lunaseg,) = extract_candidates(logits, hu, Geometry.identity(), NO_MASK)
+    (book,) = extract_candidates(logits, hu, Geometry.identity(), NO_MASK, grouping="book")
+    assert lunaseg.voxels == 5 * 7 * 7 and book.voxels == 3 * 5 * 5  # the core
+    assert lunaseg.center_irc[2] == pytest.approx(11.0, abs=1e-3)
+    # Pulled toward the dense side: HU + 1001 weighs core columns 9-12 by 1041, 13 by 1901.
+    expected = (1041 * (9 + 10 + 11 + 12) + 1901 * 13) / (4 * 1041 + 1901)
+    assert book.center_irc[2] == pytest.approx(expected, abs=1e-3)
 
 
 def test_erosion_splits_touching_blobs_and_grows_them_back():
@@ -55,70 +74,51 @@ def test_erosion_splits_touching_blobs_and_grows_them_back():
     hu[2:7, 5:12, 5:12] = 40  # two cubes joined by a one-voxel-thick bridge
     hu[2:7, 5:12, 20:27] = 40
     hu[4, 8, 12:20] = 40
-    prob = predict_volume(DenseStandIn(), hu, SPEC)
+    logits = predict_logits(DenseStandIn(), hu, SPEC)
     geometry = Geometry.identity()
-    merged = extract_candidates(prob, hu, geometry, SegmentConfig(erosion_iterations=0))
-    split = extract_candidates(prob, hu, geometry, SegmentConfig(erosion_iterations=1))
+    merged = extract_candidates(logits, hu, geometry, NO_EROSION)
+    split = extract_candidates(logits, hu, geometry, NO_MASK)
     assert len(merged) == 1 and len(split) == 2
     assert sum(c.voxels for c in split) == merged[0].voxels  # every voxel assigned once
     assert sorted(round(c.center_irc[2]) for c in split) == [8, 23]
 
 
-def test_connectivity_option():
-    prob = np.zeros((3, 5, 5), dtype=np.float32)
-    prob[1, 1, 1] = prob[1, 2, 2] = 0.9  # diagonal neighbours
-    hu = np.zeros(prob.shape, dtype=np.int16)
-    config = SegmentConfig(erosion_iterations=0)
-    assert len(extract_candidates(prob, hu, Geometry.identity(), config)) == 2
-    config.connectivity = 26
-    assert len(extract_candidates(prob, hu, Geometry.identity(), config)) == 1
-
-
-def test_candidates_sorted_and_min_voxels():
+def test_candidates_ranked_by_logit_and_min_voxels():
     prob = np.zeros((4, 20, 20), dtype=np.float32)
     prob[1, 2:4, 2:4] = 0.6
     prob[2, 10:13, 10:13] = 0.95
     prob[1, 16, 16] = 0.8
     hu = np.zeros(prob.shape, dtype=np.int16)
-    config = SegmentConfig(erosion_iterations=0)
-    ranked = extract_candidates(prob, hu, Geometry.identity(), config)
+    ranked = extract_candidates(logit(prob), hu, Geometry.identity(), NO_EROSION)
     assert [c.max_probability for c in ranked] == pytest.approx([0.95, 0.8, 0.6])
     assert [c.rank for c in ranked] == [0, 1, 2]
-    config.min_voxels = 2
-    assert [c.voxels for c in extract_candidates(prob, hu, Geometry.identity(), config)] == [9, 4]
+    config = SegmentConfig(lung_mask=False, erosion_iterations=0, min_voxels=2)
+    assert [c.voxels for c in extract_candidates(logit(prob), hu, Geometry.identity(),
+                                                 config)] == [9, 4]
 
 
-def test_score_ranks_by_mean_or_max_probability():
-    prob = np.zeros((3, 20, 20), dtype=np.float32)
-    prob[1, 2:6, 2:6] = 0.6  # a large, uncertain blob with one saturated voxel
-    prob[1, 3, 3] = 1.0
-    prob[1, 12:14, 12:14] = 0.9  # a small, confident blob
-    hu = np.zeros(prob.shape, dtype=np.int16)
-    config = SegmentConfig(erosion_iterations=0, score="mean")
-    by_mean = extract_candidates(prob, hu, Geometry.identity(), config)
-    assert [c.probability for c in by_mean] == pytest.approx([0.9, (15 * 0.6 + 1) / 16])
-    assert by_mean[1].max_probability == 1.0
-    config.score = "max"
-    by_max = extract_candidates(prob, hu, Geometry.identity(), config)
-    assert [c.probability for c in by_max] == pytest.approx([1.0, 0.9])
-    assert by_max[0].voxels == 16
+def test_saturated_probabilities_still_rank_and_score_without_ties():
+    # p = 1.0 in float32 for logits above ~17; the book's model gives hundreds of these.
+    logits = np.full((3, 30, 30), -100.0, dtype=np.float32)
+    for k, value in enumerate((20.0, 250.0, 60.0, 35.0)):
+        logits[1, 2 + 7 * k:5 + 7 * k, 5:8] = value
+    hu = np.zeros(logits.shape, dtype=np.int16)
+    ranked = extract_candidates(logits, hu, Geometry.identity(), NO_EROSION)
+    assert [c.max_logit for c in ranked] == [250.0, 60.0, 35.0, 20.0]
+    assert all(c.max_probability == 1.0 for c in ranked)  # what float32 says
+    scores = [c.probability for c in ranked]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 4
+    assert all(0 <= s <= 1 for s in scores)
+    assert all(float(repr(s)) == s for s in scores)  # the CSV keeps them apart
 
 
-def test_center_weighting_by_probability_ignores_a_dense_neighbour():
-    # A confident blob next to a barely-segmented dense bone: HU weighting pulls the centre
-    # towards the bone, probability weighting stays on the blob.
-    prob = np.zeros((1, 5, 20), dtype=np.float32)
-    hu = np.zeros(prob.shape, dtype=np.int16)
-    prob[0, 2, 4:10] = 0.99
-    prob[0, 2, 10:13] = 0.51
-    hu[0, 2, 10:13] = 1000
-    config = SegmentConfig(erosion_iterations=0)
-    (by_p,) = extract_candidates(prob, hu, Geometry.identity(), config)
-    config.center_weighting = "hu"
-    (by_hu,) = extract_candidates(prob, hu, Geometry.identity(), config)
-    expected = (6.5 * 0.99 * 6 + 11 * 0.51 * 3) / (0.99 * 6 + 0.51 * 3)
-    assert by_p.center_irc[2] == pytest.approx(expected, abs=1e-4)
-    assert by_hu.center_irc[2] > by_p.center_irc[2] + 1
+def test_score_probability_is_the_sigmoid_then_stays_strictly_increasing():
+    for z in (-5.0, 0.0, 2.0, 5.9):
+        assert score_probability(z) == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-15)
+    values = [score_probability(z) for z in (6.0, 10.0, 37.0, 100.0, 344.0, 1000.0)]
+    assert all(a < b for a, b in zip(values, values[1:])) and values[-1] < 1.0
+    assert score_probability(-344.0) > 0.0
+    assert threshold_logit(0.5) == 0.0
 
 
 def test_lung_mask_drops_components_outside_the_lungs():
@@ -132,17 +132,15 @@ def test_lung_mask_drops_components_outside_the_lungs():
     prob[2, 30:33, 17:20] = 0.9  # the nodule
     prob[2, 6:8, 31:33] = 0.9  # in the chest wall, far from the lungs
     config = SegmentConfig(erosion_iterations=0, lung_mask=True)
-    found = extract_candidates(prob, hu, Geometry.identity(), config)
+    found = extract_candidates(logit(prob), hu, Geometry.identity(), config)
     assert len(found) == 1 and found[0].center_irc == pytest.approx((2, 31, 18))
-    config.lung_mask = False
-    assert len(extract_candidates(prob, hu, Geometry.identity(), config)) == 2
+    assert len(extract_candidates(logit(prob), hu, Geometry.identity(), NO_EROSION)) == 2
 
 
-@pytest.mark.parametrize("option, value", [("connectivity", 8), ("threshold", 1.5),
-                                           ("center_weighting", "mass"), ("min_voxels", 0),
-                                           ("score", "median")])
-def test_bad_segment_options_are_named(option, value):
+@pytest.mark.parametrize("option, value", [("threshold", 1.5), ("min_voxels", 0),
+                                           ("erosion_iterations", -1), ("grouping", "nnunet")])
+def test_bad_extraction_options_are_named(option, value):
     config = SegmentConfig(**{option: value})
-    prob = np.zeros((2, 4, 4), dtype=np.float32)
+    logits = np.zeros((2, 4, 4), dtype=np.float32)
     with pytest.raises(ConfigError, match=option):
-        extract_candidates(prob, prob.astype(np.int16), Geometry.identity(), config)
+        extract_candidates(logits, logits.astype(np.int16), Geometry.identity(), config)

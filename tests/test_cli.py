@@ -203,3 +203,30 @@ def test_help_texts_come_from_the_configs(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Adam learning rate (default 0.001)" in text
     assert "weight of the false-negative Dice term (default 8)" in text
+
+
+@pytest.mark.slow
+def test_evaluate_a_submission_for_a_dataset_scores_all_its_scans(run_folders, submission,
+                                                                  tmp_path, capsys):
+    data = run_folders["data"]
+    # Drop one scan's marks: LUNA16 still counts that scan (it has the dataset's list).
+    with open(submission, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    first = rows[0]["seriesuid"]
+    partial = tmp_path / "partial.csv"
+    with open(partial, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(row for row in rows if row["seriesuid"] != first)
+    assert main(["-q", "evaluate", "--data", str(data), "--candidates", str(partial),
+                 "--out", str(tmp_path / "e1")]) == 0
+    assert f"scans 6 (from {data})" in capsys.readouterr().out
+    # With only the two CSVs, the scan without marks is named in a warning.
+    assert main(["-q", "evaluate", "--annotations", str(data / "annotations.csv"),
+                 "--candidates", str(partial), "--out", str(tmp_path / "e2")]) == 0
+    captured = capsys.readouterr()
+    assert "from the annotations and candidates" in captured.out
+    with open(data / "annotations.csv", newline="") as handle:
+        annotated = {row["seriesuid"] for row in csv.DictReader(handle)}
+    if first in annotated:
+        assert "annotated scans have no candidates at all" in captured.err

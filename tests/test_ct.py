@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,67 @@ def test_missing_path_and_empty_folder(tmp_path):
         load_ct(tmp_path / "nope.mhd")
     with pytest.raises(DataError, match="no DICOM series"):
         load_ct(tmp_path)
+
+
+def _write_dicom_series(folder: Path, modality: str, hu: np.ndarray) -> None:
+    """A DICOM series of ``modality`` with the slices of ``hu`` (SimpleITK's writer)."""
+    folder.mkdir(parents=True)
+    series_uid = "1.2.826.0.1.3680043.2.1125.99." + str(abs(hash(modality)) % 10 ** 8)
+    for k, plane in enumerate(hu):
+        image = sitk.GetImageFromArray(plane[None].astype(np.int16))
+        image.SetSpacing((0.7, 0.7, 2.5))
+        image.SetOrigin((-100.0, -100.0, 2.5 * k))
+        for tag, value in (("0008|0060", modality), ("0020|000e", series_uid),
+                           ("0020|0013", str(k + 1)),
+                           ("0020|0032", f"-100\\-100\\{2.5 * k}"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0008|0018", f"{series_uid}.{k + 1}")):
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"slice{k}.dcm"))
+        writer.Execute(image)
+
+
+def test_a_dicom_series_of_another_modality_is_refused(tmp_path):
+    hu = np.full((3, 16, 16), -1000, dtype=np.int16)
+    _write_dicom_series(tmp_path / "ct", "CT", hu)
+    assert load_ct(tmp_path / "ct").shape_irc == (3, 16, 16)
+    _write_dicom_series(tmp_path / "mr", "MR", hu + 1000)
+    with pytest.raises(DataError, match=r"mr: series .* is MR modality, not CT; pass --force"):
+        load_ct(tmp_path / "mr")
+    assert load_ct(tmp_path / "mr", require_ct=False).shape_irc == (3, 16, 16)
+
+
+def test_voxels_without_air_are_not_taken_for_ct(tmp_path):
+    path = write_image(np.full((3, 8, 8), 200, np.int16), Geometry.identity(), tmp_path / "a.mha")
+    with pytest.raises(DataError, match="a.mha: does not look like a CT in Hounsfield units"):
+        load_ct(path)
+    assert load_ct(path, require_ct=False).hu.min() == 200
+
+
+def test_non_finite_voxels_become_air_with_a_warning(tmp_path, caplog):
+    volume = np.full((3, 8, 8), -900.0, np.float32)
+    volume[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    path = write_image(volume, Geometry.identity(), tmp_path / "f.mha")
+    with caplog.at_level("WARNING", logger="lunaseg.ct"):
+        ct = load_ct(path)
+    assert ct.hu[0, 0, :4].tolist() == [-1024, -1024, -1024, -900]
+    assert "3 voxels are NaN or infinite" in caplog.text
+
+
+def test_a_write_the_disk_truncated_is_an_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = write_image(np.zeros((4, 8, 8), np.float32), Geometry.identity(), tmp_path / "p.nii.gz")
+    before = path.read_bytes()
+    real_write = sitk.WriteImage
+
+    def truncating_write(image, name, *args):  # what ITK did on a full disk: no error
+        real_write(image, name, *args)
+        data = Path(name).read_bytes()
+        Path(name).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(sitk, "WriteImage", truncating_write)
+    with pytest.raises(DataError, match=r"p\.nii\.gz: the image written does not read back"):
+        write_image(np.ones((4, 8, 8), np.float32), Geometry.identity(), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.nii.gz"]

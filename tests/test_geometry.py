@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -70,3 +72,32 @@ def test_dict_round_trip_and_equality():
 def test_bad_geometry_is_refused(spacing_xyz, direction):
     with pytest.raises(DataError, match="spacing|singular"):
         Geometry(np.zeros(3), np.array(spacing_xyz, float), direction)
+
+
+@pytest.mark.parametrize("perm", list(itertools.permutations(range(3))))
+def test_canonical_orientation_matches_simpleitk_dicomorient(perm):
+    import SimpleITK as sitk
+
+    from lunaseg.geometry import canonical_orientation
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 1000, size=(5, 6, 7)).astype(np.int16)
+    base = Geometry(np.array([10.0, -20.0, 30.0]), np.array([0.7, 0.8, 2.5]), np.eye(3))
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(tuple(base.origin_xyz))
+    image.SetSpacing(tuple(base.spacing_xyz))
+    for flips in itertools.product([False, True], repeat=3):
+        stored = sitk.Flip(sitk.PermuteAxes(image, list(perm)), list(flips))
+        voxels = sitk.GetArrayFromImage(stored)
+        geometry = Geometry(np.array(stored.GetOrigin()), np.array(stored.GetSpacing()),
+                            np.array(stored.GetDirection()).reshape(3, 3))
+        reorientation, canonical = canonical_orientation(geometry, voxels.shape)
+        np.testing.assert_array_equal(reorientation.to_canonical(voxels), array)
+        np.testing.assert_array_equal(
+            reorientation.to_canonical(voxels),
+            sitk.GetArrayFromImage(sitk.DICOMOrient(stored, "LPS")))
+        assert canonical.allclose(base, atol=1e-9)
+        np.testing.assert_array_equal(reorientation.from_canonical(array), voxels)
+        irc = np.array([1.5, 2.0, 3.25])
+        np.testing.assert_allclose(geometry.irc_to_xyz(reorientation.irc_from_canonical(irc)),
+                                   canonical.irc_to_xyz(irc), atol=1e-9)

@@ -1,4 +1,4 @@
-"""Running a model over whole volumes: context stacks, padding, views, devices."""
+"""Running a model over whole volumes: context stacks, padding, crops, views, devices."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import sphere_phantom
 from lunaseg.errors import ConfigError
 from lunaseg.inputs import SegmentationSpec, clip_hu, context_indices, context_stack
 from lunaseg.model import build_model
-from lunaseg.predict import predict_volume
+from lunaseg.predict import OUTSIDE_LOGIT, network_box, predict_logits, sigmoid
 
 SPEC = SegmentationSpec()
 
@@ -47,22 +47,45 @@ def test_context_stack_clips_and_orders_channels():
 
 
 @pytest.mark.parametrize("channel", [0, 3, 6])
-def test_predict_volume_any_in_plane_size(channel):
+def test_predict_logits_any_in_plane_size(channel):
     rng = np.random.default_rng(0)
     hu = rng.integers(-2000, 2000, size=(6, 13, 22)).astype(np.int16)  # 13, 22: not x4
-    out = predict_volume(ChannelEcho(channel), hu, SPEC, batch_size=4)
+    out = predict_logits(ChannelEcho(channel), hu, SPEC, batch_size=4)
     assert out.shape == hu.shape and out.dtype == np.float32
     source = np.clip(np.arange(6) + channel - 3, 0, 5)  # slice each output row came from
     np.testing.assert_array_equal(out, np.clip(hu[source], -1000, 1000).astype(np.float32))
 
 
-def test_predict_volume_with_a_real_unet():
+def test_predict_logits_with_a_real_unet():
     model = build_model()
     hu = np.full((5, 30, 41), -700, dtype=np.int16)
-    out = predict_volume(model, hu, model.spec, batch_size=2)
-    assert out.shape == hu.shape
-    assert np.all((out >= 0) & (out <= 1))
+    out = predict_logits(model, hu, model.spec, batch_size=2)
+    assert out.shape == hu.shape and out.dtype == np.float32 and np.isfinite(out).all()
     assert model.spec.context_slices == 3
+
+
+def test_context_comes_from_the_whole_volume_not_the_region():
+    hu = (np.arange(8, dtype=np.int16) * 100).reshape(8, 1, 1).repeat(8, 1).repeat(8, 2)
+    region = (slice(2, 5), slice(0, 8), slice(0, 8))
+    out = predict_logits(ChannelEcho(0), hu, SPEC, region=region)  # channel 0: slice i - 3
+    assert out[2:5, 0, 0].tolist() == [0.0, 0.0, 100.0]  # slices -1, 0, 1 (edge repeats)
+    assert (out[:2] == OUTSIDE_LOGIT).all() and (out[5:] == OUTSIDE_LOGIT).all()
+
+
+def test_a_crop_gives_exactly_the_whole_slice_output():
+    # The box is grown by the model's reach and started on its pooling grid, so inside the
+    # box the network computes what it computes on the whole slice.
+    torch.manual_seed(3)
+    model = build_model()
+    model.input_batchnorm.running_mean.fill_(-500.0)
+    model.input_batchnorm.running_var.fill_(300.0 ** 2)
+    hu = np.random.default_rng(4).integers(-1000, 400, size=(9, 96, 104)).astype(np.int16)
+    whole = predict_logits(model, hu, model.spec, crop_to_body=False)
+    for rows, cols in ((slice(33, 61), slice(27, 80)), (slice(1, 30), slice(70, 103))):
+        crop = predict_logits(model, hu, model.spec, region=(slice(None), rows, cols))
+        np.testing.assert_allclose(crop[:, rows, cols], whole[:, rows, cols], rtol=0, atol=1e-4)
+        assert (np.delete(crop, np.r_[rows], axis=1) == OUTSIDE_LOGIT).all()
+    assert network_box((33, 61, 27, 80), (96, 104), model.spec) == (8, 85, 0, 104)
 
 
 class DiagonalShift(nn.Module):
@@ -76,16 +99,16 @@ class DiagonalShift(nn.Module):
 
 
 @pytest.mark.parametrize("tta", [2, 4])
-def test_tta_averages_mirrored_views(tta):
+@pytest.mark.parametrize("rule", ["mean", "consensus"])
+def test_tta_combines_mirrored_views(tta, rule):
     rng = np.random.default_rng(1)
     hu = rng.integers(-1000, 1000, size=(3, 12, 16)).astype(np.float32)
-    out = predict_volume(DiagonalShift(), hu, SPEC, tta=tta, crop_to_body=False)
+    out = predict_logits(DiagonalShift(), hu, SPEC, tta=tta, tta_rule=rule, crop_to_body=False)
     # Mirroring left-right, shifting, mirroring back shifts the other way: each view reads
     # one diagonal neighbour.  Compare inside the one-pixel frame the shifts leave empty.
-    up_left, up_right = hu[:, :-2, :-2], hu[:, :-2, 2:]
-    down_left, down_right = hu[:, 2:, :-2], hu[:, 2:, 2:]
-    expected = (up_left + up_right) / 2 if tta == 2 else \
-        (up_left + up_right + down_left + down_right) / 4
+    neighbours = [hu[:, :-2, :-2], hu[:, :-2, 2:], hu[:, 2:, :-2], hu[:, 2:, 2:]]
+    views = np.stack(neighbours[:2] if tta == 2 else neighbours)
+    expected = views.mean(axis=0) if rule == "mean" else views.min(axis=0)
     np.testing.assert_allclose(out[:, 1:-1, 1:-1], expected, rtol=1e-6, atol=1e-3)
 
 
@@ -94,31 +117,34 @@ def test_tta_makes_a_real_unet_mirror_equivariant():
     model = build_model()
     hu = np.random.default_rng(2).integers(-1000, 400, size=(7, 32, 40)).astype(np.int16)
     mirrored = np.ascontiguousarray(hu[:, :, ::-1])
-    plain = predict_volume(model, hu, SPEC, crop_to_body=False)
-    plain_mirrored = predict_volume(model, mirrored, SPEC, crop_to_body=False)[:, :, ::-1]
+    plain = predict_logits(model, hu, SPEC, crop_to_body=False)
+    plain_mirrored = predict_logits(model, mirrored, SPEC, crop_to_body=False)[:, :, ::-1]
     assert np.abs(plain - plain_mirrored).max() > 1e-3  # one view depends on the side
-    both = predict_volume(model, hu, SPEC, tta=2, crop_to_body=False)
-    both_mirrored = predict_volume(model, mirrored, SPEC, tta=2, crop_to_body=False)[:, :, ::-1]
+    both = predict_logits(model, hu, SPEC, tta=2, crop_to_body=False)
+    both_mirrored = predict_logits(model, mirrored, SPEC, tta=2, crop_to_body=False)[:, :, ::-1]
     np.testing.assert_allclose(both, both_mirrored, atol=1e-5)
 
 
 def test_tta_must_be_one_two_or_four():
     with pytest.raises(ConfigError, match="tta"):
-        predict_volume(DiagonalShift(), np.zeros((2, 8, 8), np.float32), SPEC, tta=3)
+        predict_logits(DiagonalShift(), np.zeros((2, 8, 8), np.float32), SPEC, tta=3)
+    with pytest.raises(ConfigError, match="tta_rule"):
+        predict_logits(DiagonalShift(), np.zeros((2, 8, 8), np.float32), SPEC, tta=2,
+                       tta_rule="max")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tta", [1, 4])
-def test_predict_volume_cuda_bf16_matches_cpu(tta):
+def test_predict_logits_cuda_bf16_matches_cpu(tta):
     torch.manual_seed(0)
     model = build_model()
     # Input statistics of a lung CT, so the random network's output is not saturated.
     model.input_batchnorm.running_mean.fill_(-500.0)
     model.input_batchnorm.running_var.fill_(400.0 ** 2)
     hu, _ = sphere_phantom(shape=(9, 50, 45))
-    on_cpu = predict_volume(model, hu, SPEC, device="cpu", tta=tta)
-    on_gpu = predict_volume(model, hu, SPEC, device="cuda", amp=True, batch_size=4,
+    on_cpu = predict_logits(model, hu, SPEC, device="cpu", tta=tta)
+    on_gpu = predict_logits(model, hu, SPEC, device="cuda", amp=True, batch_size=4,
                             tta=tta)
     assert on_gpu.dtype == np.float32 and on_gpu.shape == hu.shape
-    np.testing.assert_allclose(on_gpu, on_cpu, atol=0.05)
+    np.testing.assert_allclose(sigmoid(on_gpu), sigmoid(on_cpu), atol=0.05)

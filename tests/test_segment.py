@@ -25,7 +25,7 @@ DICOM_SLAB = SHARED / "data" / "lidc-idri-0001" / "dicom"
 class MarkerHU(nn.Module):
     """Probability 1 exactly where the centre slice is 100 HU; records the slices it saw."""
 
-    spec = SegmentationSpec()
+    spec = SegmentationSpec(tta=1)
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,10 +53,12 @@ def test_lung_mask_runs_the_network_only_around_the_lungs():
     result = segment_ct(model, ct, config, device="cpu")
     assert [c.center_irc for c in result.candidates] == [pytest.approx((45, 80, 62))]
     # The network saw the lungs' 10 slices and 20 mm beyond, not the liver; in-plane the
-    # lungs (29 x 57 px, grown 5 mm) plus 20 mm, padded to multiples of 4.
+    # lungs (rows 61-99, cols 47-113 once grown 5 mm) plus 20 mm (rows 41-120, cols
+    # 27-134), plus the model's reach of 24 px, started on its 4-px pooling grid: rows
+    # 16-144 and cols 0-158, padded to 160.
     assert sum(shape[0] for shape in model.seen) == 10 + 2 * 20
     assert result.prob[85:88].max() == 0
-    assert model.seen[0][-2:] == (80, 108)
+    assert model.seen[0][-2:] == (128, 160)
     model.seen.clear()
     config.lung_mask = False
     result = segment_ct(model, ct, config, device="cpu")
@@ -75,7 +77,7 @@ def test_segment_inputs_keeps_geometry(tmp_path, suffix):
     hu, _ = sphere_phantom()
     source = write_image(hu, geometry, tmp_path / f"phantom{suffix}")
     outputs = segment_inputs([source], DenseStandIn(), tmp_path / "out",
-                             SegmentConfig(overlays=2), device="cpu", progress=False)
+                             SegmentConfig(overlays=2, lung_mask=False), device="cpu", progress=False)
     assert [o.series_uid for o in outputs] == ["phantom"] and outputs[0].candidates == 1
     folder = tmp_path / "out" / "phantom"
     for name, dtype in (("mask.nii.gz", np.uint8), ("probability.nii.gz", np.float32)):
@@ -88,7 +90,7 @@ def test_segment_inputs_keeps_geometry(tmp_path, suffix):
     assert mask.shape == hu.shape and int(mask.sum()) == int((hu > -500).sum())
     # The mask as .mha too, written with the CT's geometry.
     ct = load_ct(source)
-    result = segment_ct(DenseStandIn(), ct, SegmentConfig(), device="cpu")
+    result = segment_ct(DenseStandIn(), ct, SegmentConfig(lung_mask=False), device="cpu")
     image = sitk.ReadImage(str(write_image(result.mask, ct.geometry, tmp_path / "m.mha")))
     assert Geometry(np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing()),
                     np.asarray(image.GetDirection()).reshape(3, 3)).allclose(geometry)
@@ -111,8 +113,8 @@ def test_files_sharing_a_name_stay_separate_scans(tmp_path):
     assert [s.uid for s in find_scans(paths)] == ["p1_ct", "p2_ct"]
     assert [s.uid for s in find_scans([paths[0], paths[0]])] == ["ct"]  # one file, once
     outputs = segment_inputs(paths, DenseStandIn(), tmp_path / "seg",
-                             SegmentConfig(overlays=0, write_volumes=False), device="cpu",
-                             progress=False)
+                             SegmentConfig(overlays=0, write_volumes=False, lung_mask=False),
+                             device="cpu", progress=False)
     assert [o.folder.name for o in outputs] == ["p1_ct", "p2_ct"]
 
 
@@ -168,7 +170,7 @@ def test_segment_inputs_skips_unreadable_scans(tmp_path, caplog):
     good = write_image(hu, Geometry.identity(), tmp_path / "in" / "good.mha")
     bad = tmp_path / "in" / "bad.mha"
     bad.write_bytes(b"not an image")
-    config = SegmentConfig(overlays=0, write_volumes=False)
+    config = SegmentConfig(overlays=0, write_volumes=False, lung_mask=False)
     with caplog.at_level("WARNING", logger="lunaseg.segment"):
         outputs = segment_inputs([good, bad], DenseStandIn(), tmp_path / "out", config,
                                  progress=False)
@@ -197,3 +199,86 @@ def test_a_model_without_a_spec_needs_one():
     with pytest.raises(ConfigError, match="carries no input spec"):
         segment_ct(Bare(), ct, device="cpu")
     assert segment_ct(Bare(), ct, spec=SegmentationSpec(), device="cpu").candidates == []
+
+
+def test_a_saturating_model_still_writes_distinct_scores(tmp_path):
+    # A large final bias: p = 1.0 in float32 on every blob, but their logits differ.
+    torch.manual_seed(0)
+    from lunaseg.model import build_model
+
+    model = build_model(spec=SegmentationSpec(tta=1))
+    model.input_batchnorm.running_mean.fill_(-500.0)
+    model.input_batchnorm.running_var.fill_(300.0 ** 2)
+    with torch.no_grad():
+        model.unet.last.bias.fill_(30.0)
+    hu = np.full((6, 48, 48), -900, dtype=np.int16)
+    for k, value in enumerate((-200, 0, 200, 400)):
+        hu[2:4, 6 + 10 * k:10 + 10 * k, 20:24] = value
+    ct = CT(hu, Geometry.identity(), "s")
+    result = segment_ct(model, ct, SegmentConfig(lung_mask=False), device="cpu")
+    assert len(result.candidates) >= 1
+    assert all(c.max_probability == 1.0 for c in result.candidates)
+    logits = [c.max_logit for c in result.candidates]
+    assert logits == sorted(logits, reverse=True)
+    segment_inputs([write_image(hu, Geometry.identity(), tmp_path / "s.mha")], model,
+                   tmp_path / "out", SegmentConfig(lung_mask=False, overlays=0), device="cpu",
+                   progress=False)
+    with open(tmp_path / "out" / "submission.csv", newline="") as handle:
+        written = [float(row["probability"]) for row in csv.DictReader(handle)]
+    assert len(written) == len(set(written)) == len(result.candidates)
+    assert written == sorted(written, reverse=True) and all(0 < p <= 1 for p in written)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DICOM_SLAB.is_dir(), reason=f"real DICOM slab not found at {DICOM_SLAB}")
+def test_the_books_model_on_the_real_slab_ranks_the_nodule_first():
+    from lunaseg.model import load_model
+
+    model, _ = load_model(SHARED / "models" / "book-seg-2020-01-26.best.state")
+    result = segment_ct(model, load_ct(DICOM_SLAB), SegmentConfig(overlays=0), device="cpu")
+    luna16_xyz = np.array([56.208, 86.343, -115.868])  # annotations.csv, 23.35 mm
+    first = result.candidates[0]
+    assert np.linalg.norm(np.asarray(first.center_xyz) - luna16_xyz) < 2.0
+    assert len(result.candidates) <= 30
+
+
+@pytest.mark.parametrize("perm, flips", [((0, 1, 2), (False, False, True)),
+                                         ((1, 0, 2), (True, False, False)),
+                                         ((2, 0, 1), (False, True, True))])
+def test_any_storage_orientation_gives_the_same_candidates(tmp_path, perm, flips):
+    import SimpleITK as sitk
+
+    from lunaseg.geometry import canonical_orientation
+
+    hu, _ = sphere_phantom(shape=(20, 48, 44), center_irc=(8, 20, 18), radius_mm=4.0)
+    hu[12:15, 30:36, 28:33] = 40  # a second, box-shaped blob
+    geometry = Geometry(np.array([-50.0, 20.0, -300.0]), np.array([0.8, 0.7, 2.0]), np.eye(3))
+    base = write_image(hu, geometry, tmp_path / "base.nii.gz")
+    image = sitk.ReadImage(str(base))
+    turned = tmp_path / "turned.nii.gz"
+    sitk.WriteImage(sitk.Flip(sitk.PermuteAxes(image, list(perm)), list(flips)), str(turned))
+    config = SegmentConfig(lung_mask=False, overlays=0)
+    found = {}
+    for path in (base, turned):
+        # (Not an output folder named like the input: ITK's NIfTI reader, given x.nii.gz,
+        # would open a folder x.nii instead.)
+        name = path.name.split(".")[0]
+        segment_inputs([path], DenseStandIn(), tmp_path / f"out_{name}", config, device="cpu",
+                       progress=False)
+        folder = tmp_path / f"out_{name}" / name
+        with open(folder / "candidates.csv", newline="") as handle:
+            found[path] = [np.array([float(r[k]) for k in ("coordX", "coordY", "coordZ")])
+                           for r in csv.DictReader(handle)]
+        # The mask is written on the input's own grid; in the canonical order it is one mask.
+        written = sitk.ReadImage(str(folder / "mask.nii.gz"))
+        stored = sitk.ReadImage(str(path))
+        assert written.GetSize() == stored.GetSize()
+        np.testing.assert_allclose(written.GetDirection(), stored.GetDirection(), atol=1e-9)
+        mask = sitk.GetArrayFromImage(written)
+        grid = Geometry(np.array(written.GetOrigin()), np.array(written.GetSpacing()),
+                        np.array(written.GetDirection()).reshape(3, 3))
+        found[path, "mask"] = canonical_orientation(grid, mask.shape)[0].to_canonical(mask)
+    assert len(found[base]) == len(found[turned]) == 2
+    for a, b in zip(found[base], found[turned]):
+        np.testing.assert_allclose(a, b, atol=0.01)
+    np.testing.assert_array_equal(found[base, "mask"], found[turned, "mask"])

@@ -286,7 +286,8 @@ def test_deeper_unet_pads_whole_slices_to_its_multiple(tmp_path):
         train(config, cache_dir, tmp_path / "bad", progress=False)
 
 
-def test_keyboard_interrupt_saves_last_completed_epoch(cache_dir, tmp_path, monkeypatch):
+def test_keyboard_interrupt_keeps_the_epoch_checkpoint_and_resumes_exactly(
+        cache_dir, tmp_path, monkeypatch):
     original = TrainingSampler.batches
     fetched = [0]
 
@@ -297,14 +298,15 @@ def test_keyboard_interrupt_saves_last_completed_epoch(cache_dir, tmp_path, monk
             fetched[0] += 1
             yield batch
 
+    changes = dict(augment=AugmentConfig.book(), negative_crop_fraction=0.25,
+                   hard_negative_fraction=0.5, lr_schedule="cosine")
     monkeypatch.setattr(TrainingSampler, "batches", interrupted)
     out = tmp_path / "run"
-    result = train(_config(epochs=3), cache_dir, out, progress=False)
+    result = train(_config(epochs=3, **changes), cache_dir, out, progress=False)
     assert result.interrupted and result.epochs_done == 1
     checkpoint = load_checkpoint(out / LAST_CHECKPOINT)
-    assert checkpoint.epoch == 1
-    assert checkpoint.extra["interrupted_in_epoch"] == 2
-    assert checkpoint.samples_seen == result.samples_seen == 6 * 8
+    assert checkpoint.epoch == 1  # the clean end of epoch 1, not mid-epoch weights
+    assert checkpoint.samples_seen == result.samples_seen == 4 * 8
     assert [record["epoch"] for record in checkpoint.extra["history"]] == [1]
 
     monkeypatch.setattr(TrainingSampler, "batches", original)
@@ -312,8 +314,38 @@ def test_keyboard_interrupt_saves_last_completed_epoch(cache_dir, tmp_path, monk
                     progress=False)
     assert not resumed.interrupted and resumed.epochs_done == 3
     assert [record["epoch"] for record in resumed.history] == [1, 2, 3]
-    assert resumed.samples_seen == 6 * 8 + 2 * 4 * 8
-    assert load_checkpoint(out / LAST_CHECKPOINT).epoch == 3
+    assert resumed.samples_seen == 3 * 4 * 8
+    whole = train(_config(epochs=3, **changes), cache_dir, tmp_path / "whole", progress=False)
+    a, b = _state(whole.checkpoint), _state(resumed.checkpoint)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_killed_save_leaves_the_checkpoints_whole_and_its_orphan_is_cleaned(
+        cache_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    train(_config(epochs=1), cache_dir, out, progress=False)
+    best = (out / BEST_CHECKPOINT).read_bytes()
+    # A save killed while it writes: the temporary file stays, the real files do not change.
+    script = ("import sys, time\n"
+              "from lunaseg.files import write_atomic\n"
+              "def slow(handle):\n"
+              "    handle.write(b'partial')\n"
+              "    handle.flush()\n"
+              "    print('writing', flush=True)\n"
+              "    time.sleep(60)\n"
+              f"write_atomic({str(out / BEST_CHECKPOINT)!r}, slow)\n")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as child:
+        assert child.stdout.readline().strip() == b"writing"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (out / BEST_CHECKPOINT).read_bytes() == best
+    assert len(list(out.glob(".*.tmp"))) == 1
+    train(_config(epochs=2), cache_dir, out, resume=out / LAST_CHECKPOINT, progress=False)
+    assert not list(out.glob(".*.tmp"))
 
 
 # ----------------------------------------------------------------------------- bad settings
@@ -403,7 +435,8 @@ def test_a_non_default_hu_window_reaches_inference(cache_dir, tmp_path):
     hu = np.full((9, 40, 40), -1000, dtype=np.int16)
     hu[:, 10:30, 10:30] = 900  # far outside the window on both sides
     recorder = _InputRecorder(model)
-    segment_ct(recorder, CT(hu, Geometry.identity(), "s"), SegmentConfig(), device="cpu")
+    segment_ct(recorder, CT(hu, Geometry.identity(), "s"), SegmentConfig(lung_mask=False),
+               device="cpu")
     assert (recorder.low, recorder.high) == (-600.0, 250.0)
 
 

@@ -9,11 +9,14 @@ Layout, one folder per series (``<cache>/<series_uid>/``)::
     meta.json        geometry, crop, nodules, positive slices, checksums; written last
 
 Only rows and columns that hold nothing but air are cropped away, so nothing a model could
-learn from is lost, and the cache stays smaller than the raw data.  A series folder is built
-under a temporary name and renamed into place, so a killed run never leaves a half entry; an
-entry whose source, nodule list or settings changed is rebuilt, others are skipped, and the
-entry of a series no longer in the data folder is removed from that folder's own cache
-(``DATA/cache``; a cache elsewhere may serve several data folders, so there it is reported).
+learn from is lost, and the cache stays smaller than the raw data.  Volumes are stored in the
+canonical voxel order the models see.  A series folder is built under a temporary name and
+renamed into place, so a killed run never leaves a half entry; an entry whose source, nodule
+list or settings changed, or whose bytes no longer match their checksums, is rebuilt, others
+are skipped, and the entry of a series no longer in the data folder is removed from that
+folder's own cache (``DATA/cache``; a cache elsewhere may serve several data folders, so
+there it is reported).  Readers check sizes and array headers when they open an entry
+(:meth:`SeriesCache.check`), so a damaged file is one warning, not a crash mid-training.
 """
 
 from __future__ import annotations
@@ -90,6 +93,20 @@ def pad_crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int],
 class SeriesCache:
     """Read access to one cached series; arrays are memory-mapped, so opening is cheap."""
 
+    def check(self) -> None:
+        """DataError naming the file when an array is missing, truncated or not the array
+        its meta.json describes (sizes and headers: cheap; checksums are prepcache's)."""
+        for name in _ARRAYS:
+            path = self.folder / name
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise DataError(f"{path}: missing from the cache; run prepcache") from None
+            if size != self.meta["sizes"][name]:
+                raise DataError(f"{path}: {size} bytes, the cache wrote "
+                                f"{self.meta['sizes'][name]}; run prepcache to rebuild it")
+            _open_npy(path)
+
     def __init__(self, folder: Path, meta: dict):
         self.folder = folder
         self.meta = meta
@@ -108,25 +125,25 @@ class SeriesCache:
         """(I, r, c) int16, cropped in-plane at ``crop_rc``."""
         # A plain ndarray view of the memory map: np.memmap's per-index Python overhead
         # would dominate small reads.
-        return np.asarray(np.load(self.folder / "hu.npy", mmap_mode="r"))
+        return np.asarray(_open_npy(self.folder / "hu.npy", mmap=True))
 
     @cached_property
     def _packed_mask(self) -> np.ndarray:
-        return np.asarray(np.load(self.folder / "mask.npy", mmap_mode="r"))
+        return np.asarray(_open_npy(self.folder / "mask.npy", mmap=True))
 
     @cached_property
     def chunks(self) -> np.ndarray:
         """(N, I, R, C) int16 training chunks, one per nodule, in ``nodules`` order."""
-        return np.load(self.folder / "chunks.npy")
+        return _open_npy(self.folder / "chunks.npy", mmap=False)
 
     @cached_property
     def chunk_irc(self) -> tuple[int, ...]:
         """(I, R, C) of the training chunks, from the file's header alone."""
-        return tuple(np.load(self.folder / "chunks.npy", mmap_mode="r").shape[1:])
+        return tuple(_open_npy(self.folder / "chunks.npy", mmap=True).shape[1:])
 
     @cached_property
     def chunk_masks(self) -> np.ndarray:
-        return np.load(self.folder / "chunk_masks.npy")
+        return _open_npy(self.folder / "chunk_masks.npy", mmap=False)
 
     def mask_slice(self, index: int) -> np.ndarray:
         """(r, c) bool nodule mask of one slice (cropped like ``hu``)."""
@@ -165,6 +182,15 @@ class SeriesCache:
         return hu, mask
 
 
+def _open_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """An array of the cache (memory-mapped by default), or a DataError naming the file."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: unreadable cache array ({error}); run prepcache to "
+                        f"rebuild it") from None
+
+
 def _entry_metas(folder: Path) -> list[Path]:
     """The meta.json of every entry, sorted; .tmp-/.old- folders (builds in flight) are not
     entries."""
@@ -194,6 +220,23 @@ class Cache:
     @property
     def series_uids(self) -> list[str]:
         return sorted(self._metas)
+
+    def usable(self, series_uids: Sequence[str] | None = None) -> list[str]:
+        """The series (default: all) whose entries pass :meth:`SeriesCache.check`; the others
+        are named in one warning, so a damaged entry skips its series instead of ending a
+        run hours in."""
+        good, damaged = [], []
+        for uid in self.series_uids if series_uids is None else series_uids:
+            try:
+                self[uid].check()
+            except DataError as error:
+                damaged.append(str(error))
+                continue
+            good.append(uid)
+        if damaged:
+            log.warning("%d damaged cache entr%s skipped (run prepcache to rebuild): %s",
+                        len(damaged), "y" if len(damaged) == 1 else "ies", "; ".join(damaged))
+        return good
 
     def __len__(self) -> int:
         return len(self._metas)
@@ -233,10 +276,15 @@ class PrepcacheSummary:
     seconds: float = 0.0
 
     def line(self) -> str:
+        """One line for people; failed series are named with their reasons (the first five)."""
         # "dropped" only when something was: the usual line stays as it always was.
         dropped = f", {len(self.dropped)} dropped" if self.dropped else ""
-        return (f"prepcache: {len(self.built)} built, {len(self.skipped)} up to date, "
+        text = (f"prepcache: {len(self.built)} built, {len(self.skipped)} up to date, "
                 f"{len(self.failed)} failed{dropped} in {self.seconds:.1f} s")
+        if self.failed:
+            reasons = list(self.failed.values())
+            text += "; failed: " + "; ".join(reasons[:5]) + (" ..." if len(reasons) > 5 else "")
+        return text
 
 
 def _source_signature(mhd: Path) -> list:
@@ -270,7 +318,7 @@ def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -
     if not path.exists():
         raise DataError(f"{path}: no outline mask (`lunaseg import-lidc` and "
                         f"`lunaseg synth` write them; else use --masks heuristic)")
-    outline = load_ct(path)
+    outline = load_ct(path, require_ct=False)
     if outline.hu.shape != shape or not outline.geometry.allclose(geometry, atol=1e-3):
         raise DataError(f"{path}: outline mask does not match its CT's size or geometry")
     return outline.hu > 0
@@ -278,11 +326,14 @@ def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -
 
 def _build_entry(job: _Job, cache_dir: Path) -> str:
     """Build one series entry under a temporary name, then rename it into place."""
-    ct = load_ct(job.source, job.series_uid)
+    stored = load_ct(job.source, job.series_uid)
+    # Cached in the canonical voxel order the models see (LUNA16's own; a no-op for it).
+    ct, reorientation = stored.canonical()
     hu = ct.hu
     shape = hu.shape
     if job.outline_mask is not None:
-        mask = _load_outline_mask(job.outline_mask, shape, ct.geometry)
+        mask = reorientation.to_canonical(
+            _load_outline_mask(job.outline_mask, stored.shape_irc, stored.geometry))
     else:
         mask = annotation_mask(hu, ct.geometry, [(n[0], n[1]) for n in job.nodules],
                                job.mask_config)
@@ -377,8 +428,9 @@ def _drop_vanished(cache_dir: Path, vanished: list[str]) -> list[str]:
     return dropped
 
 
-def _entry_state(folder: Path, key: dict, *, verify: bool) -> str:
-    """'ok', 'stale' (source or settings changed) or 'corrupt' for an existing entry."""
+def _entry_state(folder: Path, key: dict) -> str:
+    """'ok', 'stale' (source or settings changed) or 'corrupt' (a file missing, of another
+    size or with other bytes than its checksum) for an existing entry."""
     meta_path = folder / "meta.json"
     if not meta_path.exists():
         return "missing" if not folder.exists() else "corrupt"
@@ -392,7 +444,7 @@ def _entry_state(folder: Path, key: dict, *, verify: bool) -> str:
         path = folder / name
         if not path.exists() or path.stat().st_size != meta["sizes"][name]:
             return "corrupt"
-        if verify and _crc32(path) != meta["crc32"][name]:
+        if _crc32(path) != meta["crc32"][name]:
             return "corrupt"
     return "ok"
 
@@ -404,10 +456,13 @@ def _nodule_key(nodules: list) -> str:
 
 def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
               config: CacheConfig | None = None, mask_config: MaskConfig | None = None,
-              check: bool = False, series: Sequence[str] | None = None,
+              series: Sequence[str] | None = None,
               progress: bool = True) -> PrepcacheSummary:
     """Build or refresh the cache of every series under ``data_dir`` (default cache:
-    ``<data_dir>/cache``).  ``check`` re-verifies every entry's checksums."""
+    ``<data_dir>/cache``); every existing entry's checksums are verified.
+
+    A series that cannot be cached (a missing or truncated .raw, an unreadable file) is
+    named in ``summary.failed`` with the reason; the others are still cached."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -449,22 +504,27 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
                    for c in records if c.is_nodule and c.has_annotation]
         lookalikes = [c.center_xyz for c in records if not c.is_nodule]
         outline = (outline_mask_path(data_dir, uid) if config.masks == "outline" else None)
-        key = {"source": _source_signature(source), "nodules": _nodule_key(nodules),
-               "lookalikes": _nodule_key([(xyz, 0.0, False) for xyz in lookalikes]),
-               "masks": config.masks, "mask_config": [mask_config.threshold_hu,
-                                                      mask_config.min_radius_vox,
-                                                      mask_config.bound_by_diameter],
-               "chunk_irc": list(config.chunk_irc)}
-        if outline is not None and outline.exists():
-            key["outline"] = _source_signature(outline)
-        state = _entry_state(cache_dir / uid, key, verify=check)
+        try:
+            key = {"source": _source_signature(source), "nodules": _nodule_key(nodules),
+                   "lookalikes": _nodule_key([(xyz, 0.0, False) for xyz in lookalikes]),
+                   "masks": config.masks, "mask_config": [mask_config.threshold_hu,
+                                                          mask_config.min_radius_vox,
+                                                          mask_config.bound_by_diameter],
+                   "chunk_irc": list(config.chunk_irc)}
+            if outline is not None and outline.exists():
+                key["outline"] = _source_signature(outline)
+        except DataError as error:  # one series' missing file never stops the others
+            summary.failed[uid] = str(error)
+            log.error("%s", error)
+            continue
+        state = _entry_state(cache_dir / uid, key)
         if state == "ok":
             summary.skipped.append(uid)
             continue
         if state == "corrupt":
             log.warning("%s: cache entry is damaged; rebuilding it", cache_dir / uid)
-        jobs.append(_Job(uid, source, nodules, lookalikes, key, mask_config, tuple(config.chunk_irc),
-                         outline))
+        jobs.append(_Job(uid, source, nodules, lookalikes, key, mask_config,
+                         tuple(config.chunk_irc), outline))
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc="prepcache", unit="series", disable=not progress)

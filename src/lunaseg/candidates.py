@@ -1,29 +1,30 @@
-"""Nodule candidates from a probability volume (numpy only): components, centres, scores.
+"""Nodule candidates from a logit volume (numpy only): components, centres, scores.
 
-Decisions (and how they differ from the book):
+Foreground is ``probability > threshold`` (strictly, as the book), tested on logits.  A
+binary erosion (6-neighbour cross, ``erosion_iterations`` times) separates blobs that touch;
+then 3D connected components (6-connectivity, scipy's and the book's: merging loses nodules,
+splitting only adds a false positive).  What happens to the eroded components is the
+model's *grouping* (its input spec says which, ``SegmentConfig.grouping`` overrides):
 
-* Foreground is ``probability > threshold`` (strictly greater, as the book).
-* Erosion (6-neighbour cross, ``erosion_iterations`` times) separates blobs that touch.
-  The volume's edge does not erode (``border_value=1``): a nodule cut by the first or last
-  slice is not thinner than the part we can see.  Components that erosion would erase
-  entirely are kept un-eroded (``SegmentConfig.keep_vanished``, flagged ``uneroded``): at
-  2.5 mm slices a 3-5 mm nodule is 1-2 slices thick and one 3D erosion deletes it.  After
-  erosion each surviving core is grown back over its original thresholded voxels (a voxel
-  shared by several cores goes to the nearest one, in mm), so voxel counts and diameters
-  measure what the model segmented, not the eroded core.
-* Connected components use 6-connectivity (scipy's and the book's choice): it merges fewer
-  neighbouring structures than 26-connectivity, and merging loses nodules while splitting
-  only adds a false positive.
-* Centre: the centre of mass weighted by probability.  The book weights by HU (clipped to
-  [-1000, 1000] plus 1001), so a dense neighbour the model barely marks, such as the pleura
-  or a vessel wall, pulls a small nodule's centre outside its radius.  ``center_xyz`` =
-  ``Geometry.irc_to_xyz`` of that (continuous) voxel position, right for any direction
-  matrix.
-* Diameter: of the sphere with the component's physical volume
-  (voxels * |det(direction)| * prod(spacing)).
-* Ranking score (the submission's ``probability``): the component's maximum probability
-  (the book's habit), or its mean with ``SegmentConfig.score = "mean"``; ties are broken by
-  the other of the two, then by size.
+* ``"lunaseg"``: components erosion would erase entirely are kept un-eroded (flagged
+  ``uneroded``: at 2.5 mm slices a 3-5 mm nodule is 1-2 slices thick and one erosion deletes
+  it), the volume's edge does not erode (a nodule cut by the first slice is not thinner than
+  what we see), and each core grows back over its thresholded voxels (a voxel shared by
+  several cores goes to the nearest, in mm), so sizes measure what the model segmented.
+  Centres are weighted by probability: a dense neighbour the model barely marks, such as the
+  pleura, does not pull a small nodule's centre off it.
+* ``"book"``: the book's code: erased components are dropped, the edge erodes, each
+  candidate is its eroded core, centres are weighted by HU (clipped to [-1000, 1000] + 1001).
+  Models that mark blobs liberally (the book's own) need it: kept, their specks flood the list.
+
+Every candidate is ranked by its highest logit (the book ranks by the highest probability,
+which float32 rounds to 1.0 on hundreds of blobs of a confident model; logits keep their
+order), ties broken by the mean logit, then by size.  The probability written for it
+(:func:`score_probability`) is that logit's sigmoid up to p = 0.9975 (logit 6) and a
+log-compressed logit beyond, so it stays in [0, 1] and in the ranking's order where float64
+sigmoids would round to 1.  ``center_xyz`` = ``Geometry.irc_to_xyz`` of the (continuous)
+centre, right for any direction matrix; ``diameter_mm`` is of the sphere with the
+component's physical volume.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from scipy import ndimage
 from lunaseg.config import SegmentConfig
 from lunaseg.errors import ConfigError
 from lunaseg.geometry import Geometry
+from lunaseg.inputs import GROUPINGS
 from lunaseg.masks import resolve_lung_mask
 
-__all__ = ["Candidate", "extract_candidates", "label_candidates", "check_extraction"]
+__all__ = ["Candidate", "extract_candidates", "label_candidates", "check_extraction",
+           "score_probability", "threshold_logit"]
 
-_CENTER_WEIGHTINGS = ("hu", "probability", "uniform")
-_SCORES = ("mean", "max")
+# Logits up to this are written as their sigmoid; beyond, log-compressed (see the docstring).
+_LINEAR_LOGIT = 6.0
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,16 @@ class Candidate:
     """One connected component of the segmentation: a possible nodule."""
 
     series_uid: str
-    rank: int  # 0 = highest probability; label ``rank + 1`` in SegmentResult.labels
+    rank: int  # 0 = best; label ``rank + 1`` in the label map
     center_irc: tuple[float, float, float]  # continuous (index, row, col)
     center_xyz: tuple[float, float, float]  # patient mm
     diameter_mm: float  # sphere of the same physical volume
     volume_mm3: float
     voxels: int
-    max_probability: float
+    max_logit: float  # the ranking score
+    mean_logit: float
+    max_probability: float  # float32 sigmoids, as the network reports them
     mean_probability: float
-    score: float  # the ranking score: max or mean probability (SegmentConfig.score)
     mean_hu: float
     slice_span: tuple[int, int]  # first and last slice index (inclusive)
     bbox_irc: tuple[int, int, int, int, int, int]  # low (i, r, c), high (i, r, c), inclusive
@@ -67,8 +71,8 @@ class Candidate:
 
     @property
     def probability(self) -> float:
-        """The ranking score, as written to the submission CSV."""
-        return self.score
+        """The score written to the submission CSV, in [0, 1] (:func:`score_probability`)."""
+        return score_probability(self.max_logit)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -78,6 +82,19 @@ class Candidate:
         return data
 
 
+def score_probability(logit: float) -> float:
+    """A candidate's logit as a score in [0, 1], strictly increasing in the logit."""
+    z = float(logit)
+    if abs(z) > _LINEAR_LOGIT:
+        z = math.copysign(_LINEAR_LOGIT * (1.0 + math.log1p(abs(z) / _LINEAR_LOGIT - 1.0)), z)
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def threshold_logit(threshold: float) -> float:
+    """The logit of a probability threshold (foreground is logit > this)."""
+    return math.log(threshold / (1.0 - threshold)) if threshold > 0 else -math.inf
+
+
 def check_extraction(config: SegmentConfig) -> None:
     """ConfigError naming the first extraction setting that cannot work."""
     if not 0.0 <= config.threshold < 1.0:
@@ -85,31 +102,30 @@ def check_extraction(config: SegmentConfig) -> None:
     if config.erosion_iterations < 0:
         raise ConfigError(f"segment.erosion_iterations must be >= 0, "
                           f"got {config.erosion_iterations}")
-    if config.connectivity not in (6, 26):
-        raise ConfigError(f"segment.connectivity must be 6 or 26, got {config.connectivity}")
-    if config.center_weighting not in _CENTER_WEIGHTINGS:
-        raise ConfigError(f"segment.center_weighting must be one of "
-                          f"{', '.join(_CENTER_WEIGHTINGS)}, got {config.center_weighting!r}")
-    if config.score not in _SCORES:
-        raise ConfigError(f"segment.score must be one of {', '.join(_SCORES)}, got "
-                          f"{config.score!r}")
     if config.min_voxels < 1:
         raise ConfigError(f"segment.min_voxels must be >= 1, got {config.min_voxels}")
+    if config.grouping is not None and config.grouping not in GROUPINGS:
+        raise ConfigError(f"segment.grouping must be one of {', '.join(GROUPINGS)}, got "
+                          f"{config.grouping!r}")
 
 
-def _components(foreground: np.ndarray, config: SegmentConfig,
+_CROSS = ndimage.generate_binary_structure(3, 1)
+
+
+def _components(foreground: np.ndarray, iterations: int, grouping: str,
                 spacing_irc: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    """Label map after erosion (grown back) -> (labels int32, count, uneroded flags[count+1])."""
-    structure = ndimage.generate_binary_structure(3, 1 if config.connectivity == 6 else 3)
-    labels0, n0 = ndimage.label(foreground, structure)
+    """Label map after erosion -> (labels int32, count, uneroded flags[count + 1])."""
+    labels0, n0 = ndimage.label(foreground, _CROSS)
     labels0 = labels0.astype(np.int32, copy=False)
-    if config.erosion_iterations == 0 or n0 == 0:
+    if iterations == 0 or n0 == 0:
         return labels0, n0, np.zeros(n0 + 1, dtype=bool)
-
-    cross = ndimage.generate_binary_structure(3, 1)
-    eroded = ndimage.binary_erosion(foreground, structure=cross,
-                                    iterations=config.erosion_iterations, border_value=1)
-    labels1, n1 = ndimage.label(eroded, structure)
+    book = grouping == "book"
+    eroded = ndimage.binary_erosion(foreground, structure=_CROSS, iterations=iterations,
+                                    border_value=0 if book else 1)
+    labels1, n1 = ndimage.label(eroded, _CROSS)
+    labels1 = labels1.astype(np.int32, copy=False)
+    if book:
+        return labels1, n1, np.zeros(n1 + 1, dtype=bool)
     # Every eroded core lies inside exactly one original component (its parent).
     parent = np.zeros(n1 + 1, dtype=np.int64)
     parent[labels1[eroded]] = labels0[eroded]
@@ -120,10 +136,8 @@ def _components(foreground: np.ndarray, config: SegmentConfig,
     single = np.flatnonzero(children[parent[1:]] == 1) + 1  # cores alone in their parent
     lut[parent[single]] = single
     vanished = np.flatnonzero(children[1:] == 0) + 1  # parents whose every voxel eroded
-    count = n1
-    if config.keep_vanished and vanished.size:
-        lut[vanished] = n1 + 1 + np.arange(vanished.size, dtype=np.int32)
-        count = n1 + vanished.size
+    lut[vanished] = n1 + 1 + np.arange(vanished.size, dtype=np.int32)
+    count = n1 + vanished.size
     labels = lut[labels0]  # single-core and vanished parents: the whole original component
 
     # Parents split into several cores: each voxel goes to the nearest core (in mm).
@@ -143,30 +157,28 @@ def _components(foreground: np.ndarray, config: SegmentConfig,
     return labels, count, uneroded
 
 
-def _label_stats(labels: np.ndarray, count: int, prob: np.ndarray, hu: np.ndarray,
-                 weighting: str) -> dict[str, np.ndarray]:
+def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndarray,
+                 grouping: str) -> dict[str, np.ndarray]:
     """Per-label statistics (index k = label k) from the labelled voxels only."""
     flat = np.flatnonzero(labels)
     lab = labels.ravel()[flat]
     n = count + 1
     voxels = np.bincount(lab, minlength=n)
-    p = prob.ravel()[flat].astype(np.float64)
+    z = logits.ravel()[flat].astype(np.float64)
+    p = (1.0 / (1.0 + np.exp(-logits.ravel()[flat].astype(np.float32)))).astype(np.float64)
     h = np.clip(hu.ravel()[flat].astype(np.float64), -1000.0, 1000.0)
-    if weighting == "hu":
-        weights = h + 1001.0
-    elif weighting == "probability":
-        weights = np.maximum(p, 1e-6)
-    else:
-        weights = np.ones_like(p)
+    weights = h + 1001.0 if grouping == "book" else np.maximum(p, 1e-6)
     irc = np.unravel_index(flat, labels.shape)
     weight_sum = np.bincount(lab, weights, minlength=n)
     safe = np.where(weight_sum > 0, weight_sum, 1.0)
     center = np.stack([np.bincount(lab, weights * axis, minlength=n) / safe for axis in irc], 1)
+    per_voxel = np.maximum(voxels, 1)
     stats = {
         "voxels": voxels,
         "center_irc": center,
-        "mean_probability": np.bincount(lab, p, minlength=n) / np.maximum(voxels, 1),
-        "mean_hu": np.bincount(lab, h, minlength=n) / np.maximum(voxels, 1),
+        "mean_logit": np.bincount(lab, z, minlength=n) / per_voxel,
+        "mean_probability": np.bincount(lab, p, minlength=n) / per_voxel,
+        "mean_hu": np.bincount(lab, h, minlength=n) / per_voxel,
     }
     # Max / min per label: sort by label once, then reduce each run.
     order = np.argsort(lab, kind="stable")
@@ -181,26 +193,31 @@ def _label_stats(labels: np.ndarray, count: int, prob: np.ndarray, hu: np.ndarra
             out[present] = ufunc.reduceat(values[order], starts)
         return out
 
+    stats["max_logit"] = per_label(z, np.maximum, -np.inf)
     stats["max_probability"] = per_label(p, np.maximum, 0.0)
     stats["low_irc"] = np.stack([per_label(axis, np.minimum, 0) for axis in irc], 1)
     stats["high_irc"] = np.stack([per_label(axis, np.maximum, 0) for axis in irc], 1)
     return stats
 
 
-def label_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
-                     config: SegmentConfig | None = None, *,
+def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
+                     config: SegmentConfig | None = None, *, grouping: str = "lunaseg",
                      lung_mask: np.ndarray | None = None, series_uid: str = ""
                      ) -> tuple[list[Candidate], np.ndarray]:
     """Candidates (best first) and their (I, R, C) int32 label map: label k + 1 is
     candidate k.  See :func:`extract_candidates` for the arguments."""
     config = config or SegmentConfig()
     check_extraction(config)
-    prob = np.asarray(prob)
+    grouping = config.grouping or grouping
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+    logits = np.asarray(logits)
     hu = np.asarray(hu)
-    if prob.ndim != 3 or prob.shape != hu.shape:
-        raise ValueError(f"prob {prob.shape} and hu {hu.shape} must be the same 3D shape")
+    if logits.ndim != 3 or logits.shape != hu.shape:
+        raise ValueError(f"logits {logits.shape} and hu {hu.shape} must be the same 3D shape")
     spacing_irc = geometry.spacing_xyz[::-1].copy()
-    labels, count, uneroded = _components(prob > config.threshold, config, spacing_irc)
+    labels, count, uneroded = _components(logits > threshold_logit(config.threshold),
+                                          config.erosion_iterations, grouping, spacing_irc)
 
     # Drop components that are too small or (optionally) outside the lungs.
     keep = np.ones(count + 1, dtype=bool)
@@ -222,15 +239,13 @@ def label_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
         uneroded = np.r_[False, uneroded[kept]]
         count = kept.size
     if count == 0:
-        return [], np.zeros(prob.shape, dtype=np.int32)
+        return [], np.zeros(logits.shape, dtype=np.int32)
 
-    stats = _label_stats(labels, count, prob, hu, config.center_weighting)
+    stats = _label_stats(labels, count, logits, hu, grouping)
     ids = np.arange(1, count + 1)
-    # Rank: the score, then the other probability, then size (all descending).
-    first, second = ((stats["mean_probability"], stats["max_probability"])
-                     if config.score == "mean" else
-                     (stats["max_probability"], stats["mean_probability"]))
-    order = ids[np.lexsort((ids, -stats["voxels"][ids], -second[ids], -first[ids]))]
+    # Rank: the highest logit, then the mean logit, then size (all descending).
+    order = ids[np.lexsort((ids, -stats["voxels"][ids], -stats["mean_logit"][ids],
+                            -stats["max_logit"][ids]))]
     voxel_mm3 = float(np.prod(geometry.spacing_xyz) * abs(np.linalg.det(geometry.direction)))
     centers_irc = stats["center_irc"][order]
     centers_xyz = geometry.irc_to_xyz(centers_irc)
@@ -247,9 +262,10 @@ def label_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
             diameter_mm=float((6.0 * volume / math.pi) ** (1.0 / 3.0)),
             volume_mm3=volume,
             voxels=int(stats["voxels"][label]),
+            max_logit=float(stats["max_logit"][label]),
+            mean_logit=float(stats["mean_logit"][label]),
             max_probability=float(stats["max_probability"][label]),
             mean_probability=float(stats["mean_probability"][label]),
-            score=float(first[label]),
             mean_hu=float(stats["mean_hu"][label]),
             slice_span=(int(low[0]), int(high[0])),
             bbox_irc=tuple(int(v) for v in (*low, *high)),
@@ -261,16 +277,16 @@ def label_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
     return candidates, lut[labels]
 
 
-def extract_candidates(prob: np.ndarray, hu: np.ndarray, geometry: Geometry,
-                       config: SegmentConfig | None = None, *,
+def extract_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
+                       config: SegmentConfig | None = None, *, grouping: str = "lunaseg",
                        lung_mask: np.ndarray | None = None,
                        series_uid: str = "") -> list[Candidate]:
-    """Nodule candidates from a probability volume, best first.
+    """Nodule candidates from a logit volume, best first.
 
-    prob : (I, R, C) float probabilities; hu : (I, R, C) HU of the same scan.
+    logits : (I, R, C) float logits (see :mod:`lunaseg.predict`); hu : (I, R, C) HU of the
+    same scan.  ``grouping`` is the model's (``config.grouping``, when set, wins).
     ``lung_mask`` (I, R, C) bool keeps only components touching it; without it,
-    ``config.lung_mask`` computes one with :func:`lunaseg.masks.lung_mask`.  See the module
-    docstring for threshold, erosion, connectivity and centre conventions.
+    ``config.lung_mask`` computes one with :func:`lunaseg.masks.lung_mask`.
     """
-    return label_candidates(prob, hu, geometry, config, lung_mask=lung_mask,
-                            series_uid=series_uid)[0]
+    return label_candidates(logits, hu, geometry, config, grouping=grouping,
+                            lung_mask=lung_mask, series_uid=series_uid)[0]

@@ -69,7 +69,7 @@ def _cmd_prepcache(args: argparse.Namespace) -> int:
                          masks=args.masks)
     summary = prepcache(args.data, args.cache, config=config,
                         mask_config=MaskConfig(bound_by_diameter=args.bound_by_diameter),
-                        check=args.check, progress=not args.quiet)
+                        progress=not args.quiet)
     print(summary.line())
     return 1 if summary.failed else 0
 
@@ -135,8 +135,9 @@ def _series(entries: Sequence[str] | None) -> list[str] | None:
 def _segment_config(args: argparse.Namespace) -> SegmentConfig:
     return SegmentConfig(threshold=args.threshold, batch_size=args.batch_size,
                          erosion_iterations=args.erosion, min_voxels=args.min_voxels,
-                         lung_mask=args.lung_mask, overlays=args.overlays,
-                         write_volumes=not args.no_volumes, amp=args.amp, tta=args.tta,
+                         grouping=args.grouping, lung_mask=not args.no_lung_mask,
+                         overlays=args.overlays, write_volumes=not args.no_volumes,
+                         amp=args.amp, tta=args.tta, tta_rule=args.tta_rule,
                          device=args.device)
 
 
@@ -145,7 +146,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from lunaseg.segment import segment_inputs
 
     outputs = segment_inputs(args.inputs, args.model, args.out, _segment_config(args),
-                             series_uids=_series(args.series), progress=not args.quiet)
+                             series_uids=_series(args.series), require_ct=not args.force,
+                             overwrite=args.overwrite, progress=not args.quiet)
     for output in outputs:
         print(f"{output.series_uid}: {output.candidates} candidates -> {output.folder}")
     print(f"submission: {Path(args.out) / layout.SUBMISSION_FILE}")
@@ -155,14 +157,34 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from lunaseg import pipeline
 
-    if args.data is not None:
+    if args.data is not None and args.candidates is not None:
+        if args.model is not None:
+            raise ConfigError("--model segments a --data folder; a --candidates CSV is "
+                              "scored as it is")
+        # A candidate list for a dataset on disk: its annotations, excluded findings and
+        # every scan it holds (LUNA16 scores each one, with marks or without).
+        from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series
+
+        data = Path(args.data)
+        annotations = args.annotations or annotation_file(data)
+        if annotations is None:
+            raise ConfigError(f"{data}: no annotations CSV; pass --annotations")
+        excluded = args.excluded or (data / EXCLUDED_FILE if (data / EXCLUDED_FILE).exists()
+                                     else None)
+        series = _series(args.series) or sorted(find_series(data))
+        report = pipeline.score_files(annotations, args.candidates, args.out,
+                                      excluded=excluded, series=series,
+                                      fp_budget=args.fp_budget)
+        report.scans_from = "the series list" if args.series else f"{data}"
+    elif args.data is not None:
         if args.model is None:
-            raise ConfigError("evaluate --data needs --model CKPT")
+            raise ConfigError("evaluate --data needs --model CKPT (or --candidates CSV)")
         report = pipeline.evaluate_model(args.data, args.model, args.out,
                                          split=args.split,
                                          segment=_segment_config(args),
                                          fp_budget=args.fp_budget,
                                          series_uids=_series(args.series),
+                                         require_ct=not args.force,
                                          progress=not args.quiet)
     else:
         if args.annotations is None or args.candidates is None:
@@ -217,12 +239,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
+    from lunaseg.inputs import GROUPINGS
+    from lunaseg.predict import TTA_RULES
+
     group = parser.add_argument_group("candidate extraction")
     _option(group, "--threshold", SegmentConfig, "threshold")
     _option(group, "--erosion", SegmentConfig, "erosion_iterations")
     _option(group, "--min-voxels", SegmentConfig, "min_voxels")
-    _option(group, "--lung-mask", SegmentConfig, "lung_mask")
-    _option(group, "--tta", SegmentConfig, "tta", choices=(1, 2, 4))
+    _option(group, "--grouping", SegmentConfig, "grouping", type=str, choices=GROUPINGS)
+    group.add_argument("--no-lung-mask", action="store_true",
+                       help="keep candidates anywhere, not only those touching the lungs "
+                            "(for an input that is not a whole chest)")
+    _option(group, "--tta", SegmentConfig, "tta", type=int, choices=(1, 2, 4))
+    _option(group, "--tta-rule", SegmentConfig, "tta_rule", choices=TTA_RULES)
     out = parser.add_argument_group("outputs and speed")
     _option(out, "--overlays", SegmentConfig, "overlays")
     out.add_argument("--no-volumes", action="store_true",
@@ -230,6 +259,9 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     _option(out, "--batch-size", SegmentConfig, "batch_size")
     _option(out, "--amp", SegmentConfig, "amp")
     _option(out, "--device", SegmentConfig, "device")
+    out.add_argument("--force", action="store_true",
+                     help="read inputs that do not look like CT (another DICOM modality, no "
+                          "voxel of air)")
 
 
 def _add_train_options(tr: argparse.ArgumentParser) -> None:
@@ -304,12 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(synth, "--workers", SynthConfig, "workers")
     synth.set_defaults(func=_cmd_synth)
 
-    prep = commands.add_parser("prepcache", help="cache what training and validation read")
+    prep = commands.add_parser("prepcache", help="cache what training and validation read "
+                                                 "(and verify what is cached)")
     prep.add_argument("--data", required=True, help="LUNA16-layout folder (subset*/<uid>.mhd)")
     prep.add_argument("--cache", help="cache folder (default DATA/cache)")
     _option(prep, "--workers", CacheConfig, "workers")
-    prep.add_argument("--check", action="store_true",
-                      help="verify every entry's checksums and rebuild damaged ones")
     _option(prep, "--masks", CacheConfig, "masks", choices=("heuristic", "outline"))
     _option(prep, "--bound-by-diameter", MaskConfig, "bound_by_diameter")
     _option(prep, "--chunk", CacheConfig, "chunk_irc")
@@ -332,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image file (.mhd .mha .nii .nii.gz .nrrd), DICOM folder or LUNA16 root")
     seg.add_argument("--model", required=True, help="checkpoint (lunaseg's or the book's)")
     seg.add_argument("--out", required=True, help="output folder")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier segment run in --out (refused otherwise)")
     seg.add_argument("--series", nargs="*", help="only these series of a LUNA16 root: UIDs, or "
                      "files listing them (one per line, as LUNA16's seriesuids.csv); put it "
                      "after the INPUTs")

@@ -26,22 +26,29 @@ __all__ = [
 LUNA16_MAX_MARKS = 100
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A field with a default and its help text (shown by ``--help``)."""
+def _opt(default: Any, help: str, *, none: str = "none") -> Any:
+    """A field with a default and its help text (shown by ``--help``); ``none`` says what a
+    None value means."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults need default_factory")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "none": none})
 
 
 def describe(cls: type, name: str) -> str:
-    """The help text of ``cls.<name>`` with its default, for ``--help``."""
+    """The help text of ``cls.<name>`` with its default, for ``--help`` (a flag that is off
+    by default shows no default)."""
     spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    text = spec.metadata.get("help", name)
     default = getattr(cls(), name)
-    if isinstance(default, tuple):
+    if default is False:
+        return text
+    if default is None:
+        default = spec.metadata.get("none", "none")
+    elif isinstance(default, tuple):
         default = ",".join(map(str, default))
     elif isinstance(default, float):
         default = f"{default:g}"
-    return f"{spec.metadata.get('help', name)} (default {default})"
+    return f"{text} (default {default})"
 
 
 @dataclass
@@ -165,8 +172,8 @@ class TrainConfig:
                                   "penalises")
     validation_cadence: int = _opt(5, "validate at epoch 1, every N epochs and the last")
     best_min_recall: float | None = _opt(None, "pick the best checkpoint by F1 among "
-                                               "validations reaching this recall (None: by "
-                                               "recall alone, as the book)")
+                                               "validations reaching this recall",
+                                         none="by recall alone, as the book")
     seed: int = _opt(0, "random seed")
     amp: bool = _opt(False, "bf16 autocast (CUDA only)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
@@ -175,28 +182,26 @@ class TrainConfig:
 
 @dataclass
 class SegmentConfig:
-    """Full-CT inference and candidate extraction."""
+    """Full-CT inference and candidate extraction; None means "the model's own" (its input
+    spec, saved in its checkpoint, says)."""
 
     threshold: float = _opt(0.5, "probability above which a voxel is foreground")
     batch_size: int = _opt(0, "slices per forward pass; 0 = 4 on a CPU, 16 on a GPU")
     erosion_iterations: int = _opt(1, "binary erosion iterations before labelling")
-    keep_vanished: bool = _opt(True, "keep components erosion erases entirely, un-eroded "
-                                     "(the book drops them)")
-    connectivity: int = _opt(6, "3D neighbourhood of connected components: 6 or 26")
-    center_weighting: str = _opt("probability", "centre-of-mass weights: 'probability', "
-                                                "'hu' (the book) or 'uniform'")
-    score: str = _opt("max", "ranking score: the component's 'max' (book) or 'mean' "
-                             "probability")
+    grouping: str | None = _opt(None, "'lunaseg' (keep what erosion erases, measure what was "
+                                      "segmented) or 'book' (drop it, measure eroded cores)",
+                                none="the model's")
     min_voxels: int = _opt(1, "drop components smaller than this")
-    lung_mask: bool = _opt(False, "keep only candidates touching a lung mask computed from "
-                                  "HU; the network then runs only around the lungs")
+    lung_mask: bool = _opt(True, "keep only candidates touching a lung mask computed from HU; "
+                                 "the network then runs only around the lungs")
     max_candidates: int = _opt(LUNA16_MAX_MARKS, "marks per scan in the submission CSV")
     overlays: int = _opt(100, "PNG views for the top N candidates of each scan (0 = none)")
     write_volumes: bool = _opt(True, "write probability.nii.gz and mask.nii.gz per scan")
     amp: bool = _opt(False, "bf16 autocast + channels_last (CUDA only)")
-    tta: int = _opt(1, "average the model over 1, 2 (+ left-right) or 4 (+ up-down) "
-                       "mirrored views of each slice: fewer false positives for up to 4x "
-                       "the network time")
+    tta: int | None = _opt(None, "mirrored views of each slice: 1, 2 (+ left-right) or 4 "
+                                 "(+ up-down)", none="the model's")
+    tta_rule: str = _opt("consensus", "how views combine: 'consensus' (the lowest logit: "
+                                      "foreground only where every view agrees) or 'mean'")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
 
 

@@ -16,18 +16,36 @@ import numpy as np
 
 from lunaseg.errors import ConfigError
 
-__all__ = ["CANONICAL_ORIENTATION", "SegmentationSpec", "ClassifierSpec", "context_indices",
-           "context_stack", "pad_to_multiple", "clip_hu", "size_multiple"]
+__all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "SegmentationSpec", "ClassifierSpec",
+           "context_indices", "context_stack", "pad_to_multiple", "clip_hu", "size_multiple",
+           "reach_px"]
 
 # The voxel order every model sees: array axes (col, row, index) pointing to the patient's
 # Left, Posterior and Superior, i.e. an identity direction matrix, as LUNA16 stores its scans.
 CANONICAL_ORIENTATION = "LPS"
 
 
+# How candidates are grouped from a model's voxels (lunaseg.candidates): "lunaseg" keeps
+# components one erosion would erase and measures each on its segmented voxels; "book"
+# drops them and measures the eroded cores, as the book's code does.
+GROUPINGS = ("lunaseg", "book")
+
+
 def size_multiple(depth: int) -> int:
     """Input height and width of a padded U-Net of ``depth`` levels must be multiples of this
     (each level but the last halves them)."""
     return 2 ** (depth - 1)
+
+
+def reach_px(depth: int) -> int:
+    """How many pixels away, in-plane, an input pixel can still change an output pixel of a
+    padded U-Net of ``depth`` levels (3x3 convs, 2x2 pooling), rounded up to its size
+    multiple: two convs per level on the way down and up, one pooling per level."""
+    down = 2 * (2 ** depth - 1)
+    up = 2 * (2 ** (depth - 1) - 1)
+    pools = 2 ** (depth - 1) - 1
+    multiple = size_multiple(depth)
+    return -(-(down + up + pools) // multiple) * multiple
 
 
 def _spec_from_dict(cls: type, data: dict) -> Any:
@@ -43,17 +61,21 @@ def _spec_from_dict(cls: type, data: dict) -> Any:
 
 @dataclass(frozen=True)
 class SegmentationSpec:
-    """What a segmentation model takes: each slice with ``context_slices`` slices on either
-    side as channels, HU clipped to [min_hu, max_hu], height and width padded to a multiple
-    of ``size_multiple``, voxels in ``orientation`` order; ``tta`` is the number of mirrored
-    views it was validated with (what ``segment`` uses unless told otherwise)."""
+    """What a segmentation model takes and how its output is read: each slice with
+    ``context_slices`` slices on either side as channels, HU clipped to [min_hu, max_hu],
+    height and width padded to a multiple of ``size_multiple`` (an input pixel reaches
+    output pixels ``reach_px`` away), voxels in ``orientation`` order; ``tta`` mirrored
+    views and the candidate ``grouping`` it was validated with (what ``segment`` uses
+    unless told otherwise)."""
 
     min_hu: float = -1000.0
     max_hu: float = 1000.0
     context_slices: int = 3
     size_multiple: int = 4
+    reach_px: int = 24
     orientation: str = CANONICAL_ORIENTATION
-    tta: int = 1
+    tta: int = 4
+    grouping: str = "lunaseg"
 
     @property
     def channels(self) -> int:
@@ -68,6 +90,12 @@ class SegmentationSpec:
                               f">= 1, got {self.context_slices}, {self.size_multiple}")
         if self.tta not in (1, 2, 4):
             raise ConfigError(f"input spec: tta must be 1, 2 or 4, got {self.tta}")
+        if self.grouping not in GROUPINGS:
+            raise ConfigError(f"input spec: grouping must be one of {', '.join(GROUPINGS)}, "
+                              f"got {self.grouping!r}")
+        if self.reach_px < 0 or self.reach_px % self.size_multiple:
+            raise ConfigError(f"input spec: reach_px must be a multiple of size_multiple, "
+                              f"got {self.reach_px}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,7 +23,7 @@ from torch import nn
 from lunaseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from lunaseg.config import ModelConfig, from_dict, to_dict
 from lunaseg.errors import CheckpointError, ConfigError
-from lunaseg.inputs import SegmentationSpec, size_multiple
+from lunaseg.inputs import SegmentationSpec, reach_px, size_multiple
 
 __all__ = ["UNet", "UNetWrapper", "build_model", "load_model", "save_model",
            "infer_model_config", "model_spec", "default_spec", "MODEL_KIND"]
@@ -219,34 +219,41 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
                        wf=wf, padding=True, batch_norm=batch_norm, up_mode=up_mode)
 
 
-def default_spec(config: ModelConfig) -> SegmentationSpec:
-    """The book's input for a U-Net of this shape: HU in [-1000, 1000], context from the
-    input channels, canonical orientation, one view."""
+def default_spec(config: ModelConfig, **fields) -> SegmentationSpec:
+    """The input spec of a U-Net of this shape: context from its input channels, the size
+    multiple and reach of its depth, and the spec's defaults for the rest (``fields``
+    replace them)."""
     if config.in_channels % 2 == 0:
         raise ConfigError(f"model has {config.in_channels} input channels; expected an odd "
                           "number (one slice plus as many slices above as below)")
-    return SegmentationSpec(context_slices=(config.in_channels - 1) // 2,
-                            size_multiple=config.size_multiple)
+    return SegmentationSpec(**{"context_slices": (config.in_channels - 1) // 2,
+                               "size_multiple": config.size_multiple,
+                               "reach_px": reach_px(config.depth), **fields})
+
+
+# The book's model, measured on real CT (docs/results.md): grouped as the book did, with
+# four views that must all agree (benchmarks/bench_real.py).
+BOOK_SPEC_FIELDS = {"grouping": "book", "tta": 4}
 
 
 def model_spec(checkpoint: Checkpoint, config: ModelConfig) -> SegmentationSpec:
     """The input spec a checkpoint's model was trained with.
 
-    lunaseg files store it; for the book's files (and lunaseg files from before the spec was
-    stored) it is the book's input, with the HU window of the training settings if known.
+    lunaseg files store it; the book's files get the book's input (HU in [-1000, 1000]) and
+    the grouping chosen for the book's model; lunaseg files from before the spec was stored
+    get lunaseg's defaults with the HU window of their training settings.
     """
     if checkpoint.spec is not None:
         try:
             spec = SegmentationSpec.from_dict(checkpoint.spec)
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"{checkpoint.path}: bad input_spec: {error}") from None
+    elif checkpoint.format == "book":
+        spec = default_spec(config, **BOOK_SPEC_FIELDS)
     else:
-        spec = default_spec(config)
         data = (checkpoint.config or {}).get("data") or {}
-        if "min_hu" in data and "max_hu" in data:
-            spec = SegmentationSpec(min_hu=float(data["min_hu"]), max_hu=float(data["max_hu"]),
-                                    context_slices=spec.context_slices,
-                                    size_multiple=spec.size_multiple)
+        window = {key: float(data[key]) for key in ("min_hu", "max_hu") if key in data}
+        spec = default_spec(config, **window)
     if spec.channels != config.in_channels or spec.size_multiple != config.size_multiple:
         raise CheckpointError(f"{checkpoint.path}: input_spec ({spec.channels} channels, "
                               f"multiple {spec.size_multiple}) does not fit the model "

@@ -38,11 +38,12 @@ class EvaluationReport:
     froc: object  # lunaseg.evaluate.FrocResult
     misses: list[dict] = field(default_factory=list)
     seconds_per_scan: float | None = None
+    scans_from: str = "the split"  # where the list of scans scored came from
 
     def __str__(self) -> str:
         r = self.froc
-        lines = [f"scans {r.n_scans}, nodules {r.n_nodules}, candidates per scan "
-                 f"{r.candidates_per_scan:.1f}",
+        lines = [f"scans {r.n_scans} (from {self.scans_from}), nodules {r.n_nodules}, "
+                 f"candidates per scan {r.candidates_per_scan:.1f}",
                  f"candidate sensitivity {r.candidate_sensitivity:.3f}; at <= {r.fp_budget:g} "
                  f"false positives per scan {r.sensitivity_at_budget:.3f}",
                  f"CPM {r.cpm:.3f}" + (f" (95% CI {r.cpm_ci[0]:.3f}-{r.cpm_ci[1]:.3f})"
@@ -81,9 +82,18 @@ def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
                 out_dir: str | os.PathLike, *, excluded: str | os.PathLike | None = None,
                 series: Sequence[str] | None = None,
                 fp_budget: float = CANDIDATE_FP_BUDGET) -> EvaluationReport:
-    """LUNA16 FROC/CPM of a submission CSV against an annotations CSV."""
+    """LUNA16 FROC/CPM of a submission CSV against an annotations CSV.
+
+    The scans scored are ``series`` (a dataset's list, as LUNA16's seriesuids.csv); without
+    it, every scan with a nodule or a candidate, and what that leaves out is pointed out.
+    """
     findings, marks = load_findings(annotations), load_marks(candidates)
     excluded_findings = load_findings(excluded, excluded=True) if excluded else {}
+    scores = np.array([m.probability for group in marks.values() for m in group])
+    outside = int(np.count_nonzero((scores < 0) | (scores > 1))) if scores.size else 0
+    if outside:
+        log.warning("%s: %d of %d probabilities lie outside [0, 1]; only their order is "
+                    "scored", candidates, outside, scores.size)
     if series is not None:
         # A listed scan with nothing in any file is a clean scan to LUNA16, but it is also
         # what a mistyped UID looks like, and each one lowers the false positives per scan.
@@ -92,13 +102,27 @@ def score_files(annotations: str | os.PathLike, candidates: str | os.PathLike,
             log.warning("%d of the %d series listed appear in no annotation, excluded finding "
                         "or candidate (first: %s); each counts as a scan with nothing in it",
                         len(unknown), len(set(series)), unknown[0])
+        scans_from = "the series list"
+    else:
+        silent = sorted(set(findings) - set(marks))
+        unannotated = sorted(set(marks) - set(findings))
+        if silent:
+            log.warning("%d annotated scans have no candidates at all (first: %s); they are "
+                        "scored as scans the CAD found nothing in", len(silent), silent[0])
+        if unannotated:
+            log.warning("%d scans have candidates but no annotated nodule (first: %s); they "
+                        "are scored as scans without nodules", len(unannotated), unannotated[0])
+        if silent or unannotated:
+            log.warning("without --series (or --data) the scans scored are those named in "
+                        "either file; give the dataset's own list to score it the LUNA16 way")
+        scans_from = "the annotations and candidates"
     result = froc(findings, marks, excluded=excluded_findings, series=series,
                   fp_budget=fp_budget)
     misses = [{"series_uid": n.series_uid, "center_xyz": list(n.center_xyz),
                "diameter_mm": n.diameter_mm,
                "reason": _cut_reason(result) if n.hit_any else "no mark"}
               for n in result.nodules if not n.hit]
-    report = EvaluationReport(Path(out_dir), result, misses)
+    report = EvaluationReport(Path(out_dir), result, misses, scans_from=scans_from)
     _write_outputs(result, report.out_dir, misses, Path(candidates).name)
     return report
 
@@ -210,7 +234,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    out_dir: str | os.PathLike, *, split: str = "val",
                    segment: SegmentConfig | None = None,
                    fp_budget: float = CANDIDATE_FP_BUDGET,
-                   series_uids: Sequence[str] | None = None,
+                   series_uids: Sequence[str] | None = None, require_ct: bool = True,
                    progress: bool = True) -> EvaluationReport:
     """Segment every scan of a split and score it the LUNA16 way, explaining every miss.
 
@@ -233,8 +257,10 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
     if annotations is None:
         raise DataError(f"{data_dir}: no annotations.csv to score against")
     segment_dir = out_dir / layout.SEGMENT_DIR
+    # The evaluation's own segment folder: a rerun replaces it.
     outputs = segment_inputs([data_dir], model_path, segment_dir, segment,
-                             series_uids=series, progress=progress)
+                             series_uids=series, overwrite=True, require_ct=require_ct,
+                             progress=progress)
     excluded_file = data_dir / EXCLUDED_FILE
     result = froc(load_findings(annotations),
                   load_marks(segment_dir / layout.SUBMISSION_FILE),
@@ -291,12 +317,8 @@ class DemoSettings:
         augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
         epochs=24, batch_size=32, fn_weight=1.0, bce_weight=2.0, lr_schedule="cosine",
         validation_cadence=24, device="auto"))
-    # Four mirrored views per slice: fewer false positives for 4x the network time (a minute
-    # more here).  Candidates must touch the lungs: the same nodules or more within 20 false
-    # positives per scan, CPM 0.03-0.17 higher on three held-out sets (see the README).
-    # ``lunaseg segment`` keeps the faster defaults.
-    segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(
-        overlays=10, tta=4, lung_mask=True))
+    # segment's defaults (the model's views and grouping, the lung mask), fewer pictures.
+    segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(overlays=10))
 
     @classmethod
     def quick(cls) -> "DemoSettings":

@@ -1,9 +1,12 @@
 """Running a segmentation model over a whole CT: context stacks, mirrored views, batching.
 
-Every slice is fed with its context slices, as the model's :class:`SegmentationSpec` says,
-on the device in batches; the output is a probability per voxel.  The network runs only
-where it can matter: the in-plane box holding the body (a third to a half of a 512 x 512
-slice is air outside it) or, with a lung mask, the box around the lungs.
+Every slice is fed with its context slices from the whole volume, as the model's
+:class:`SegmentationSpec` says, on the device in batches; the output is a logit per voxel
+(the network's score before the sigmoid, which does not saturate: the book's model gives
+p = 1.0 in float32 to hundreds of blobs, but their logits differ).  The network runs only
+where it can matter, the in-plane box holding the body or, with a lung mask, the box around
+the lungs; each box is grown by the model's reach and aligned to its pooling grid in the
+full slice's frame, so inside it the output equals what the network gives on whole slices.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from lunaseg.inputs import SegmentationSpec, context_indices
 from lunaseg.masks import body_box, bounding_box, resolve_lung_mask
 from lunaseg.runtime import autocast, resolve_device, whole_slice_batch
 
-__all__ = ["TTA_FLIPS", "check_tta", "predict_volume", "predict_ct", "resolve_spec",
-           "LUNG_REGION_MARGIN_MM"]
+__all__ = ["TTA_FLIPS", "TTA_RULES", "OUTSIDE_LOGIT", "check_tta", "model_logits",
+           "combine_views", "network_box", "predict_logits", "predict_views", "predict_ct",
+           "resolve_spec", "sigmoid", "LUNG_REGION_MARGIN_MM"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,12 @@ TTA_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {
     2: ((), (-1,)),
     4: ((), (-1,), (-2,), (-2, -1)),
 }
+# How the views' logits become one: "consensus" takes the lowest (a voxel is foreground
+# only where every view says so), "mean" their mean.
+TTA_RULES = ("consensus", "mean")
+
+# The logit given to voxels the network did not look at (sigmoid: 0 in float32).
+OUTSIDE_LOGIT = -100.0
 
 # How far beyond the (already grown) lung mask the network still runs: components may
 # stretch this far out of it and keep their full extent, and the chest wall around a pleural
@@ -40,10 +50,13 @@ TTA_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {
 LUNG_REGION_MARGIN_MM = 20.0
 
 
-def check_tta(tta: int) -> None:
+def check_tta(tta: int, rule: str = "consensus") -> None:
     if tta not in TTA_FLIPS:
         raise ConfigError(f"segment.tta must be one of {', '.join(map(str, TTA_FLIPS))}, "
                           f"got {tta}")
+    if rule not in TTA_RULES:
+        raise ConfigError(f"segment.tta_rule must be one of {', '.join(TTA_RULES)}, "
+                          f"got {rule!r}")
 
 
 def resolve_spec(model: nn.Module, spec: SegmentationSpec | None) -> SegmentationSpec:
@@ -56,113 +69,158 @@ def resolve_spec(model: nn.Module, spec: SegmentationSpec | None) -> Segmentatio
     return carried
 
 
-def _forward_views(model: nn.Module, batch: torch.Tensor, tta: int) -> torch.Tensor:
-    """The model's output averaged over the ``tta`` mirror views of ``batch``."""
-    if tta == 1:
-        return model(batch)
-    total = None
-    for dims in TTA_FLIPS[tta]:
-        output = (model(batch.flip(dims)).flip(dims) if dims else model(batch)).float()
-        total = output if total is None else total + output  # summed in float32, not bf16
-    return total / tta
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities of logits, in the logits' float type."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits)))
 
 
-def predict_volume(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
-                   batch_size: int = 0, device: str | torch.device = "cpu",
-                   amp: bool = False, progress: bool = False, crop_to_body: bool = True,
-                   tta: int = 1) -> np.ndarray:
-    """Probability of "nodule" for every voxel of a (I, R, C) HU volume.
+def model_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The model's logits: ``model.logits(batch)`` when it has that method (lunaseg's U-Net),
+    else its forward output, which is then taken to be logits."""
+    logits = getattr(model, "logits", None)
+    return logits(batch) if callable(logits) else model(batch)
 
-    ``crop_to_body`` runs the model only on the in-plane box that holds the body (see
-    :func:`lunaseg.masks.body_box`) and reports probability 0 outside.  Other arguments:
-    :func:`_predict`.
+
+def _views(model: nn.Module, batch: torch.Tensor, tta: int) -> torch.Tensor:
+    """(views, N, 1, H, W) float32: the model's logits over the ``tta`` mirror views of
+    ``batch``, each flipped back."""
+    return torch.stack([(model_logits(model, batch.flip(dims)).flip(dims) if dims
+                         else model_logits(model, batch)).float() for dims in TTA_FLIPS[tta]])
+
+
+def combine_views(views, rule: str):
+    """One logit per voxel from per-view logits on axis 0 (tensor or array): their lowest
+    ("consensus") or their mean ("mean"), in float32."""
+    if isinstance(views, torch.Tensor):
+        return views.amin(dim=0) if rule == "consensus" else views.mean(dim=0)
+    return (np.min(views, axis=0) if rule == "consensus" else
+            np.mean(views, axis=0, dtype=np.float32))
+
+
+def network_box(box: tuple[int, int, int, int], shape_rc: tuple[int, int],
+                spec: SegmentationSpec) -> tuple[int, int, int, int]:
+    """The in-plane box (row0, row1, col0, col1) the network must see so that its output in
+    ``box`` equals its output on whole slices: grown by ``spec.reach_px`` and started on a
+    multiple of ``spec.size_multiple`` (the pooling grid of the whole slice)."""
+    out = []
+    for (low, high), size in zip(((box[0], box[1]), (box[2], box[3])), shape_rc):
+        start = max(low - spec.reach_px, 0) // spec.size_multiple * spec.size_multiple
+        out += [start, min(high + spec.reach_px, size)]
+    return out[0], out[1], out[2], out[3]
+
+
+def predict_logits(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
+                   region: tuple[slice, slice, slice] | None = None, crop_to_body: bool = True,
+                   tta: int = 1, tta_rule: str = "consensus", batch_size: int = 0,
+                   device: str | torch.device = "cpu", amp: bool = False,
+                   progress: bool = False) -> np.ndarray:
+    """Logit of "nodule" for every voxel of a (I, R, C) HU volume, float32.
+
+    See :func:`predict_views` for the arguments; the views are combined by ``tta_rule``.
     """
-    if not crop_to_body or np.asarray(hu).ndim != 3:
-        return _predict(model, hu, spec, batch_size=batch_size, device=device, amp=amp,
-                        progress=progress, tta=tta)
-    row0, row1, col0, col1 = body_box(hu)
-    prob = np.zeros(hu.shape, dtype=np.float32)
-    prob[:, row0:row1, col0:col1] = _predict(
-        model, hu[:, row0:row1, col0:col1], spec, batch_size=batch_size, device=device,
-        amp=amp, progress=progress, tta=tta)
-    return prob
+    check_tta(tta, tta_rule)
+    return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
+                tta_rule=tta_rule, batch_size=batch_size, device=device, amp=amp,
+                progress=progress)
 
 
-def _predict(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *, batch_size: int,
-             device: str | torch.device, amp: bool, progress: bool,
-             tta: int = 1) -> np.ndarray:
-    """Probability of "nodule" for every voxel of a (I, R, C) HU volume.
+def predict_views(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
+                  region: tuple[slice, slice, slice] | None = None, crop_to_body: bool = True,
+                  tta: int = 4, batch_size: int = 0, device: str | torch.device = "cpu",
+                  amp: bool = False, progress: bool = False) -> np.ndarray:
+    """(views, I, R, C) float32 logits of each of ``tta`` mirror views, each flipped back
+    (for comparing ways of combining them; :func:`predict_logits` combines as it goes).
 
-    Every slice is fed with ``spec.context_slices`` slices on each side, HU clipped to the
-    spec's window.  Any in-plane size works: the slices are padded with ``spec.min_hu``
-    (air) up to the spec's size multiple and the output is cropped back.  ``amp`` turns on
-    bf16 autocast on CUDA (ignored on CPU); ``batch_size`` 0 picks one for the device;
-    ``tta`` averages 1, 2 or 4 mirror views (:data:`TTA_FLIPS`).  The model is moved to
-    ``device`` (channels_last) and run in eval mode (its previous mode is restored).
-    Returns (I, R, C) float32 in [0, 1].
+    The network runs on the slices and in-plane box of ``region`` (default: every slice,
+    and the box holding the body with ``crop_to_body``, see :func:`lunaseg.masks.body_box`)
+    and gives :data:`OUTSIDE_LOGIT` elsewhere.  Each slice gets ``spec.context_slices``
+    slices on each side from the whole volume (the first or last slice repeats beyond it),
+    HU clipped to the spec's window; slices are padded with ``spec.min_hu`` (air) up to the
+    spec's size multiple.  ``amp`` turns on bf16 autocast on CUDA; ``batch_size`` 0 picks
+    one for the device.  The model is moved to ``device`` (channels_last) and run in eval
+    mode (its mode is restored).
     """
+    check_tta(tta)
+    return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
+                tta_rule=None, batch_size=batch_size, device=device, amp=amp,
+                progress=progress)
+
+
+def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
+         region: tuple[slice, slice, slice] | None, crop_to_body: bool, tta: int,
+         tta_rule: str | None, batch_size: int, device: str | torch.device, amp: bool,
+         progress: bool) -> np.ndarray:
+    """The loop of :func:`predict_logits` and :func:`predict_views` (``tta_rule`` None: keep
+    every view)."""
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
-    check_tta(tta)
     spec.check()
     device = resolve_device(device)
     batch_size = whole_slice_batch(device, batch_size)
-    min_hu, max_hu = spec.min_hu, spec.max_hu
-    channels = spec.channels
     n_slices, height, width = hu.shape
-    multiple = spec.size_multiple
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if region is None:
+        rows = body_box(hu) if crop_to_body else (0, height, 0, width)
+        region = (slice(0, n_slices), slice(rows[0], rows[1]), slice(rows[2], rows[3]))
+    slices = np.arange(n_slices)[region[0]]
+    inner = tuple(int(v) for v in (*region[1].indices(height)[:2],
+                                   *region[2].indices(width)[:2]))
+    row0, row1, col0, col1 = network_box(inner, (height, width), spec)
+    views = 1 if tta_rule is not None else tta
+    logits = np.full((views, *hu.shape), OUTSIDE_LOGIT, dtype=np.float32)
+    if slices.size == 0 or inner[1] <= inner[0] or inner[3] <= inner[2]:
+        return logits[0] if tta_rule is not None else logits
 
-    # Clip once for the whole volume.  Integer HU bounds fit int16 exactly, which halves
-    # host memory and the upload to a GPU; each batch becomes float32 on the device.
+    # Clip once.  Integer HU bounds fit int16 exactly, which halves host memory and the
+    # upload to a GPU; each batch becomes float32 on the device.
+    min_hu, max_hu = spec.min_hu, spec.max_hu
+    box = hu[:, row0:row1, col0:col1]
     if hu.dtype.kind in "iu" and float(min_hu).is_integer() and float(max_hu).is_integer() \
             and -32768 <= min_hu and max_hu <= 32767:
-        volume = np.clip(hu, int(min_hu), int(max_hu)).astype(np.int16, copy=False)
+        volume = np.clip(box, int(min_hu), int(max_hu)).astype(np.int16)
     else:
-        volume = np.clip(hu, min_hu, max_hu).astype(np.float32, copy=False)
+        volume = np.clip(box, min_hu, max_hu).astype(np.float32)
+    pad_h, pad_w = -volume.shape[1] % spec.size_multiple, -volume.shape[2] % spec.size_multiple
     if pad_h or pad_w:
         volume = np.pad(volume, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=min_hu)
     volume_t = torch.from_numpy(np.ascontiguousarray(volume)).to(device)
-    index_t = torch.from_numpy(context_indices(n_slices, np.arange(n_slices),
-                                               spec.context_slices)).to(device)
-
-    prob = np.empty(hu.shape, dtype=np.float32)
-    # On CPU the model writes straight into the result; on a GPU the result stays there
-    # until the end (one transfer, no per-batch synchronisation).
-    prob_t = torch.from_numpy(prob) if device.type == "cpu" else \
-        torch.empty(hu.shape, dtype=torch.float32, device=device)
+    index_t = torch.from_numpy(context_indices(n_slices, slices, spec.context_slices)).to(device)
+    # What of the network's output lands in ``logits``: the inner box, in box coordinates.
+    keep_r = slice(inner[0] - row0, inner[1] - row0)
+    keep_c = slice(inner[2] - col0, inner[3] - col0)
+    out_t = torch.empty((views, slices.size, inner[1] - inner[0], inner[3] - inner[2]),
+                        dtype=torch.float32, device=device)
 
     was_training = model.training
     model.to(device)
     model.eval()
-    # channels_last suits cuDNN and oneDNN alike.
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # suits cuDNN and oneDNN alike
     from tqdm import tqdm
 
     try:
         with torch.inference_mode(), autocast(device, amp):
-            bar = tqdm(total=n_slices, unit="slice", disable=not progress, leave=False,
+            bar = tqdm(total=slices.size, unit="slice", disable=not progress, leave=False,
                        desc="inference")
-            for start in range(0, n_slices, batch_size):
-                rows = index_t[start:start + batch_size]
-                batch = volume_t.index_select(0, rows.reshape(-1))
-                batch = batch.view(rows.shape[0], channels, height + pad_h, width + pad_w)
-                batch = batch.float()
+            for start in range(0, slices.size, batch_size):
+                stacks = index_t[start:start + batch_size]
+                batch = volume_t.index_select(0, stacks.reshape(-1))
+                batch = batch.view(stacks.shape[0], spec.channels, *volume.shape[1:]).float()
                 batch = batch.contiguous(memory_format=torch.channels_last)
-                output = _forward_views(model, batch, tta)
-                if output.ndim != 4 or output.shape[0] != rows.shape[0] \
+                output = _views(model, batch, tta)
+                if output.ndim != 5 or output.shape[1] != stacks.shape[0] \
                         or output.shape[-2:] != batch.shape[-2:]:
-                    raise ValueError(f"model output has shape {tuple(output.shape)}; expected "
-                                     f"({rows.shape[0]}, 1, {height + pad_h}, {width + pad_w})")
-                prob_t[start:start + rows.shape[0]] = output[:, 0, :height, :width].float()
-                bar.update(rows.shape[0])
+                    raise ValueError(f"model output has shape {tuple(output.shape[1:])}; "
+                                     f"expected ({stacks.shape[0]}, 1, {volume.shape[1]}, "
+                                     f"{volume.shape[2]})")
+                if tta_rule is not None:
+                    output = combine_views(output, tta_rule)[None]
+                out_t[:, start:start + stacks.shape[0]] = output[:, :, 0, keep_r, keep_c]
+                bar.update(stacks.shape[0])
             bar.close()
     finally:
         model.train(was_training)
-    if device.type != "cpu":
-        prob = prob_t.cpu().numpy()
-    return prob
+    logits[:, slices, inner[0]:inner[1], inner[2]:inner[3]] = out_t.cpu().numpy()
+    return logits[0] if tta_rule is not None else logits
 
 
 def lung_region(lung_mask: np.ndarray, spacing_irc: Sequence[float],
@@ -176,25 +234,28 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
                spec: SegmentationSpec | None = None,
                device: str | torch.device | None = None, progress: bool = False,
                lung_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probability volume of one CT with ``config``'s views, batch and device.
+    """Logits of one CT with ``config``'s views, batch and device (views: the spec's when
+    ``config.tta`` is None).
 
     ``spec`` None takes the model's own (:func:`resolve_spec`).  With a lung mask
     (``lung_mask``, or computed when ``config.lung_mask``) only candidates touching it are
     kept, so the network runs only on the box around it grown :data:`LUNG_REGION_MARGIN_MM`
-    (not on neck, abdomen or chest wall) and the probability is 0 elsewhere.  Returns
-    (probability, the lung mask or None).
+    (not on neck, abdomen or chest wall).  Returns (logits, the lung mask or None).
     """
     config = config or SegmentConfig()
     spec = resolve_spec(model, spec)
     device = resolve_device(config.device if device is None else device)
     spacing_irc = ct.geometry.spacing_xyz[::-1]
     lung_mask = resolve_lung_mask(lung_mask, ct.hu, spacing_irc, config.lung_mask)
-    region = lung_region(lung_mask, spacing_irc) if lung_mask is not None else None
-    if lung_mask is not None and region is None:
-        log.warning("%s: no lung found, so the lung mask keeps no candidate", ct.series_uid)
-    box = region if region is not None else (slice(None),) * 3
-    prob = np.zeros(ct.hu.shape, dtype=np.float32)
-    prob[box] = predict_volume(model, ct.hu[box], spec, batch_size=config.batch_size,
-                               device=device, amp=config.amp, progress=progress,
-                               tta=config.tta)
-    return prob, lung_mask
+    region = None
+    if lung_mask is not None:
+        region = lung_region(lung_mask, spacing_irc)
+        if region is None:
+            log.warning("%s: no lung found, so the lung mask keeps no candidate",
+                        ct.series_uid)
+            return np.full(ct.hu.shape, OUTSIDE_LOGIT, dtype=np.float32), lung_mask
+    tta = spec.tta if config.tta is None else config.tta
+    logits = predict_logits(model, ct.hu, spec, region=region, tta=tta,
+                            tta_rule=config.tta_rule, batch_size=config.batch_size,
+                            device=device, amp=config.amp, progress=progress)
+    return logits, lung_mask

@@ -30,9 +30,11 @@ class ScanSource:
     def uid(self) -> str:
         return self.series_uid or series_uid_from_path(self.path)
 
-    def load(self) -> CT:
-        """Read the scan (DataError naming the file when it cannot be read)."""
-        ct = load_ct(self.path, self.series_uid if self.kind == "dicom" else None)
+    def load(self, *, require_ct: bool = True) -> CT:
+        """Read the scan (DataError naming the file when it cannot be read, or when it is
+        not CT and ``require_ct``)."""
+        ct = load_ct(self.path, self.series_uid if self.kind == "dicom" else None,
+                     require_ct=require_ct)
         if self.kind == "file":
             ct.series_uid = self.uid  # its stem, or folder_stem where stems repeat
         return ct

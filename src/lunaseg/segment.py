@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -21,9 +22,10 @@ from lunaseg.candidates import Candidate, check_extraction, label_candidates
 from lunaseg.config import SegmentConfig, to_dict
 from lunaseg.ct import CT, write_image
 from lunaseg.errors import ConfigError, DataError
+from lunaseg.geometry import Reorientation
 from lunaseg.files import write_csv, write_text_atomic
 from lunaseg.inputs import SegmentationSpec
-from lunaseg.predict import check_tta, predict_ct, resolve_spec
+from lunaseg.predict import check_tta, predict_ct, resolve_spec, sigmoid
 from lunaseg.report import candidate_png, html_report
 from lunaseg.runtime import resolve_device
 from lunaseg.scans import ScanSource, find_scans
@@ -35,9 +37,9 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 CANDIDATE_CSV_COLUMNS = (
-    "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_probability",
-    "mean_probability", "diameter_mm", "volume_mm3", "voxels", "index", "row", "col",
-    "first_slice", "last_slice", "mean_hu", "uneroded",
+    "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_logit",
+    "mean_logit", "max_probability", "mean_probability", "diameter_mm", "volume_mm3",
+    "voxels", "index", "row", "col", "first_slice", "last_slice", "mean_hu", "uneroded",
 )
 # The HTML report's table stops here: a model that marks most of the lung (untrained, or
 # given a kind of scan it never saw) would otherwise make a page of hundreds of megabytes.
@@ -54,24 +56,36 @@ def check_segment_config(config: SegmentConfig) -> None:
                           f"{config.batch_size}")
     if config.overlays < 0:
         raise ConfigError(f"segment.overlays must be >= 0, got {config.overlays}")
-    check_tta(config.tta)
+    check_tta(1 if config.tta is None else config.tta, config.tta_rule)
 
 
 @dataclass(eq=False)
 class SegmentResult:
     """Output of :func:`segment_ct` for one scan."""
 
-    prob: np.ndarray  # (I, R, C) float32 probabilities
+    logits: np.ndarray  # (I, R, C) float32 network scores (see lunaseg.predict)
     labels: np.ndarray  # (I, R, C) int32: 0 background, k + 1 = candidates[k]
     candidates: list[Candidate]
     seconds: float  # inference + candidate extraction
-    context_slices: int = 3
+    spec: SegmentationSpec  # what the model was given
+    settings: SegmentConfig  # with the model's choices filled in for its None fields
     device: str = "cpu"
+
+    @property
+    def prob(self) -> np.ndarray:
+        """(I, R, C) float32 probabilities."""
+        return sigmoid(self.logits).astype(np.float32, copy=False)
 
     @property
     def mask(self) -> np.ndarray:
         """(I, R, C) uint8: 1 on every candidate's voxels."""
         return (self.labels > 0).astype(np.uint8)
+
+
+def resolved_config(config: SegmentConfig, spec: SegmentationSpec) -> SegmentConfig:
+    """``config`` with its None fields (the model's choice) taken from ``spec``."""
+    return replace(config, tta=spec.tta if config.tta is None else config.tta,
+                   grouping=config.grouping or spec.grouping)
 
 
 def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
@@ -86,14 +100,34 @@ def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     config = config or SegmentConfig()
     check_segment_config(config)
     spec = resolve_spec(model, spec)
+    config = resolved_config(config, spec)
     device = resolve_device(config.device if device is None else device)
     start = time.perf_counter()
-    prob, lung_mask = predict_ct(model, ct, config, spec=spec, device=device,
-                                 progress=progress, lung_mask=lung_mask)
-    candidates, labels = label_candidates(prob, ct.hu, ct.geometry, config,
+    # The network sees every scan in one voxel order, however it is stored; what comes out
+    # is mapped back onto the input's own grid.
+    canonical, reorientation = ct.canonical()
+    if lung_mask is not None:
+        lung_mask = reorientation.to_canonical(np.asarray(lung_mask, dtype=bool))
+    logits, lung_mask = predict_ct(model, canonical, config, spec=spec, device=device,
+                                   progress=progress, lung_mask=lung_mask)
+    candidates, labels = label_candidates(logits, canonical.hu, canonical.geometry, config,
                                           lung_mask=lung_mask, series_uid=ct.series_uid)
-    return SegmentResult(prob, labels, candidates, time.perf_counter() - start,
-                         context_slices=spec.context_slices, device=str(device))
+    if not reorientation.is_identity:
+        logits, labels = reorientation.from_canonical(logits), reorientation.from_canonical(labels)
+        candidates = [_in_input_grid(c, reorientation) for c in candidates]
+    return SegmentResult(logits, labels, candidates, time.perf_counter() - start, spec,
+                         config, device=str(device))
+
+
+def _in_input_grid(candidate: Candidate, reorientation: Reorientation) -> Candidate:
+    """A candidate found on the canonical grid, with its voxel coordinates on the input's."""
+    center = reorientation.irc_from_canonical(np.asarray(candidate.center_irc))
+    corners = reorientation.irc_from_canonical(np.asarray([candidate.bbox_irc[:3],
+                                                           candidate.bbox_irc[3:]]))
+    low, high = corners.min(axis=0).astype(int), corners.max(axis=0).astype(int)
+    return replace(candidate, center_irc=tuple(float(v) for v in center),
+                   bbox_irc=tuple(int(v) for v in (*low, *high)),
+                   slice_span=(int(low[0]), int(high[0])))
 
 
 
@@ -109,17 +143,41 @@ class ScanOutput:
     seconds: float  # reading + inference + candidates + writing
 
 
+def _claim_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier run, or (``overwrite``) remove that run's files:
+    its submission, settings and the series folders it wrote (each has candidates.json)."""
+    earlier = [out_dir / name for name in (layout.SUBMISSION_FILE, layout.SEGMENT_CONFIG_FILE)
+               if (out_dir / name).exists()]
+    if not earlier:
+        return
+    if not overwrite:
+        raise DataError(f"{out_dir}: holds an earlier segment run ({earlier[0].name}); choose "
+                        f"another --out, or pass --overwrite to replace it")
+    for folder in out_dir.iterdir():
+        if folder.is_dir() and (folder / layout.CANDIDATES_JSON).is_file():
+            shutil.rmtree(folder)
+    for path in earlier:
+        path.unlink()
+
+
 def _safe_name(uid: str) -> str:
     """A folder name for a series UID (UIDs are digits and dots; file stems may not be)."""
     cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in uid).strip(".")
     return cleaned or "scan"
 
 
+def _score(value: float) -> str:
+    """A score as the shortest text that reads back as the same float64 (up to 17 digits):
+    the ranking survives the CSV."""
+    return repr(float(value))
+
+
 def _candidate_row(candidate: Candidate) -> list:
     x, y, z = candidate.center_xyz
     i, r, c = candidate.center_irc
     return [candidate.rank, candidate.series_uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}",
-            f"{candidate.probability:.6f}", f"{candidate.max_probability:.6f}",
+            _score(candidate.probability), f"{candidate.max_logit:.4f}",
+            f"{candidate.mean_logit:.4f}", f"{candidate.max_probability:.6f}",
             f"{candidate.mean_probability:.6f}",
             f"{candidate.diameter_mm:.3f}", f"{candidate.volume_mm3:.3f}", candidate.voxels,
             f"{i:.3f}", f"{r:.3f}", f"{c:.3f}", candidate.slice_span[0],
@@ -143,7 +201,6 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         "hu_range": [int(ct.hu.min()), int(ct.hu.max())] if ct.hu.size else [],
         "seconds": round(result.seconds, 3),
         "device": result.device,
-        "context_slices": result.context_slices,
         "candidates": len(result.candidates),
     }
     document = {**scan_info, "settings": settings,
@@ -169,7 +226,7 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                                         candidate.center_irc,
                                         png_folder / f"cand_{candidate.rank:03d}.png",
                                         spacing_irc=spacing_irc, title=title))
-    columns = ["rank", "probability", "max_probability", "mean_probability", "diameter_mm",
+    columns = ["rank", "probability", "max_logit", "mean_probability", "diameter_mm",
                "voxels", "center_xyz", "center_irc", "slice_span", "mean_hu", "uneroded"]
     rows = []
     for candidate in result.candidates[:REPORT_MAX_ROWS]:
@@ -194,8 +251,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
                    out_dir: str | os.PathLike, config: SegmentConfig | None = None, *,
                    spec: SegmentationSpec | None = None,
                    series_uids: Iterable[str] | None = None,
-                   device: str | torch.device | None = None,
-                   progress: bool = True) -> list[ScanOutput]:
+                   device: str | torch.device | None = None, require_ct: bool = True,
+                   overwrite: bool = False, progress: bool = True) -> list[ScanOutput]:
     """Segment every scan in ``inputs`` and write the results under ``out_dir``.
 
     ``inputs``: image files, DICOM series folders or LUNA16 roots (see :func:`find_scans`).
@@ -205,12 +262,15 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     report.html; ``out_dir/submission.csv`` holds the LUNA16 marks (at most
     ``config.max_candidates`` per scan), rewritten after every scan so an interrupted run
     keeps what it finished.  A scan that cannot be read is skipped with a warning (all
-    unreadable: DataError).
+    unreadable: DataError).  An ``out_dir`` holding an earlier run is refused unless
+    ``overwrite``, which first removes what that run wrote (and nothing else).
+    ``require_ct`` refuses inputs that are not CT (see :func:`lunaseg.ct.load_ct`).
     """
     config = config or SegmentConfig()
     check_segment_config(config)
     device = resolve_device(config.device if device is None else device)
     out_dir = Path(out_dir)
+    _claim_output(out_dir, overwrite)
     sources = find_scans(inputs, series_uids)
     if not sources:
         raise DataError("no scans to segment in " + ", ".join(str(p) for p in inputs))
@@ -222,7 +282,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
         model, _checkpoint = load_model(model_path, device=device)
     spec = resolve_spec(model, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**to_dict(config), "model": str(model_path) if model_path else type(model).__name__,
+    settings = {**to_dict(resolved_config(config, spec)),
+                "model": str(model_path) if model_path else type(model).__name__,
                 "device": str(device), "input_spec": spec.to_dict()}
     write_text_atomic(json.dumps(settings, indent=2) + "\n", out_dir / layout.SEGMENT_CONFIG_FILE)
     log.info("segmenting %d scan(s) on %s into %s", len(sources), device, out_dir)
@@ -235,7 +296,7 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     for source in tqdm(sources, unit="scan", disable=not progress, desc="segment"):
         start = time.perf_counter()
         try:
-            ct = source.load()
+            ct = source.load(require_ct=require_ct)
         except DataError as error:
             # One unreadable scan must not end a run over hundreds; it is counted and named.
             log.warning("skipped: %s", error)
@@ -247,7 +308,7 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
         for candidate in result.candidates[: config.max_candidates]:
             x, y, z = candidate.center_xyz
             submission.append([ct.series_uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}",
-                               f"{candidate.probability:.6f}"])
+                               _score(candidate.probability)])
         write_csv(out_dir / layout.SUBMISSION_FILE, SUBMISSION_COLUMNS, submission)
         seconds = time.perf_counter() - start
         log.info("%s: %d candidates, %.1f s (inference + candidates %.1f s)", ct.series_uid,

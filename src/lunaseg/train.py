@@ -33,7 +33,7 @@ from lunaseg.files import copy_atomic, write_bytes_atomic, write_json_atomic
 from lunaseg.inputs import SegmentationSpec, clip_hu, pad_to_multiple
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
-from lunaseg.model import build_model, save_model
+from lunaseg.model import build_model, default_spec, save_model
 from lunaseg.runtime import (autocast, capture_rng_state, resolve_device, restore_rng_state,
                              whole_slice_batch)
 
@@ -110,9 +110,8 @@ def _broadcast_buffers(model: nn.Module) -> None:
 
 def training_spec(config: TrainConfig) -> SegmentationSpec:
     """The input spec of the models a run trains: its HU window, context and U-Net depth."""
-    return SegmentationSpec(min_hu=config.data.min_hu, max_hu=config.data.max_hu,
-                            context_slices=config.data.context_slices,
-                            size_multiple=config.model.size_multiple)
+    return default_spec(config.model, min_hu=config.data.min_hu, max_hu=config.data.max_hu,
+                        context_slices=config.data.context_slices)
 
 
 def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
@@ -391,17 +390,20 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         # The checkpoint's settings replace the given ones: check them too (a hand-edited
         # or older file), still before the run folder is made.
         check_train_config(config)
-    # A cache built with another chunk size fails here, before the run folder is made.
-    check_cached_chunks(cache, cache.series_uids, config.data)
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    splits = load_splits(out_dir / layout.SPLITS_FILE, cache.series_uids, config.data)
-    if dist_info.is_main:
-        write_json_atomic(splits, out_dir / layout.SPLITS_FILE)
-        write_json_atomic(to_dict(config), out_dir / layout.RUN_CONFIG_FILE)
+    # Damaged entries skip their series (one warning), so the split is of what can be read;
+    # a cache of chunks too small for the settings fails here, before the run folder exists.
+    usable = cache.usable()
+    check_cached_chunks(cache, usable, config.data)
+    saved_splits = load_splits(out_dir / layout.SPLITS_FILE, cache.series_uids, config.data)
+    splits = {name: [uid for uid in uids if uid in set(usable)]
+              for name, uids in saved_splits.items()}
     if not splits["train"]:
         raise DataError(f"{cache.folder}: no series left for training after the split")
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(out_dir)
+        write_json_atomic(saved_splits, out_dir / layout.SPLITS_FILE)
+        write_json_atomic(to_dict(config), out_dir / layout.RUN_CONFIG_FILE)
 
     model = build_model(config.model, training_spec(config)).to(device)
     # channels_last: faster convolutions on GPUs and (by ~40%) with oneDNN on CPUs too.
@@ -433,6 +435,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
     steps_per_epoch = sampler.steps_per_epoch(config.batch_size)
     total_steps = 0
     epoch = start_epoch - 1
+    epoch_start_samples = samples_seen
 
     def save(epoch_done: int, extra: dict | None = None) -> str:
         return save_model(
@@ -452,6 +455,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                 mined = _mine_hard_negatives(model, sampler, config, device, epoch)
                 log.info("epoch %d: %d of %d negative crops re-cut at false positives", epoch,
                          mined, len(sampler.negatives) if sampler.negatives else 0)
+            epoch_start_samples = samples_seen
             model.train()
             metrics = SegmentationMetrics(device)
             started = time.perf_counter()
@@ -517,12 +521,13 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
             if max_steps is not None and total_steps >= max_steps:
                 break
     except KeyboardInterrupt:
-        # Keep the work: the weights so far, marked as the last *completed* epoch, so a
-        # resume repeats the interrupted epoch from these weights.
+        # The end-of-epoch checkpoint stays as it is: resuming from it repeats the
+        # interrupted epoch exactly as an uninterrupted run would have run it.
         if dist_info.is_main:
-            save(epoch - 1, {"interrupted_in_epoch": epoch})
-            log.warning("interrupted in epoch %d; saved %s (resume with --resume)", epoch,
-                        out_dir / LAST_CHECKPOINT)
+            where = (f"{out_dir / LAST_CHECKPOINT} holds epoch {epoch - 1}; --resume repeats "
+                     f"epoch {epoch}" if epoch > 1 else "no epoch was complete yet")
+            log.warning("interrupted in epoch %d: %s", epoch, where)
+        samples_seen = epoch_start_samples
         result.interrupted = True
     finally:
         logger.close()
@@ -530,6 +535,12 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
     if (out_dir / BEST_CHECKPOINT).exists():
         result.best_checkpoint = out_dir / BEST_CHECKPOINT
     return result
+
+
+def _remove_orphans(out_dir: Path) -> None:
+    """Temporary files a killed save left in the run folder (never the real files)."""
+    for orphan in out_dir.glob(".*.tmp"):
+        orphan.unlink(missing_ok=True)
 
 
 def _rounded(metrics: dict) -> dict:
