@@ -10,6 +10,8 @@ cached with ``prepcache`` (7x96x96 chunks), then each mode trains the default U-
   per sample) -> U-Net -> Dice + 8 x false-negative Dice -> Adam, plus the per-step pixel
   counts training keeps.  ``--amp`` (bf16 autocast), ``--channels-last`` and ``--compile``
   switch on the options a training run can use.
+* ``model``: the same step on one random batch already on the device: no data and no
+  augmentation, the limit the pipeline can reach with this model and these kernels.
 * ``book`` (``--book``): the book's pipeline, rewritten here: a ``DataLoader`` whose worker
   processes cut each sample (random 64x64 crop of a 96x96 chunk read from the cache) on the
   CPU, one augmentation transform shared by the whole batch (offset ignored, as in the
@@ -141,6 +143,16 @@ class BookCropDataset(Dataset):
         return ct, label
 
 
+def model_only_batches(device: torch.device, batch_size: int, crop_px: int) -> Iterator[Batch]:
+    """The same random batch over and over: no data, no augmentation, the model's own limit."""
+    generator = torch.Generator().manual_seed(0)
+    input = (torch.rand(batch_size, 7, crop_px, crop_px, generator=generator) * 2000 - 1000)
+    label = torch.rand(batch_size, 1, crop_px, crop_px, generator=generator) > 0.97
+    input, label = input.to(device), label.to(device)
+    while True:
+        yield input, label
+
+
 def lunaseg_batches(cache_dir: Path, data: DataConfig, device: torch.device, batch_size: int,
                     augment: SegmentationAugmentation) -> Iterator[Batch]:
     cache = Cache(cache_dir)
@@ -240,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
                         "and weights")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--book", action="store_true", help="also time the book's pipeline")
+    parser.add_argument("--no-model-only", action="store_true",
+                        help="skip the model-only rate (random tensors already on the device: "
+                             "forward, backward and Adam step alone)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top operations for lunaseg's pipeline at "
+                             "the first batch size")
     parser.add_argument("--book-only", action="store_true", help="time only the book's pipeline")
     parser.add_argument("--book-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers for --book (the book: 8)")
@@ -257,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    augment_config = AugmentConfig() if args.no_augment else AugmentConfig.book()
+    augment_config = AugmentConfig.none() if args.no_augment else AugmentConfig.book()
     train_config = TrainConfig(augment=augment_config)
-    data = DataConfig(crop_px=64)
+    # Nodule crops only, as the book: every sample is a 7x64x64 crop.
+    data = DataConfig(crop_px=64, negative_crop_fraction=0.0, full_slice_fraction=0.0,
+                      hard_negative_fraction=0.0)
     modes = [] if args.book_only else ["lunaseg"]
+    if not args.no_model_only and not args.book_only:
+        modes.insert(0, "model")
     if args.book or args.book_only:
         modes.append("book")
 
@@ -281,14 +303,19 @@ def main(argv: list[str] | None = None) -> int:
                 model = build_model(train_config.model).to(device).train()
                 if args.channels_last:
                     model = model.to(memory_format=torch.channels_last)
-                run_model = torch.compile(model) if args.compile and mode == "lunaseg" else model
+                ours = mode in ("lunaseg", "model")  # the book ran fp32, contiguous, eager
+                run_model = torch.compile(model) if args.compile and ours else model
                 augment = SegmentationAugmentation(augment_config, seed=0)
-                amp = args.amp and mode == "lunaseg"
+                amp = args.amp and ours
                 step = make_step(run_model, device, amp=amp,
-                                 channels_last=args.channels_last and mode == "lunaseg",
+                                 channels_last=args.channels_last and ours,
                                  fn_weight=train_config.fn_weight)
-                if mode == "lunaseg":
+                if mode == "model":
+                    batches = model_only_batches(device, batch_size, data.crop_px)
+                elif mode == "lunaseg":
                     batches = lunaseg_batches(cache_dir, data, device, batch_size, augment)
+                    if args.profile and batch_size == batch_sizes[0]:
+                        _profile(step, batches, device)
                 else:
                     batches = book_batches(cache_dir, data, device, batch_size, augment,
                                            args.book_workers)
@@ -320,10 +347,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<8} {batch_size:6d} {steps:9d} {rate:10.1f} {min(rates):8.1f} "
               f"{max(rates):8.1f} {1000 * batch_size / rate:9.1f}")
     for batch_size in batch_sizes:
+        if ("lunaseg", batch_size) in median and ("model", batch_size) in median:
+            print(f"batch {batch_size}: lunaseg's pipeline runs at "
+                  f"{median['lunaseg', batch_size] / median['model', batch_size]:.2f}x the "
+                  f"model-only rate")
         if ("lunaseg", batch_size) in median and ("book", batch_size) in median:
             print(f"speed-up at batch {batch_size} (lunaseg / book): "
                   f"{median['lunaseg', batch_size] / median['book', batch_size]:.2f}x")
     return 0
+
+
+def _profile(step: Callable, batches: Iterator[Batch], device: torch.device) -> None:
+    """Where a few steps of the pipeline spend their time, by operation (and data time)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    for _ in range(2):
+        step(*next(batches))
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            with record_function("data + augmentation"):
+                input, label = next(batches)
+            with record_function("model step"):
+                step(input, label)
+        _sync(device)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

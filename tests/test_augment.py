@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ import torch
 from lunaseg.augment import SegmentationAugmentation, apply_affine, identity_transforms
 from lunaseg.config import AugmentConfig
 from lunaseg.errors import ConfigError
+
+
+def only(**options) -> AugmentConfig:
+    """These augmentation options on, every other one off."""
+    return replace(AugmentConfig.none(), **options)
+
 
 SPATIAL_BOOK = AugmentConfig(flip=True, offset=0.03, scale=0.2, rotate=True, noise_hu=0.0)
 
@@ -33,7 +40,7 @@ def _blob(n: int, size: int = 32, radius: float = 6.0):
 
 
 def test_all_options_off_is_exact_identity():
-    augment = SegmentationAugmentation(AugmentConfig(), seed=0)
+    augment = SegmentationAugmentation(AugmentConfig.none(), seed=0)
     image, label = _batch()
     out, out_label = augment(image, label)
     assert out is image
@@ -61,7 +68,7 @@ def test_flip_theta_is_exact_flip(axis):
 
 
 def test_flip_option_gives_one_of_four_flips_per_sample():
-    augment = SegmentationAugmentation(AugmentConfig(flip=True), seed=3)
+    augment = SegmentationAugmentation(only(flip=True), seed=3)
     image, label = _batch(n=16)
     out, out_label = augment(image, label)
     seen = set()
@@ -94,7 +101,7 @@ def test_offset_moves_the_image():
     torch.testing.assert_close(out[..., :-1], image[..., 1:], rtol=1e-5, atol=1e-3)
     assert torch.equal(out_label[..., :-1], label[..., 1:])
 
-    augment = SegmentationAugmentation(AugmentConfig(offset=0.2), seed=0)
+    augment = SegmentationAugmentation(only(offset=0.2), seed=0)
     theta = augment.draw_transforms(4)
     assert torch.all(theta[:, :, 2].abs() <= 0.2) and torch.any(theta[:, :, 2] != 0)
     torch.testing.assert_close(theta[:, :, :2], identity_transforms(4)[:, :, :2])
@@ -113,7 +120,7 @@ def test_label_stays_binary_and_follows_the_image():
 
 
 def test_scale_and_rotation_ranges():
-    config = AugmentConfig(scale=0.2, rotate=True)
+    config = only(scale=0.2, rotate=True)
     theta = SegmentationAugmentation(config, seed=0).draw_transforms(256)
     linear = theta[:, :, :2]
     # Rotation keeps lengths: each axis' stretch is |row| of diag(s) @ R.
@@ -141,14 +148,14 @@ def test_same_seed_replays_and_draw_is_reusable():
 
 
 def test_switching_an_option_keeps_the_other_draws():
-    offset_only = SegmentationAugmentation(AugmentConfig(offset=0.1), seed=5).draw_transforms(4)
-    with_flip = SegmentationAugmentation(AugmentConfig(offset=0.1, flip=True),
+    offset_only = SegmentationAugmentation(only(offset=0.1), seed=5).draw_transforms(4)
+    with_flip = SegmentationAugmentation(only(offset=0.1, flip=True),
                                          seed=5).draw_transforms(4)
     assert torch.equal(offset_only[:, :, 2], with_flip[:, :, 2])
 
 
 def test_noise_touches_input_only():
-    augment = SegmentationAugmentation(AugmentConfig(noise_hu=25.0), seed=0)
+    augment = SegmentationAugmentation(only(noise_hu=25.0), seed=0)
     image = torch.zeros(4, 2, 64, 64)
     label = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
     label[:, :, 10:20, 10:20] = True
@@ -167,7 +174,7 @@ def test_passed_generator_is_used():
                                           ("noise_hu", -5.0), ("offset", float("nan"))])
 def test_bad_options_raise_config_error(option, value):
     with pytest.raises(ConfigError, match=f"augment.{option}"):
-        SegmentationAugmentation(AugmentConfig(**{option: value}))
+        SegmentationAugmentation(only(**{option: value}))
 
 
 def test_shape_errors():

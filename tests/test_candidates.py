@@ -144,3 +144,16 @@ def test_bad_extraction_options_are_named(option, value):
     logits = np.zeros((2, 4, 4), dtype=np.float32)
     with pytest.raises(ConfigError, match=option):
         extract_candidates(logits, logits.astype(np.int16), Geometry.identity(), config)
+
+
+def test_each_grouping_ranks_by_its_own_logit():
+    logits = np.full((3, 20, 20), -100.0, dtype=np.float32)
+    logits[1, 2:6, 2:6] = 3.0  # a large blob, one very confident voxel
+    logits[1, 3, 3] = 40.0
+    logits[1, 12:15, 12:15] = 9.0  # a small blob, confident all over
+    hu = np.zeros(logits.shape, dtype=np.int16)
+    by_mean = extract_candidates(logits, hu, Geometry.identity(), NO_EROSION)
+    by_max = extract_candidates(logits, hu, Geometry.identity(), NO_EROSION, grouping="book")
+    assert [c.voxels for c in by_mean] == [9, 16] and by_mean[0].score == 9.0
+    assert [c.voxels for c in by_max] == [16, 9] and by_max[0].score == 40.0
+    assert by_mean[1].score == pytest.approx((15 * 3.0 + 40.0) / 16)

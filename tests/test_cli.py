@@ -202,7 +202,7 @@ def test_help_texts_come_from_the_configs(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Adam learning rate (default 0.001)" in text
-    assert "weight of the false-negative Dice term (default 8)" in text
+    assert "weight of the false-negative Dice term (book: 8) (default 1)" in text
 
 
 @pytest.mark.slow
@@ -230,3 +230,20 @@ def test_evaluate_a_submission_for_a_dataset_scores_all_its_scans(run_folders, s
         annotated = {row["seriesuid"] for row in csv.DictReader(handle)}
     if first in annotated:
         assert "annotated scans have no candidates at all" in captured.err
+
+
+def test_train_presets_and_given_options():
+    from lunaseg.cli import _train_config, build_parser
+    from lunaseg.config import AugmentConfig, TrainConfig
+
+    def config(*argv):
+        return _train_config(build_parser().parse_args(["train", "--data", "d", *argv]))
+
+    assert config() == TrainConfig()
+    assert config("--preset", "book") == TrainConfig.book()
+    changed = config("--preset", "book", "--epochs", "3", "--crop", "32", "--no-augment")
+    assert (changed.epochs, changed.data.crop_px) == (3, 32)
+    assert changed.augment == AugmentConfig.none() and changed.fn_weight == 8.0
+    flips = config("--augment-flip")
+    assert flips.augment == AugmentConfig(flip=True, offset=0.0, scale=0.0, rotate=False,
+                                          noise_hu=0.0)

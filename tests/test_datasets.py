@@ -59,7 +59,9 @@ def cache(tmp_path_factory) -> Cache:
 
 
 def _config(**changes) -> DataConfig:
-    return DataConfig(**{"crop_px": 32, **changes})
+    """Nodule crops only (no negatives, whole slices or hard negatives) unless changed."""
+    return DataConfig(**{"crop_px": 32, "negative_crop_fraction": 0.0,
+                         "full_slice_fraction": 0.0, "hard_negative_fraction": 0.0, **changes})
 
 
 def _spec(config: DataConfig) -> SegmentationSpec:
@@ -307,9 +309,12 @@ def test_steps_per_epoch_respects_world_size(cache):
     assert sampler.steps_per_epoch(16) == 4
     sampler.world_size = 8
     assert sampler.steps_per_epoch(16) == 1
-    # Without epoch_samples an epoch is one pass over the nodule chunks (plus negatives).
+    # Without epoch_samples an epoch is one pass over the nodule chunks (plus negatives),
+    # and no shorter than MIN_EPOCH_SAMPLES.
+    from lunaseg.datasets import MIN_EPOCH_SAMPLES
+
     plain = _sampler(cache, uids, _config())
-    assert plain.samples_per_epoch == len(plain.positives) == 4
+    assert len(plain.positives) == 4 and plain.samples_per_epoch == MIN_EPOCH_SAMPLES
 
 
 # ----------------------------------------------------------------------------- validation

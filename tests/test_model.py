@@ -159,7 +159,7 @@ def test_book_legacy_checkpoint_loads_strictly(tmp_path, monkeypatch, fake_cuda)
     assert checkpoint.format == "book"
     assert checkpoint.epoch == 10 and checkpoint.samples_seen == 3_000_000
     assert checkpoint.model_config is None and loaded.config == ModelConfig()  # inferred
-    assert loaded.spec == SegmentationSpec(grouping="book")  # the book's input and grouping
+    assert loaded.spec == SegmentationSpec(grouping="book", tta_rule="consensus")
     assert checkpoint.sha1 == hashlib.sha1(data).hexdigest()
     assert not loaded.training
     x = torch.randn(1, 7, 16, 16)
@@ -245,7 +245,8 @@ def test_not_a_unet_is_named(tmp_path):
 def test_the_books_real_checkpoint_loads_with_the_books_spec():
     model, checkpoint = load_model(shared_path("models", "book-seg-2020-01-26.best.state"))
     assert checkpoint.format == "book" and checkpoint.epoch == 5
-    assert model.config == ModelConfig() and model.spec == SegmentationSpec(grouping="book")
+    assert model.config == ModelConfig()
+    assert model.spec == SegmentationSpec(grouping="book", tta_rule="consensus")
 
 
 def test_dataparallel_prefix_is_stripped(tmp_path):

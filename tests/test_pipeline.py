@@ -34,7 +34,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert mask.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-4)
         assert mask.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-3)
     text = str(result)
-    assert "candidates on 2 held-out scans" in text and "CPM" in text
+    assert "on 2 validation scans" in text and "CPM" in text
     counts = sum(band["nodules"] for band in froc["by_size"])
     assert counts == froc["n_nodules"] and "by diameter (found / at <= 20 FP" in text
     # The phantoms come with their true nodule voxels and what each nodule is.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 
 from lunaseg.report import html_report, overlay_png, overlay_rgb
@@ -32,3 +34,35 @@ def test_overlay_png_and_html_report(tmp_path):
                        thumbnails=[png])
     assert "a &lt;b&gt;" in page and page.count("data:image/png;base64,") == 1
     assert (tmp_path / "r.html").read_text() == page
+
+
+def test_report_names_hits_and_keeps_views_in_their_own_rows(tmp_path):
+    from lunaseg.report import VIEWS_LEGEND
+
+    png = overlay_png(np.full((16, 16), -800.0), None)
+    rows = [{"rank": 0, "annotated_nodule": "yes: 8.0 mm, 0.5 mm away"},
+            {"rank": 1, "annotated_nodule": ""}]
+    page = html_report(None, title="t", scan_info={}, settings={}, candidates=rows,
+                       columns=["rank", "annotated_nodule"], thumbnails=[png, png],
+                       heading="Candidates: 2, best first (the submission keeps the first 2)")
+    assert "yes: 8.0 mm, 0.5 mm away" in page and "<th>annotated nodule</th>" in page
+    assert page.count('<tr class="views"><td colspan="2">') == 2  # beneath, not beside
+    assert "max-width:1240px" in page and html.escape(VIEWS_LEGEND) in page
+    assert "Candidates: 2, best first" in page
+
+
+def test_montage_and_overlays_carry_legends(tmp_path):
+    from PIL import Image
+
+    from lunaseg.geometry import Geometry
+    from lunaseg.report import MontageScan, render_montage, with_legend
+
+    hu = np.full((8, 64, 64), -800, dtype=np.int16)
+    scan = MontageScan(hu, Geometry.identity(), "1.2.3", [(np.array([32.0, 32.0, 4.0]), 6.0)])
+    path = render_montage([scan], tmp_path / "m.png", slices_per_scan=2)
+    with Image.open(path) as image:
+        assert image.size[0] > 100
+    rgb = overlay_rgb(np.zeros((20, 20)), np.zeros((20, 20), bool), np.zeros((20, 20), bool))
+    legend = with_legend(rgb)
+    assert legend.shape[0] == 34 and legend.shape[1] >= 300
+    assert (legend[20:, :, 1] > 200).any()  # the green key

@@ -43,6 +43,7 @@ from lunaseg.geometry import Geometry
 from lunaseg.inputs import context_stack
 from lunaseg.luna import find_series, load_candidates, outline_mask_path
 from lunaseg.masks import annotation_mask, body_box, positive_slices
+from lunaseg.progress import bar as progress_bar
 
 __all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSummary",
            "pad_crop", "FORMAT_VERSION"]
@@ -463,7 +464,6 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
 
     A series that cannot be cached (a missing or truncated .raw, an unreadable file) is
     named in ``summary.failed`` with the reason; the others are still cached."""
-    from tqdm import tqdm
 
     started = time.perf_counter()
     config = config or CacheConfig()
@@ -527,7 +527,7 @@ def prepcache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None =
                          tuple(config.chunk_irc), outline))
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(jobs)))
-    bar = tqdm(total=len(jobs), desc="prepcache", unit="series", disable=not progress)
+    bar = progress_bar(total=len(jobs), enabled=progress, desc="prepcache", unit="series")
     if workers == 1:
         for job in jobs:
             _run_job(job, cache_dir, summary)

@@ -17,12 +17,15 @@ model's *grouping* (its input spec says which, ``SegmentConfig.grouping`` overri
   candidate is its eroded core, centres are weighted by HU (clipped to [-1000, 1000] + 1001).
   Models that mark blobs liberally (the book's own) need it: kept, their specks flood the list.
 
-Every candidate is ranked by its highest logit (the book ranks by the highest probability,
-which float32 rounds to 1.0 on hundreds of blobs of a confident model; logits keep their
-order), ties broken by the mean logit, then by size.  The probability written for it
-(:func:`score_probability`) is that logit's sigmoid up to p = 0.9975 (logit 6) and a
-log-compressed logit beyond, so it stays in [0, 1] and in the ranking's order where float64
-sigmoids would round to 1.  ``center_xyz`` = ``Geometry.irc_to_xyz`` of the (continuous)
+Candidates are ranked by logits, never by probabilities: float32 rounds the book's model's
+probability to 1.0 on hundreds of blobs, where their logits still differ.  The "book"
+grouping ranks by a component's highest logit (the book's highest probability, unrounded),
+"lunaseg" by its mean logit; ties go to the other of the two, then to size.  Measured on
+real CT with the book's model and on held-out phantoms with lunaseg's (docs/results.md),
+each ranks its own models' nodules higher.  The probability written for a candidate
+(:func:`score_probability`) is the sigmoid of its ranking logit up to p = 0.9975 (logit 6)
+and a log-compressed logit beyond, so it stays in [0, 1] and in the ranking's order where
+float64 sigmoids would round to 1.  ``center_xyz`` = ``Geometry.irc_to_xyz`` of the (continuous)
 centre, right for any direction matrix; ``diameter_mm`` is of the sphere with the
 component's physical volume.
 """
@@ -60,7 +63,8 @@ class Candidate:
     diameter_mm: float  # sphere of the same physical volume
     volume_mm3: float
     voxels: int
-    max_logit: float  # the ranking score
+    score: float  # the ranking logit: the mean logit ("lunaseg") or the highest ("book")
+    max_logit: float
     mean_logit: float
     max_probability: float  # float32 sigmoids, as the network reports them
     mean_probability: float
@@ -72,7 +76,7 @@ class Candidate:
     @property
     def probability(self) -> float:
         """The score written to the submission CSV, in [0, 1] (:func:`score_probability`)."""
-        return score_probability(self.max_logit)
+        return score_probability(self.score)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -243,9 +247,11 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
 
     stats = _label_stats(labels, count, logits, hu, grouping)
     ids = np.arange(1, count + 1)
-    # Rank: the highest logit, then the mean logit, then size (all descending).
-    order = ids[np.lexsort((ids, -stats["voxels"][ids], -stats["mean_logit"][ids],
-                            -stats["max_logit"][ids]))]
+    # Rank: the grouping's score, then the other logit, then size (all descending).
+    first, second = (("max_logit", "mean_logit") if grouping == "book" else
+                     ("mean_logit", "max_logit"))
+    order = ids[np.lexsort((ids, -stats["voxels"][ids], -stats[second][ids],
+                            -stats[first][ids]))]
     voxel_mm3 = float(np.prod(geometry.spacing_xyz) * abs(np.linalg.det(geometry.direction)))
     centers_irc = stats["center_irc"][order]
     centers_xyz = geometry.irc_to_xyz(centers_irc)
@@ -262,6 +268,7 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
             diameter_mm=float((6.0 * volume / math.pi) ** (1.0 / 3.0)),
             volume_mm3=volume,
             voxels=int(stats["voxels"][label]),
+            score=float(stats[first][label]),
             max_logit=float(stats["max_logit"][label]),
             mean_logit=float(stats["mean_logit"][label]),
             max_probability=float(stats["max_probability"][label]),

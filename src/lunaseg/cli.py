@@ -10,6 +10,7 @@ each command so ``lunaseg --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -37,8 +38,8 @@ def _ints(text: str, count: int, name: str) -> tuple[int, ...]:
 def _option(parser, flag: str, cls: type, name: str, **kwargs: Any) -> None:
     """An option whose default and help come from the field ``cls.<name>``."""
     default = getattr(cls(), name)
-    if isinstance(default, bool) and "action" not in kwargs:
-        kwargs["action"] = "store_true"
+    if isinstance(default, bool) or "action" in kwargs:
+        kwargs.setdefault("action", "store_true")
     elif isinstance(default, tuple):
         kwargs.setdefault("default", ",".join(map(str, default)))
     else:
@@ -74,28 +75,40 @@ def _cmd_prepcache(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+# train options that set a field of TrainConfig (or of its data part): flag -> field.
+_TRAIN_FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "num_workers": "num_workers",
+                 "lr": "lr", "lr_schedule": "lr_schedule", "fn_weight": "fn_weight",
+                 "bce_weight": "bce_weight", "validation_cadence": "validation_cadence",
+                 "best_min_recall": "best_min_recall", "best_by": "best_by", "seed": "seed",
+                 "amp": "amp", "device": "device", "comment": "comment"}
+_DATA_FIELDS = {"negative_crops": "negative_crop_fraction",
+                "mix_full_slices": "full_slice_fraction",
+                "hard_negatives": "hard_negative_fraction", "epoch_samples": "epoch_samples",
+                "val_stride": "val_stride", "test_stride": "test_stride",
+                "full_ct": "full_ct_validation", "crop": "crop_px"}
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    book = AugmentConfig.book()
-    augment = AugmentConfig.book() if args.augmented else AugmentConfig()
-    # Each --augment-X switches on that one augmentation at the book's setting.
-    for flag, name in (("augment_flip", "flip"), ("augment_offset", "offset"),
-                       ("augment_scale", "scale"), ("augment_rotate", "rotate"),
-                       ("augment_noise", "noise_hu")):
-        if getattr(args, flag):
-            setattr(augment, name, getattr(book, name))
-    data = DataConfig(val_stride=args.val_stride, test_stride=args.test_stride,
-                      crop_px=args.crop, full_ct_validation=args.full_ct,
-                      negative_crop_fraction=args.negative_crops,
-                      full_slice_fraction=args.mix_full_slices,
-                      hard_negative_fraction=args.hard_negatives,
-                      epoch_samples=args.epoch_samples)
-    return TrainConfig(data=data, augment=augment, epochs=args.epochs,
-                       batch_size=args.batch_size, num_workers=args.num_workers, lr=args.lr,
-                       lr_schedule=args.lr_schedule,
-                       fn_weight=args.fn_weight, bce_weight=args.bce_weight,
-                       validation_cadence=args.validation_cadence,
-                       best_min_recall=args.best_min_recall,
-                       seed=args.seed, amp=args.amp, device=args.device, comment=args.comment)
+    """The preset's settings with every option given on the command line applied."""
+    from dataclasses import replace
+
+    config = TrainConfig.book() if args.preset == "book" else TrainConfig()
+    given = {name: getattr(args, flag) for flag, name in _TRAIN_FIELDS.items()
+             if getattr(args, flag) is not None}
+    data = {name: getattr(args, flag) for flag, name in _DATA_FIELDS.items()
+            if getattr(args, flag) is not None}
+    augment = config.augment
+    flags = [name for name in ("flip", "offset", "scale", "rotate", "noise")
+             if getattr(args, f"augment_{name}")]
+    if args.no_augment or args.augmented or flags:
+        # --augmented: the book's set; each --augment-X switches that one on at the book's
+        # setting (the others off); --no-augment: none.
+        book = AugmentConfig.book()
+        augment = book if args.augmented else AugmentConfig.none()
+        for name in flags:
+            field = "noise_hu" if name == "noise" else name
+            setattr(augment, field, getattr(book, field))
+    return replace(config, data=replace(config.data, **data), augment=augment, **given)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -220,7 +233,7 @@ def _cmd_import_lidc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lunaseg import pipeline
 
-    settings = pipeline.DemoSettings.quick() if args.quick else pipeline.DemoSettings()
+    settings = pipeline.DemoSettings.quick_check() if args.quick else pipeline.DemoSettings()
     if args.series is not None:
         settings.synth.series = args.series
     if args.shape is not None:
@@ -239,8 +252,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
-    from lunaseg.inputs import GROUPINGS
-    from lunaseg.predict import TTA_RULES
+    from lunaseg.inputs import GROUPINGS, TTA_RULES
 
     group = parser.add_argument_group("candidate extraction")
     _option(group, "--threshold", SegmentConfig, "threshold")
@@ -251,7 +263,7 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                        help="keep candidates anywhere, not only those touching the lungs "
                             "(for an input that is not a whole chest)")
     _option(group, "--tta", SegmentConfig, "tta", type=int, choices=(1, 2, 4))
-    _option(group, "--tta-rule", SegmentConfig, "tta_rule", choices=TTA_RULES)
+    _option(group, "--tta-rule", SegmentConfig, "tta_rule", type=str, choices=TTA_RULES)
     out = parser.add_argument_group("outputs and speed")
     _option(out, "--overlays", SegmentConfig, "overlays")
     out.add_argument("--no-volumes", action="store_true",
@@ -265,33 +277,41 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_options(tr: argparse.ArgumentParser) -> None:
-    _option(tr, "--epochs", TrainConfig, "epochs")
-    _option(tr, "--batch-size", TrainConfig, "batch_size")
-    _option(tr, "--num-workers", TrainConfig, "num_workers")
-    _option(tr, "--lr", TrainConfig, "lr")
-    _option(tr, "--lr-schedule", TrainConfig, "lr_schedule", choices=("constant", "cosine"))
-    _option(tr, "--fn-weight", TrainConfig, "fn_weight")
-    _option(tr, "--bce-weight", TrainConfig, "bce_weight")
-    _option(tr, "--validation-cadence", TrainConfig, "validation_cadence")
-    _option(tr, "--best-min-recall", TrainConfig, "best_min_recall", metavar="RECALL")
-    tr.add_argument("--augmented", action="store_true", help="all of the book's augmentations")
+    tr.add_argument("--preset", choices=("lunaseg", "book"), default="lunaseg",
+                    help="the settings every option below starts from: lunaseg's recipe "
+                         "(the defaults shown) or the book's chapter-13 run (default lunaseg)")
+    # Defaults are None here so that an option not given keeps the preset's value.
+    for flag, name in _TRAIN_FIELDS.items():
+        kwargs: dict[str, Any] = {"default": None}
+        if name == "lr_schedule":
+            kwargs["choices"] = ("constant", "cosine")
+        if name == "best_by":
+            kwargs["choices"] = ("candidates", "pixels")
+        if name == "best_min_recall":
+            kwargs["metavar"] = "RECALL"
+        if name == "amp":
+            kwargs["action"] = "store_true"
+        _option(tr, "--" + flag.replace("_", "-"), TrainConfig, name, **kwargs)
+    for flag, name in _DATA_FIELDS.items():
+        kwargs = {"default": None}
+        if name == "full_ct_validation":
+            kwargs["action"] = "store_true"
+        if name.endswith("fraction"):
+            kwargs["metavar"] = "FRACTION"
+        _option(tr, "--" + flag.replace("_", "-"), DataConfig, name, **kwargs)
+    augment = tr.add_argument_group("augmentation (default: lunaseg's: "
+                                    + ", ".join(f"{f.name} {getattr(AugmentConfig(), f.name)}"
+                                                for f in dataclasses.fields(AugmentConfig))
+                                    + ")")
+    augment.add_argument("--augmented", action="store_true",
+                         help="the book's set: flips, offset 0.03, scale 0.2, rotation, noise "
+                              "25 HU")
     for name, field_name in (("flip", "flip"), ("offset", "offset"), ("scale", "scale"),
                              ("rotate", "rotate"), ("noise", "noise_hu")):
-        tr.add_argument(f"--augment-{name}", action="store_true",
-                        help=f"{describe(AugmentConfig, field_name).split(' (default')[0]}, "
-                             f"at the book's setting")
-    _option(tr, "--negative-crops", DataConfig, "negative_crop_fraction", metavar="FRACTION")
-    _option(tr, "--mix-full-slices", DataConfig, "full_slice_fraction", metavar="FRACTION")
-    _option(tr, "--hard-negatives", DataConfig, "hard_negative_fraction", metavar="FRACTION")
-    _option(tr, "--epoch-samples", DataConfig, "epoch_samples")
-    _option(tr, "--val-stride", DataConfig, "val_stride")
-    _option(tr, "--test-stride", DataConfig, "test_stride")
-    _option(tr, "--full-ct", DataConfig, "full_ct_validation")
-    _option(tr, "--crop", DataConfig, "crop_px")
-    _option(tr, "--comment", TrainConfig, "comment")
-    _option(tr, "--seed", TrainConfig, "seed")
-    _option(tr, "--amp", TrainConfig, "amp")
-    _option(tr, "--device", TrainConfig, "device")
+        augment.add_argument(f"--augment-{name}", action="store_true",
+                             help=f"{describe(AugmentConfig, field_name).split(' (default')[0]}"
+                                  f", at the book's setting (with the others off)")
+    augment.add_argument("--no-augment", action="store_true", help="no augmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on built-in synthetic data: synth -> "
                                             "prepcache -> train -> validate -> segment")
-    demo.add_argument("--out", default="lunaseg-demo",
-                      help="output folder (default ./lunaseg-demo)")
+    demo.add_argument("--out", default=None,
+                      help="output folder (default ./lunaseg-demo; --quick: "
+                           "./lunaseg-demo-quick)")
     demo.add_argument("--quick", action="store_true",
                       help="a much smaller run (about a minute) to check the installation")
     demo.add_argument("--series", type=int, default=None,
@@ -436,6 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lunaseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, ValueError) as error:
+        # The last line of defence: what a library below (ITK, NumPy) raised without a
+        # file to name reaches the user as one line too; --debug shows where.
+        if args.debug:
+            raise
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"lunaseg {args.command}: error: {lines[-1] if lines else type(error).__name__} "
+              f"(rerun with --debug for the details)", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

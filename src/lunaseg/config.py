@@ -40,7 +40,7 @@ def describe(cls: type, name: str) -> str:
     spec = {f.name: f for f in dataclasses.fields(cls)}[name]
     text = spec.metadata.get("help", name)
     default = getattr(cls(), name)
-    if default is False:
+    if default is False or default == "":
         return text
     if default is None:
         default = spec.metadata.get("none", "none")
@@ -80,8 +80,8 @@ class SynthConfig:
 class CacheConfig:
     """What prepcache stores: each CT once, cropped to the body, and a chunk per nodule."""
 
-    chunk_irc: tuple[int, int, int] = _opt((7, 96, 96), "training chunk I,R,C cut around "
-                                                        "each nodule")
+    chunk_irc: tuple[int, int, int] = _opt((7, 64, 64), "training chunk I,R,C cut around "
+                                                        "each nodule (the book's: 7,96,96)")
     workers: int = _opt(0, "processes; 0 = all CPUs")
     masks: str = _opt("heuristic", "nodule masks: 'heuristic' (the book's, from annotation "
                                    "centres) or 'outline' (masks/<uid>.mha: LIDC reader "
@@ -95,21 +95,22 @@ class DataConfig:
     context_slices: int = _opt(3, "slices above and below each slice, as channels")
     min_hu: float = _opt(-1000.0, "HU window: lower clip")
     max_hu: float = _opt(1000.0, "HU window: upper clip")
-    crop_px: int = _opt(64, "training crop size in pixels, cut at random from a chunk")
+    crop_px: int = _opt(48, "training crop size in pixels, cut at random from a chunk")
     val_stride: int = _opt(10, "every N-th series (sorted) validates")
     test_stride: int = _opt(0, "every N-th remaining series is held out for testing "
                                "(0 = no test split)")
     full_ct_validation: bool = _opt(False, "validate on every slice, not only those with a "
                                            "nodule")
-    negative_crop_fraction: float = _opt(0.0, "share of training crops cut away from nodules "
+    negative_crop_fraction: float = _opt(0.6, "share of training crops cut away from nodules "
                                               "(look-alikes, lung, body)")
-    full_slice_fraction: float = _opt(0.0, "share of training steps on whole slices "
+    full_slice_fraction: float = _opt(0.2, "share of training steps on whole slices "
                                            "(chapter exercise 4)")
-    hard_negative_fraction: float = _opt(0.0, "each epoch, re-cut this share of the negative "
+    hard_negative_fraction: float = _opt(0.5, "each epoch, re-cut this share of the negative "
                                               "crops where the model finds false positives")
     hard_negative_slices: int = _opt(64, "training slices searched for false positives per "
                                          "epoch")
-    epoch_samples: int = _opt(0, "samples per epoch (0 = one pass over the nodule chunks)")
+    epoch_samples: int = _opt(0, "samples per epoch; 0 = one pass over the nodule chunks "
+                                 "(with the negatives mixed in), at least 2048")
 
     @property
     def channels(self) -> int:
@@ -138,39 +139,52 @@ class ModelConfig:
 class AugmentConfig:
     """Per-sample random affine + noise; zero or False turns an option off."""
 
-    flip: bool = _opt(False, "random flips of each axis")
-    offset: float = _opt(0.0, "random shift, as a fraction of the half-size")
-    scale: float = _opt(0.0, "random scale 1 +- this per axis")
-    rotate: bool = _opt(False, "random rotation")
-    noise_hu: float = _opt(0.0, "Gaussian noise sigma in HU (input only)")
+    flip: bool = _opt(True, "random flips of each axis")
+    offset: float = _opt(0.1, "random shift, as a fraction of the half-size")
+    scale: float = _opt(0.1, "random scale 1 +- this per axis")
+    rotate: bool = _opt(True, "random rotation")
+    noise_hu: float = _opt(10.0, "Gaussian noise sigma in HU (input only)")
 
     @classmethod
     def book(cls) -> "AugmentConfig":
         """The book's ``--augmented`` settings."""
         return cls(flip=True, offset=0.03, scale=0.2, rotate=True, noise_hu=25.0)
 
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        """No augmentation (the book without ``--augmented``)."""
+        return cls(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+
 
 @dataclass
 class TrainConfig:
-    """A training run."""
+    """A training run.  The defaults are lunaseg's recipe, the best measured (see
+    docs/results.md): the book's U-Net and Dice loss, plus negative crops, whole slices, hard
+    negatives re-cut each epoch at the model's own false positives, a cross-entropy term
+    beside a light false-negative weight, and a cosine learning rate so the last epoch is a
+    good one; :meth:`book` is the book's."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = _opt(1, "epochs in all")
-    batch_size: int = _opt(16, "training samples per step")
+    epochs: int = _opt(24, "epochs in all")
+    batch_size: int = _opt(32, "training samples per step")
     num_workers: int = _opt(0, "validation loader workers")
     lr: float = _opt(1e-3, "Adam learning rate")
-    lr_schedule: str = _opt("constant", "'constant' (book) or 'cosine': decays per step to "
-                                        "lr * lr_final_fraction at the last epoch, which "
-                                        "settles the weights so the last checkpoint is a "
-                                        "good one")
+    lr_schedule: str = _opt("cosine", "'constant' (book) or 'cosine': decays per step to "
+                                      "lr * lr_final_fraction at the last epoch, which "
+                                      "settles the weights so the last checkpoint is a "
+                                      "good one")
     lr_final_fraction: float = _opt(0.02, "the cosine schedule's final share of lr")
-    fn_weight: float = _opt(8.0, "weight of the false-negative Dice term")
-    bce_weight: float = _opt(0.0, "weight of a pixel-wise cross-entropy term beside the Dice "
+    fn_weight: float = _opt(1.0, "weight of the false-negative Dice term (book: 8)")
+    bce_weight: float = _opt(2.0, "weight of a pixel-wise cross-entropy term beside the Dice "
                                   "terms (book: none); it cuts false positives Dice barely "
                                   "penalises")
-    validation_cadence: int = _opt(5, "validate at epoch 1, every N epochs and the last")
+    validation_cadence: int = _opt(6, "validate at epoch 1, every N epochs and the last")
+    best_by: str = _opt("candidates", "what makes checkpoint.best.pt best: 'candidates' "
+                                      "(sensitivity within 20 false positives per scan, then "
+                                      "CPM, on the validation scans) or 'pixels' (the book's "
+                                      "pixel recall)")
     best_min_recall: float | None = _opt(None, "pick the best checkpoint by F1 among "
                                                "validations reaching this recall",
                                          none="by recall alone, as the book")
@@ -178,6 +192,18 @@ class TrainConfig:
     amp: bool = _opt(False, "bf16 autocast (CUDA only)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
     comment: str = _opt("", "a note stored with the run")
+
+    @classmethod
+    def book(cls) -> "TrainConfig":
+        """The book's chapter-13 run: nodule crops only, Dice + 8 x false-negative Dice, the
+        book's augmentation, constant learning rate, 300,000 samples per epoch, 20 epochs,
+        best by pixel recall (64-px crops of 96-px chunks: ``prepcache --chunk 7,96,96``)."""
+        return cls(data=DataConfig(crop_px=64, negative_crop_fraction=0.0,
+                                   full_slice_fraction=0.0, hard_negative_fraction=0.0,
+                                   epoch_samples=300_000),
+                   augment=AugmentConfig.book(), epochs=20, batch_size=16,
+                   lr_schedule="constant", fn_weight=8.0, bce_weight=0.0,
+                   validation_cadence=5, best_by="pixels")
 
 
 @dataclass
@@ -200,8 +226,9 @@ class SegmentConfig:
     amp: bool = _opt(False, "bf16 autocast + channels_last (CUDA only)")
     tta: int | None = _opt(None, "mirrored views of each slice: 1, 2 (+ left-right) or 4 "
                                  "(+ up-down)", none="the model's")
-    tta_rule: str = _opt("consensus", "how views combine: 'consensus' (the lowest logit: "
-                                      "foreground only where every view agrees) or 'mean'")
+    tta_rule: str | None = _opt(None, "how views combine: 'consensus' (the lowest logit: "
+                                      "foreground only where every view agrees) or 'mean'",
+                                none="the model's")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
 
 

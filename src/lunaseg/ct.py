@@ -262,7 +262,10 @@ def _check_slice_spacing(folder: Path, files: tuple[str, ...]) -> None:
     for name in files:
         reader = sitk.ImageFileReader()
         reader.SetFileName(name)
-        reader.ReadImageInformation()
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise DataError(f"{name}: cannot read DICOM header ({_first_line(error)})") from None
         positions.append(np.asarray(reader.GetOrigin()))
     steps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
     if steps.size and (steps.min() < 1e-3 or steps.max() - steps.min() > 0.01 * steps.max() + 1e-3):

@@ -32,6 +32,7 @@ __all__ = ["split_series", "load_splits", "check_data_config", "check_cached_chu
 log = logging.getLogger(__name__)
 
 _LUNG_HU = -600.0  # a negative crop's neighbourhood must be at least partly this airy
+MIN_EPOCH_SAMPLES = 2048  # of an epoch sized to the data (DataConfig.epoch_samples = 0)
 _MIN_LUNG_SHARE = 0.3
 
 
@@ -262,8 +263,10 @@ class TrainingSampler:
     def samples_per_epoch(self) -> int:
         if self.config.epoch_samples:
             return self.config.epoch_samples
-        # One pass over the nodule chunks, plus the negatives mixed in with them.
-        return math.ceil(len(self.positives) / (1 - self.config.negative_crop_fraction))
+        # One pass over the nodule chunks, plus the negatives mixed in with them; a small
+        # dataset still gets epochs long enough to learn from between validations.
+        one_pass = len(self.positives) / (1 - self.config.negative_crop_fraction)
+        return max(math.ceil(one_pass), MIN_EPOCH_SAMPLES)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(self.samples_per_epoch / (batch_size * self.world_size)))

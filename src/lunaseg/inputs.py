@@ -16,7 +16,8 @@ import numpy as np
 
 from lunaseg.errors import ConfigError
 
-__all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "SegmentationSpec", "ClassifierSpec",
+__all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "TTA_RULES", "SegmentationSpec",
+           "ClassifierSpec",
            "context_indices", "context_stack", "pad_to_multiple", "clip_hu", "size_multiple",
            "reach_px"]
 
@@ -25,10 +26,13 @@ __all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "SegmentationSpec", "Classifier
 CANONICAL_ORIENTATION = "LPS"
 
 
-# How candidates are grouped from a model's voxels (lunaseg.candidates): "lunaseg" keeps
-# components one erosion would erase and measures each on its segmented voxels; "book"
-# drops them and measures the eroded cores, as the book's code does.
+# How candidates are grouped from a model's voxels and ranked (lunaseg.candidates):
+# "lunaseg" keeps components one erosion would erase, measures each on its segmented voxels
+# and ranks by its mean logit; "book" drops them, measures the eroded cores and ranks by the
+# highest logit, as the book's code does (with logits instead of saturated probabilities).
 GROUPINGS = ("lunaseg", "book")
+# How mirrored views combine (lunaseg.predict): their lowest logit, or their mean.
+TTA_RULES = ("consensus", "mean")
 
 
 def size_multiple(depth: int) -> int:
@@ -65,8 +69,8 @@ class SegmentationSpec:
     ``context_slices`` slices on either side as channels, HU clipped to [min_hu, max_hu],
     height and width padded to a multiple of ``size_multiple`` (an input pixel reaches
     output pixels ``reach_px`` away), voxels in ``orientation`` order; ``tta`` mirrored
-    views and the candidate ``grouping`` it was validated with (what ``segment`` uses
-    unless told otherwise)."""
+    views, the ``tta_rule`` that combines them and the candidate ``grouping`` it was
+    validated with (what ``segment`` uses unless told otherwise)."""
 
     min_hu: float = -1000.0
     max_hu: float = 1000.0
@@ -75,6 +79,7 @@ class SegmentationSpec:
     reach_px: int = 24
     orientation: str = CANONICAL_ORIENTATION
     tta: int = 4
+    tta_rule: str = "mean"
     grouping: str = "lunaseg"
 
     @property
@@ -90,6 +95,9 @@ class SegmentationSpec:
                               f">= 1, got {self.context_slices}, {self.size_multiple}")
         if self.tta not in (1, 2, 4):
             raise ConfigError(f"input spec: tta must be 1, 2 or 4, got {self.tta}")
+        if self.tta_rule not in TTA_RULES:
+            raise ConfigError(f"input spec: tta_rule must be one of {', '.join(TTA_RULES)}, "
+                              f"got {self.tta_rule!r}")
         if self.grouping not in GROUPINGS:
             raise ConfigError(f"input spec: grouping must be one of {', '.join(GROUPINGS)}, "
                               f"got {self.grouping!r}")

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from lunaseg import ct as ct_io
 from lunaseg import luna
@@ -55,6 +54,7 @@ from lunaseg.config import LidcConfig
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.files import write_csv
 from lunaseg.geometry import Geometry
+from lunaseg.progress import bar as progress_bar
 
 __all__ = [
     "Roi", "ReaderMark", "ReaderSession", "LidcXml", "ConsensusNodule", "ExcludedFinding",
@@ -759,7 +759,7 @@ def import_lidc(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike
                 xml_files.append(xml_path)
     tables = _Tables(out_dir)
     done: dict[str, Path] = {}
-    for xml_path in tqdm(xml_files, desc="import LIDC", unit="scan", disable=not progress):
+    for xml_path in progress_bar(xml_files, enabled=progress, desc="import LIDC", unit="scan"):
         try:
             scan, annotations = _import_scan(xml_path, out_dir, subset, min_readers)
         except DataError as error:

@@ -264,6 +264,8 @@ def load_candidates(root: str | os.PathLike, *,
         series_on_disk = find_series(root).keys()
     series_on_disk = set(series_on_disk)
     annotations = annotation_file(root)
+    if annotations is not None:
+        log.info("%s: nodules from %s", root, annotations.name)
     nodules = [] if annotations is None else read_nodules(annotations, available=series_on_disk)
     by_series: dict[str, list[CandidateInfo]] = defaultdict(list)
     nodules_by_series: dict[str, list[Nodule]] = defaultdict(list)

@@ -233,7 +233,7 @@ def default_spec(config: ModelConfig, **fields) -> SegmentationSpec:
 
 # The book's model, measured on real CT (docs/results.md): grouped as the book did, with
 # four views that must all agree (benchmarks/bench_real.py).
-BOOK_SPEC_FIELDS = {"grouping": "book", "tta": 4}
+BOOK_SPEC_FIELDS = {"grouping": "book", "tta": 4, "tta_rule": "consensus"}
 
 
 def model_spec(checkpoint: Checkpoint, config: ModelConfig) -> SegmentationSpec:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from lunaseg import layout
-from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, MaskConfig, SegmentConfig,
+from lunaseg.config import (CacheConfig, DataConfig, MaskConfig, SegmentConfig,
                             SynthConfig, TrainConfig, from_dict, to_dict)
 from lunaseg.errors import DataError
 from lunaseg.evaluate import (CANDIDATE_FP_BUDGET, Finding, Mark, froc, load_findings,
@@ -141,8 +141,11 @@ def _split_series(data_dir: Path, model_path: Path, split: str, available: list[
     if split == "all":
         return sorted(available)
     config_file = model_path.parent / layout.RUN_CONFIG_FILE
-    saved = (json.loads(config_file.read_text()) if config_file.exists()
-             else load_checkpoint(model_path).config)
+    try:
+        saved = (json.loads(config_file.read_text()) if config_file.exists()
+                 else load_checkpoint(model_path).config)
+    except ValueError as error:
+        raise DataError(f"{config_file}: not a run's settings ({error})") from None
     if saved is None and not (model_path.parent / layout.SPLITS_FILE).exists():
         log.warning("%s: no splits.json or training settings beside or inside the "
                     "checkpoint; using the default split", model_path)
@@ -186,10 +189,18 @@ class _ScanVolumes:
         from lunaseg.ct import read_geometry
 
         geometry, _ = read_geometry(folder / layout.PROBABILITY_FILE)
-        prob = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / layout.PROBABILITY_FILE)))
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / layout.MASK_FILE)))
-        candidates = json.loads((folder / layout.CANDIDATES_JSON).read_text())["candidates"]
-        return cls(geometry, prob, mask, candidates)
+        arrays = []
+        for name in (layout.PROBABILITY_FILE, layout.MASK_FILE):
+            try:
+                arrays.append(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / name))))
+            except RuntimeError as error:
+                raise DataError(f"{folder / name}: unreadable ({str(error).strip()[-120:]})") \
+                    from None
+        try:
+            candidates = json.loads((folder / layout.CANDIDATES_JSON).read_text())["candidates"]
+        except (OSError, ValueError, KeyError) as error:
+            raise DataError(f"{folder / layout.CANDIDATES_JSON}: unreadable ({error})") from None
+        return cls(geometry, arrays[0], arrays[1], candidates)
 
 
 def _below(p: float, threshold: float) -> str:
@@ -256,6 +267,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
     annotations = annotation_file(data_dir)
     if annotations is None:
         raise DataError(f"{data_dir}: no annotations.csv to score against")
+    log.info("scoring against %s", annotations)
     segment_dir = out_dir / layout.SEGMENT_DIR
     # The evaluation's own segment folder: a rerun replaces it.
     outputs = segment_inputs([data_dir], model_path, segment_dir, segment,
@@ -299,31 +311,21 @@ class DemoSettings:
 
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
         series=96, seed=2026, shape_irc=(64, 256, 256), subsets=2))
-    # The book's heuristic masks.  The phantoms' true voxels (cache.masks = "outline") were
-    # measured too and found no more nodules (see the README).
+    # The book's heuristic masks (the phantoms' true voxels found no more nodules).
     masks: MaskConfig = field(default_factory=MaskConfig)
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(chunk_irc=(7, 64, 64)))
-    # The book's U-Net and Dice loss plus what cuts false positives (each measured; see the
-    # README): negative crops (look-alikes, lung, body), whole slices, hard negatives re-cut
-    # every epoch at the model's own false positives, a cross-entropy term beside a lighter
-    # false-negative weight, and a cosine learning-rate decay so the last epoch is the one
-    # to keep (the demo segments with checkpoint.pt, not with the best-recall one).  Pixel
-    # validation (about 20 s each here) runs at the first and the last epoch only:
-    # candidates, not pixels, are what is scored.
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    # lunaseg train's defaults, with a sixth of the phantoms for validation and an epoch of
+    # 2,048 samples.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        data=DataConfig(val_stride=6, crop_px=48,
-                        negative_crop_fraction=0.6, full_slice_fraction=0.2,
-                        hard_negative_fraction=0.5, epoch_samples=2048),
-        augment=AugmentConfig(flip=True, offset=0.1, scale=0.1, rotate=True, noise_hu=10.0),
-        epochs=24, batch_size=32, fn_weight=1.0, bce_weight=2.0, lr_schedule="cosine",
-        validation_cadence=24, device="auto"))
+        data=DataConfig(val_stride=6, epoch_samples=2048), device="auto"))
     # segment's defaults (the model's views and grouping, the lung mask), fewer pictures.
     segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(overlays=10))
+    quick: bool = False  # a check that every stage runs, not a model to use
 
     @classmethod
-    def quick(cls) -> "DemoSettings":
+    def quick_check(cls) -> "DemoSettings":
         """A minute-long run that checks the installation end to end (it learns little)."""
-        settings = cls()
+        settings = cls(quick=True)
         settings.synth.series = 6
         settings.synth.shape_irc = (32, 128, 128)
         settings.train.data.val_stride = 3
@@ -331,6 +333,7 @@ class DemoSettings:
         settings.train.epochs = 2
         settings.train.validation_cadence = 1
         settings.train.data.hard_negative_slices = 8
+        settings.segment.tta = 1
         return settings
 
 
@@ -345,6 +348,8 @@ class DemoResult:
     evaluation: EvaluationReport | None
     montage: Path | None
     seconds: dict[str, float]
+    settings: DemoSettings = field(default_factory=DemoSettings)
+    evaluated: Path | None = None  # the checkpoint scored
 
     def __str__(self) -> str:
         lines = [f"lunaseg demo finished in {sum(self.seconds.values()):.0f} s ("
@@ -355,9 +360,14 @@ class DemoResult:
             lines.append(f"validation (pixels on slices with nodules, epoch {last['epoch']}): "
                          f"recall {val['pr/recall']:.3f}, precision {val['pr/precision']:.3f}, "
                          f"F1 {val['pr/f1_score']:.3f}")
+        if self.train.best:
+            from lunaseg.train import best_reason
+
+            lines.append(f"best checkpoint: {best_reason(self.train.best, self.settings.train)}")
         if self.evaluation is not None:
             r = self.evaluation.froc
-            lines.append(f"candidates on {r.n_scans} held-out scans ({r.n_nodules} nodules): "
+            lines.append(f"candidates of {self.evaluated.name if self.evaluated else 'the model'} "
+                         f"on {r.n_scans} validation scans ({r.n_nodules} nodules): "
                          f"sensitivity {r.candidate_sensitivity:.3f} with "
                          f"{r.candidates_per_scan:.1f} marks per scan, "
                          f"{r.sensitivity_at_budget:.3f} at <= {r.fp_budget:g} false positives "
@@ -375,6 +385,10 @@ class DemoResult:
             lines.append(f"FROC:        {self.evaluation.out_dir / layout.FROC_PNG}")
             lines.append(f"reports:     {self.evaluation.out_dir / layout.SEGMENT_DIR}/"
                          f"<series>/{layout.REPORT_FILE}")
+        if self.settings.quick:
+            lines.append("(--quick checks that every stage runs: its model trains for a "
+                         "minute on six tiny phantoms and learns little, so its figures are "
+                         "not meant to be good; run `lunaseg demo` for a model)")
         return "\n".join(lines)
 
 
@@ -429,14 +443,16 @@ def _demo_montage(data_dir: Path, out_png: Path) -> Path:
     return render_montage(scans, out_png, title="synthetic phantoms: nodule masks in red")
 
 
-def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False,
+def run_demo(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
              settings: DemoSettings | None = None, progress: bool = True) -> DemoResult:
     """The main job on built-in data: synthetic LUNA16-format phantoms -> prepcache ->
     training with validation -> candidates on the validation scans, scored the LUNA16 way."""
     from lunaseg.cache import prepcache
     from lunaseg.train import check_train_config, train
 
-    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    settings = settings or (DemoSettings.quick_check() if quick else DemoSettings())
+    if out_dir is None:  # a quick check never replaces the full demo's folder
+        out_dir = "lunaseg-demo-quick" if settings.quick else "lunaseg-demo"
     check_train_config(settings.train)  # a bad setting fails now, not after the phantoms
     out_dir = Path(out_dir)
     data_dir, run_dir = out_dir / "data", out_dir / "run"
@@ -461,11 +477,15 @@ def run_demo(out_dir: str | os.PathLike = "lunaseg-demo", *, quick: bool = False
     result = train(settings.train, data_dir / "cache", run_dir, progress=progress)
     seconds["train"] = time.perf_counter() - started
 
+    # The checkpoint a user should use: the best validation's (chosen on candidates), which
+    # makes these validation figures a little optimistic; benchmarks/bench_heldout.py scores
+    # fresh phantoms.
     evaluation = None
-    model_path = run_dir / layout.LAST_CHECKPOINT
+    model_path = result.best_checkpoint or run_dir / layout.LAST_CHECKPOINT
     if model_path.exists() and not result.interrupted:
         started = time.perf_counter()
         evaluation = evaluate_model(data_dir, model_path, out_dir / "evaluation", split="val",
                                     segment=settings.segment, progress=progress)
         seconds["segment+evaluate"] = time.perf_counter() - started
-    return DemoResult(out_dir, data_dir, run_dir, result, evaluation, montage, seconds)
+    return DemoResult(out_dir, data_dir, run_dir, result, evaluation, montage, seconds,
+                      settings, model_path)

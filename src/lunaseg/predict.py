@@ -21,8 +21,9 @@ from torch import nn
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
-from lunaseg.inputs import SegmentationSpec, context_indices
+from lunaseg.inputs import TTA_RULES, SegmentationSpec, context_indices
 from lunaseg.masks import body_box, bounding_box, resolve_lung_mask
+from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import autocast, resolve_device, whole_slice_batch
 
 __all__ = ["TTA_FLIPS", "TTA_RULES", "OUTSIDE_LOGIT", "check_tta", "model_logits",
@@ -37,9 +38,7 @@ TTA_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {
     2: ((), (-1,)),
     4: ((), (-1,), (-2,), (-2, -1)),
 }
-# How the views' logits become one: "consensus" takes the lowest (a voxel is foreground
-# only where every view says so), "mean" their mean.
-TTA_RULES = ("consensus", "mean")
+
 
 # The logit given to voxels the network did not look at (sigmoid: 0 in float32).
 OUTSIDE_LOGIT = -100.0
@@ -50,7 +49,7 @@ OUTSIDE_LOGIT = -100.0
 LUNG_REGION_MARGIN_MM = 20.0
 
 
-def check_tta(tta: int, rule: str = "consensus") -> None:
+def check_tta(tta: int, rule: str = "mean") -> None:
     if tta not in TTA_FLIPS:
         raise ConfigError(f"segment.tta must be one of {', '.join(map(str, TTA_FLIPS))}, "
                           f"got {tta}")
@@ -111,7 +110,7 @@ def network_box(box: tuple[int, int, int, int], shape_rc: tuple[int, int],
 
 def predict_logits(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
                    region: tuple[slice, slice, slice] | None = None, crop_to_body: bool = True,
-                   tta: int = 1, tta_rule: str = "consensus", batch_size: int = 0,
+                   tta: int = 1, tta_rule: str = "mean", batch_size: int = 0,
                    device: str | torch.device = "cpu", amp: bool = False,
                    progress: bool = False) -> np.ndarray:
     """Logit of "nodule" for every voxel of a (I, R, C) HU volume, float32.
@@ -195,12 +194,11 @@ def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     model.to(device)
     model.eval()
     model.to(memory_format=torch.channels_last)  # suits cuDNN and oneDNN alike
-    from tqdm import tqdm
 
     try:
         with torch.inference_mode(), autocast(device, amp):
-            bar = tqdm(total=slices.size, unit="slice", disable=not progress, leave=False,
-                       desc="inference")
+            bar = progress_bar(total=slices.size, enabled=progress, unit="slice",
+                               leave=False, desc="inference")
             for start in range(0, slices.size, batch_size):
                 stacks = index_t[start:start + batch_size]
                 batch = volume_t.index_select(0, stacks.reshape(-1))
@@ -234,8 +232,8 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
                spec: SegmentationSpec | None = None,
                device: str | torch.device | None = None, progress: bool = False,
                lung_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits of one CT with ``config``'s views, batch and device (views: the spec's when
-    ``config.tta`` is None).
+    """Logits of one CT with ``config``'s views, batch and device (views and their rule: the
+    spec's where ``config`` leaves them None).
 
     ``spec`` None takes the model's own (:func:`resolve_spec`).  With a lung mask
     (``lung_mask``, or computed when ``config.lung_mask``) only candidates touching it are
@@ -255,7 +253,8 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
                         ct.series_uid)
             return np.full(ct.hu.shape, OUTSIDE_LOGIT, dtype=np.float32), lung_mask
     tta = spec.tta if config.tta is None else config.tta
+    tta_rule = config.tta_rule or spec.tta_rule
     logits = predict_logits(model, ct.hu, spec, region=region, tta=tta,
-                            tta_rule=config.tta_rule, batch_size=config.batch_size,
+                            tta_rule=tta_rule, batch_size=config.batch_size,
                             device=device, amp=config.amp, progress=progress)
     return logits, lung_mask

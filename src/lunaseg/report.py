@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from lunaseg.evaluate import FrocResult
 
 __all__ = [
-    "window_gray", "overlay_rgb", "mask_overlay_rgb", "overlay_png", "candidate_png",
+    "window_gray", "overlay_rgb", "with_legend", "mask_overlay_rgb", "overlay_png",
+    "candidate_png", "OVERLAY_LEGEND",
     "html_report", "MontageScan", "render_montage", "scans_from_dataset", "plot_froc",
     "COLOR_FALSE_POSITIVE", "COLOR_FALSE_NEGATIVE", "COLOR_TRUE_POSITIVE",
 ]
@@ -81,6 +82,29 @@ def overlay_rgb(hu_slice: np.ndarray, pred_bool: np.ndarray, label_bool: np.ndar
                          (pred & label, COLOR_TRUE_POSITIVE)):
         rgb[where] += 0.5 * np.asarray(color, dtype=np.float32)
     return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+OVERLAY_LEGEND = ("green: nodule pixels found (true positive), orange: nodule pixels "
+                  "missed (false negative), red: pixels marked outside any nodule (false "
+                  "positive)")
+
+
+def with_legend(rgb: np.ndarray) -> np.ndarray:
+    """An overlay from :func:`overlay_rgb` with a strip beneath it naming its colours."""
+    from PIL import Image, ImageDraw
+
+    strip_px = 14
+    canvas = Image.new("RGB", (max(rgb.shape[1], 330), rgb.shape[0] + strip_px), "black")
+    canvas.paste(Image.fromarray(rgb), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = 2
+    for color, text in ((COLOR_TRUE_POSITIVE, "found"), (COLOR_FALSE_NEGATIVE, "missed"),
+                        (COLOR_FALSE_POSITIVE, "false positive")):
+        fill = tuple(int(255 * c) for c in color)
+        draw.rectangle((x, rgb.shape[0] + 3, x + 8, rgb.shape[0] + 11), fill=fill)
+        draw.text((x + 11, rgb.shape[0] + 1), text, fill=(230, 230, 230))
+        x += 16 + int(draw.textlength(text))
+    return np.asarray(canvas)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -250,15 +274,21 @@ def candidate_png(hu: np.ndarray, labels: np.ndarray, label: int, center_irc: Se
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.3em} h2{font-size:1.1em;margin-top:1.5em}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#222;
+max-width:1240px}
+h1{font-size:1.3em;overflow-wrap:anywhere} h2{font-size:1.1em;margin-top:1.5em}
 table{border-collapse:collapse;font-size:0.85em}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:middle}
 th{background:#f0f0f0} td.text{text-align:left}
-table.info td{text-align:left}
-img.thumb{height:150px;display:block}
+table.info td{text-align:left;overflow-wrap:anywhere;max-width:1000px}
+tr.views td{text-align:left;border-top:none}
+img.thumb{max-width:100%;height:auto;display:block}
 .note{color:#666;font-size:0.85em}
 """
+# What the candidate views show (candidate_png's colours).
+VIEWS_LEGEND = ("Views: the whole axial slice through the candidate's centre (red cross), "
+                "then axial, coronal and sagittal close-ups 40 mm wide. Yellow outline: the "
+                "candidate; cyan: other candidates.")
 
 
 def _cell(value: Any) -> str:
@@ -274,11 +304,14 @@ def _cell(value: Any) -> str:
 def html_report(path: str | os.PathLike | None, *, title: str,
                 scan_info: Mapping[str, Any], settings: Mapping[str, Any],
                 candidates: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-                thumbnails: Sequence[bytes | None] | None = None, note: str = "") -> str:
-    """A single HTML page (no external assets) with scan info, settings and a candidate table.
+                thumbnails: Sequence[bytes | None] | None = None, note: str = "",
+                heading: str | None = None) -> str:
+    """A single HTML page (no external assets, fits 1280 px wide) with scan info, settings
+    and a candidate table.
 
     ``candidates`` are dicts (one row each; ``columns`` picks and orders the keys shown);
-    ``thumbnails[k]`` holds PNG bytes for row k, embedded as base64 data URIs.
+    ``thumbnails[k]`` holds PNG bytes for row k, shown in a row of its own beneath it and
+    embedded as a base64 data URI.  ``heading`` titles the table (default: the count).
     Returns the page and writes it atomically to ``path`` when given.
     """
     if columns is None:
@@ -291,33 +324,32 @@ def html_report(path: str | os.PathLike | None, *, title: str,
                        for k, v in items.items())
         return f'<table class="info">{rows}</table>'
 
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    if thumbnails is not None:
-        header += "<th>views</th>"
+    header = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in columns)
     body_rows = []
     for k, row in enumerate(candidates):
         cells = "".join(
             f'<td class="text">{_cell(row.get(c, ""))}</td>' if isinstance(row.get(c), str)
             else f"<td>{_cell(row.get(c, ''))}</td>" for c in columns)
-        if thumbnails is not None:
-            png = thumbnails[k] if k < len(thumbnails) else None
-            if png:
-                encoded = base64.b64encode(png).decode("ascii")
-                cells += f'<td><img class="thumb" alt="candidate {k}" ' \
-                         f'src="data:image/png;base64,{encoded}"></td>'
-            else:
-                cells += "<td></td>"
         body_rows.append(f"<tr>{cells}</tr>")
+        png = thumbnails[k] if thumbnails is not None and k < len(thumbnails) else None
+        if png:
+            encoded = base64.b64encode(png).decode("ascii")
+            body_rows.append(f'<tr class="views"><td colspan="{len(columns)}"><img '
+                             f'class="thumb" alt="candidate {k}" '
+                             f'src="data:image/png;base64,{encoded}"></td></tr>')
     table = (f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(body_rows)}"
              f"</tbody></table>") if candidates else "<p>No candidates.</p>"
+    notes = [note] if note else []
+    if thumbnails:
+        notes.append(VIEWS_LEGEND)
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f"<h2>Scan</h2>{info_table(scan_info)}"
         f"<h2>Settings</h2>{info_table(settings)}"
-        f"<h2>Candidates ({len(candidates)})</h2>"
-        + (f'<p class="note">{html.escape(note)}</p>' if note else "")
+        f"<h2>{html.escape(heading or f'Candidates: {len(candidates)}')}</h2>"
+        + "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
         + f"{table}</body></html>\n"
     )
     if path is not None:
@@ -445,8 +477,16 @@ def render_montage(scans_or_dir, out_png: str | os.PathLike, *, slices_per_scan:
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    # Leave the top strip to the title so it does not cover the first row's labels.
-    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
+    from matplotlib.lines import Line2D
+
+    keys = [Line2D([], [], marker="o", markersize=8, markerfacecolor="none",
+                   markeredgecolor="lime", linestyle="none",
+                   label="annotated nodule (circled where the slice cuts it)")]
+    if any(scan.mask is not None for scan in scans):
+        keys.append(Line2D([], [], color="red", label="nodule mask outline"))
+    fig.legend(handles=keys, loc="lower center", ncol=len(keys), fontsize=8, frameon=False)
+    # Leave the top strip to the title and the bottom one to the legend.
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     out = Path(out_png)

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,12 @@ from lunaseg.config import SegmentConfig, to_dict
 from lunaseg.ct import CT, write_image
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Reorientation
+from lunaseg.evaluate import Finding, load_findings
 from lunaseg.files import write_csv, write_text_atomic
 from lunaseg.inputs import SegmentationSpec
+from lunaseg.luna import annotation_file
 from lunaseg.predict import check_tta, predict_ct, resolve_spec, sigmoid
+from lunaseg.progress import bar as progress_bar
 from lunaseg.report import candidate_png, html_report
 from lunaseg.runtime import resolve_device
 from lunaseg.scans import ScanSource, find_scans
@@ -56,7 +59,7 @@ def check_segment_config(config: SegmentConfig) -> None:
                           f"{config.batch_size}")
     if config.overlays < 0:
         raise ConfigError(f"segment.overlays must be >= 0, got {config.overlays}")
-    check_tta(1 if config.tta is None else config.tta, config.tta_rule)
+    check_tta(1 if config.tta is None else config.tta, config.tta_rule or "mean")
 
 
 @dataclass(eq=False)
@@ -85,6 +88,7 @@ class SegmentResult:
 def resolved_config(config: SegmentConfig, spec: SegmentationSpec) -> SegmentConfig:
     """``config`` with its None fields (the model's choice) taken from ``spec``."""
     return replace(config, tta=spec.tta if config.tta is None else config.tta,
+                   tta_rule=config.tta_rule or spec.tta_rule,
                    grouping=config.grouping or spec.grouping)
 
 
@@ -143,6 +147,17 @@ class ScanOutput:
     seconds: float  # reading + inference + candidates + writing
 
 
+def _folder_annotations(inputs: Sequence[str | os.PathLike]
+                        ) -> dict[str, list[Finding]] | None:
+    """The nodules of the annotations CSVs in the input folders (LUNA16 roots), if any."""
+    found: dict[str, list[Finding]] | None = None
+    for item in inputs:
+        path = annotation_file(item) if Path(item).is_dir() else None
+        if path is not None:
+            found = {**(found or {}), **load_findings(path)}
+    return found
+
+
 def _claim_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse a folder holding an earlier run, or (``overwrite``) remove that run's files:
     its submission, settings and the series folders it wrote (each has candidates.json)."""
@@ -185,7 +200,8 @@ def _candidate_row(candidate: Candidate) -> list:
 
 
 def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
-                config: SegmentConfig, settings: dict[str, Any]) -> None:
+                config: SegmentConfig, settings: dict[str, Any],
+                nodules: Sequence[Finding] | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if config.write_volumes:
         write_image(result.prob.astype(np.float32, copy=False), ct.geometry,
@@ -226,25 +242,43 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                                         candidate.center_irc,
                                         png_folder / f"cand_{candidate.rank:03d}.png",
                                         spacing_irc=spacing_irc, title=title))
-    columns = ["rank", "probability", "max_logit", "mean_probability", "diameter_mm",
-               "voxels", "center_xyz", "center_irc", "slice_span", "mean_hu", "uneroded"]
+    columns = ["rank", "probability", "diameter_mm", "voxels", "center_xyz", "center_irc",
+               "slice_span", "mean_hu"]
+    if nodules is not None:
+        columns.insert(2, "annotated_nodule")
     rows = []
     for candidate in result.candidates[:REPORT_MAX_ROWS]:
         row = candidate.to_dict()
         row["center_xyz"] = [round(v, 1) for v in candidate.center_xyz]
         row["center_irc"] = [round(v, 1) for v in candidate.center_irc]
+        if nodules is not None:
+            row["annotated_nodule"] = _hit_text(candidate, nodules)
         rows.append(row)
     notes = []
     if len(result.candidates) > len(rows):
         notes.append(f"The table lists the first {len(rows):,} of {len(result.candidates):,} "
                      "candidates; candidates.csv holds them all.")
     if len(result.candidates) > len(shown):
-        notes.append(f"Views are shown for the first {len(shown)} of "
-                     f"{len(result.candidates):,} candidates (SegmentConfig.overlays).")
-    note = " ".join(notes)
+        notes.append(f"Views are shown for the first {len(shown)} (--overlays).")
+    if nodules is not None:
+        notes.append(f"{len(nodules)} annotated nodule(s) in this scan; a candidate hits one "
+                     f"when its centre lies within the nodule's radius (LUNA16's rule).")
+    kept = min(len(result.candidates), config.max_candidates)
+    heading = (f"Candidates: {len(result.candidates):,}, best first (the submission keeps the "
+               f"first {kept})")
     html_report(folder / layout.REPORT_FILE, title=f"lunaseg candidates: {ct.series_uid}",
                 scan_info=scan_info, settings=settings, candidates=rows, columns=columns,
-                thumbnails=thumbnails, note=note)
+                thumbnails=thumbnails, note=" ".join(notes), heading=heading)
+
+
+def _hit_text(candidate: Candidate, nodules: Sequence[Finding]) -> str:
+    """Which annotated nodule a candidate hits, in words ("" when none)."""
+    center = np.asarray(candidate.center_xyz)
+    for nodule in nodules:
+        distance = float(np.linalg.norm(center - nodule.center_xyz))
+        if distance < nodule.diameter_mm / 2:
+            return f"yes: {nodule.diameter_mm:.1f} mm, {distance:.1f} mm away"
+    return ""
 
 
 def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str | os.PathLike,
@@ -252,7 +286,9 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
                    spec: SegmentationSpec | None = None,
                    series_uids: Iterable[str] | None = None,
                    device: str | torch.device | None = None, require_ct: bool = True,
-                   overwrite: bool = False, progress: bool = True) -> list[ScanOutput]:
+                   overwrite: bool = False,
+                   annotations: Mapping[str, Sequence[Finding]] | None = None,
+                   progress: bool = True) -> list[ScanOutput]:
     """Segment every scan in ``inputs`` and write the results under ``out_dir``.
 
     ``inputs``: image files, DICOM series folders or LUNA16 roots (see :func:`find_scans`).
@@ -264,7 +300,9 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     keeps what it finished.  A scan that cannot be read is skipped with a warning (all
     unreadable: DataError).  An ``out_dir`` holding an earlier run is refused unless
     ``overwrite``, which first removes what that run wrote (and nothing else).
-    ``require_ct`` refuses inputs that are not CT (see :func:`lunaseg.ct.load_ct`).
+    ``require_ct`` refuses inputs that are not CT (see :func:`lunaseg.ct.load_ct`).  With
+    ``annotations`` (nodules per series; default: the annotations CSV of an input folder
+    that has one) each report says which candidates hit an annotated nodule.
     """
     config = config or SegmentConfig()
     check_segment_config(config)
@@ -274,6 +312,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     sources = find_scans(inputs, series_uids)
     if not sources:
         raise DataError("no scans to segment in " + ", ".join(str(p) for p in inputs))
+    if annotations is None:
+        annotations = _folder_annotations(inputs)
     model_path = None
     if not isinstance(model, nn.Module):
         from lunaseg.model import load_model
@@ -288,12 +328,10 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     write_text_atomic(json.dumps(settings, indent=2) + "\n", out_dir / layout.SEGMENT_CONFIG_FILE)
     log.info("segmenting %d scan(s) on %s into %s", len(sources), device, out_dir)
 
-    from tqdm import tqdm
-
     submission: list[list] = []
     skipped: list[str] = []
     outputs: list[ScanOutput] = []
-    for source in tqdm(sources, unit="scan", disable=not progress, desc="segment"):
+    for source in progress_bar(sources, enabled=progress, unit="scan", desc="segment"):
         start = time.perf_counter()
         try:
             ct = source.load(require_ct=require_ct)
@@ -304,7 +342,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
             continue
         result = segment_ct(model, ct, config, spec=spec, device=device, progress=progress)
         folder = out_dir / _safe_name(ct.series_uid)
-        _write_scan(ct, source, result, folder, config, settings)
+        nodules = None if annotations is None else annotations.get(ct.series_uid, [])
+        _write_scan(ct, source, result, folder, config, settings, nodules)
         for candidate in result.candidates[: config.max_candidates]:
             x, y, z = candidate.center_xyz
             submission.append([ct.series_uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}",

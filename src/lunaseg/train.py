@@ -29,21 +29,25 @@ from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
                               check_cached_chunks, check_data_config, load_splits, rank_share,
                               validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
+from lunaseg.evaluate import CANDIDATE_FP_BUDGET
 from lunaseg.files import copy_atomic, write_bytes_atomic, write_json_atomic
 from lunaseg.inputs import SegmentationSpec, clip_hu, pad_to_multiple
 from lunaseg.losses import segmentation_loss
 from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
 from lunaseg.model import build_model, default_spec, save_model
+from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import (autocast, capture_rng_state, resolve_device, restore_rng_state,
                              whole_slice_batch)
+from lunaseg.validation import candidate_marks, score_candidates
 
 __all__ = ["TrainResult", "train", "check_train_config", "training_spec", "resume_config",
-           "evaluate_slices", "LAST_CHECKPOINT", "BEST_CHECKPOINT"]
+           "evaluate_slices", "best_reason", "LAST_CHECKPOINT", "BEST_CHECKPOINT", "BEST_BY"]
 
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = layout.LAST_CHECKPOINT
 BEST_CHECKPOINT = layout.BEST_CHECKPOINT
+BEST_BY = ("candidates", "pixels")
 IMAGE_SERIES = 12  # the book logs the first 12 series of a split...
 IMAGE_SLICES = 6  # ...6 evenly spaced slices each
 
@@ -157,7 +161,6 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
                     progress: bool = False) -> SegmentationMetrics:
     """Loss and pixel counts of ``model`` on whole slices (validation or test split), with
     the input its spec asks for."""
-    from tqdm import tqdm
 
     dataset = SliceDataset(cache, items, model.spec)
     sampler = SeriesBatchSampler(items, whole_slice_batch(device, batch_size))
@@ -167,8 +170,8 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
     metrics = SegmentationMetrics(device)
     model.eval()
     with torch.inference_mode():
-        for input, label, _, _ in tqdm(loader, desc="validate", unit="batch", leave=False,
-                                       disable=not progress):
+        for input, label, _, _ in progress_bar(loader, enabled=progress, desc="validate",
+                                               unit="batch", leave=False):
             input = input.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True)
             input = input.contiguous(memory_format=torch.channels_last)
@@ -186,6 +189,7 @@ class _Logger:
         self.image_dir = out_dir / layout.OVERLAYS_DIR
         self._writers: dict = {}
         self._labels_logged: set[str] = set()
+        self._legend_logged = False
 
     def writer(self, split: str):
         if split not in self._writers:
@@ -208,9 +212,12 @@ class _Logger:
         """Prediction overlays for the first 12 series x 6 evenly spaced slices of a split."""
         if not self.enabled or not uids:
             return
-        from lunaseg.report import overlay_rgb
+        from lunaseg.report import OVERLAY_LEGEND, overlay_rgb, with_legend
 
         writer = self.writer(split)
+        if not self._legend_logged:
+            writer.add_text("legend", OVERLAY_LEGEND, samples_seen)
+            self._legend_logged = True
         model.eval()
         spec = model.spec
         for k, uid in enumerate(sorted(uids)[:IMAGE_SERIES]):
@@ -234,7 +241,7 @@ class _Logger:
                 writer.add_image(f"{split}/{k}_prediction_{j}", rgb, samples_seen,
                                  dataformats="HWC")
                 name = f"epoch{epoch:03d}_{split}_{k:02d}_slice{int(index):03d}.png"
-                write_bytes_atomic(_png_bytes(rgb), self.image_dir / name)
+                write_bytes_atomic(_png_bytes(with_legend(rgb)), self.image_dir / name)
                 key = f"{split}/{k}/{j}"
                 if key not in self._labels_logged:
                     self._labels_logged.add(key)
@@ -259,19 +266,44 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _is_better(metrics: dict, best: dict | None, min_recall: float | None = None) -> bool:
-    """Best = highest validation recall, ties broken by F1 (the book's rule).  With
-    ``min_recall``, any validation reaching that recall beats those that do not, and among
-    them the highest F1 wins (a candidate generator must keep recall, then gain precision)."""
+def _is_better(metrics: dict, best: dict | None, min_recall: float | None = None,
+               by: str = "pixels") -> bool:
+    """Whether a validation beats the best so far.
+
+    ``by="candidates"``: the highest sensitivity within the false-positive budget, ties
+    broken by CPM (what the candidate stage is judged on).  ``by="pixels"``: the highest
+    pixel recall, ties broken by F1 (the book's rule); with ``min_recall``, any validation
+    reaching that recall beats those that do not, and among them the highest F1 wins.
+    """
     if best is None:
         return True
 
     def key(m: dict) -> tuple:
+        if by == "candidates":
+            return (m.get("cand/sensitivity_at_budget", -1.0), m.get("cand/cpm", -1.0))
         if min_recall is not None and m["pr/recall"] >= min_recall:
             return (1, m["pr/f1_score"], m["pr/recall"])
         return (0, m["pr/recall"], m["pr/f1_score"])
 
     return key(metrics) > key(best)
+
+
+def _validate_candidates(model: nn.Module, cache: Cache, uids: list[str], device: torch.device,
+                         dist_info: _Dist) -> dict:
+    """Candidate metrics of the validation scans, each rank segmenting its share."""
+    mine = uids[dist_info.rank::dist_info.world_size]
+    findings, marks, counts = candidate_marks(model, cache, mine, device)
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * dist_info.world_size
+        dist.all_gather_object(gathered, (findings, marks, counts))
+        findings, marks, counts = {}, {}, []
+        for part_findings, part_marks, part_counts in gathered:
+            findings.update(part_findings)
+            marks.update(part_marks)
+            counts += part_counts
+    return score_candidates(findings, marks, counts)
 
 
 def check_train_config(config: TrainConfig) -> None:
@@ -295,6 +327,8 @@ def check_train_config(config: TrainConfig) -> None:
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
     check_fraction(config, "best_min_recall")
+    if config.best_by not in BEST_BY:
+        raise ConfigError(f"best_by must be one of {', '.join(BEST_BY)}, got {config.best_by!r}")
     # Every sample stacks 2 * context_slices + 1 slices as channels; check_data_config
     # makes the cached chunks agree with that count, this makes the model agree.
     if config.model.in_channels != config.data.channels:
@@ -368,7 +402,6 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
            dist_info: _Dist, device: torch.device, *, tb_dir: str | os.PathLike | None,
            resume: str | os.PathLike | None, compile_model: bool, max_steps: int | None,
            progress: bool) -> TrainResult:
-    from tqdm import tqdm
 
     torch.manual_seed(config.seed + dist_info.rank)
     out_dir = Path(out_dir)
@@ -459,9 +492,9 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
             model.train()
             metrics = SegmentationMetrics(device)
             started = time.perf_counter()
-            bar = tqdm(sampler.batches(epoch, config.batch_size), total=steps_per_epoch,
-                       desc=f"epoch {epoch}/{config.epochs}", unit="step",
-                       disable=not (progress and dist_info.is_main))
+            bar = progress_bar(sampler.batches(epoch, config.batch_size), total=steps_per_epoch,
+                               enabled=progress and dist_info.is_main,
+                               desc=f"epoch {epoch}/{config.epochs}", unit="step")
             for step, (input, label) in enumerate(bar):
                 _set_lr(optimizer, config, (epoch - 1 + step / steps_per_epoch) / config.epochs)
                 input, label = augment(input, label)
@@ -486,6 +519,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
             # After all_reduce "samples" already counts every rank's samples.
             train_metrics["samples_per_s"] = train_metrics["samples"] / max(
                 time.perf_counter() - started, 1e-9)
+            train_metrics["opt/lr"] = optimizer.param_groups[0]["lr"]
             logger.scalars("trn", train_metrics, samples_seen)
             record = {"epoch": epoch, "samples_seen": samples_seen,
                       "train": _rounded(train_metrics)}
@@ -498,6 +532,8 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                                       config, device, progress=progress and dist_info.is_main)
                 val.all_reduce()
                 val_metrics = val.compute()
+                val_metrics.update(_validate_candidates(model, cache, splits["val"], device,
+                                                        dist_info))
                 logger.scalars("val", val_metrics, samples_seen)
                 record["val"] = _rounded(val_metrics)
                 if dist_info.is_main:
@@ -505,7 +541,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                                   samples_seen, epoch)
                     logger.images("trn", model, cache, splits["train"], config, device,
                                   samples_seen, epoch)
-                if _is_better(val_metrics, best, config.best_min_recall):
+                if _is_better(val_metrics, best, config.best_min_recall, config.best_by):
                     best = {**_rounded(val_metrics), "epoch": epoch}
             history.append(record)
             log.info("epoch %d: %s", epoch, _summary_line(record))
@@ -513,7 +549,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                 sha1 = save(epoch)
                 if best is not None and best["epoch"] == epoch:
                     copy_atomic(out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT)
-                    log.info("new best model (val recall %.4f): %s sha1 %s", best["pr/recall"],
+                    log.info("new best model (%s): %s sha1 %s", best_reason(best, config),
                              out_dir / BEST_CHECKPOINT, sha1)
                 write_json_atomic({"history": history, "best": best},
                                    out_dir / layout.METRICS_FILE)
@@ -543,6 +579,17 @@ def _remove_orphans(out_dir: Path) -> None:
         orphan.unlink(missing_ok=True)
 
 
+def best_reason(best: dict, config: TrainConfig) -> str:
+    """Why the best checkpoint is the best, in a few words (for logs and the run summary)."""
+    if config.best_by == "candidates" and "cand/sensitivity_at_budget" in best:
+        return (f"epoch {best['epoch']}: sensitivity {best['cand/sensitivity_at_budget']:.3f} "
+                f"within {CANDIDATE_FP_BUDGET:g} false positives per scan, CPM "
+                f"{best['cand/cpm']:.3f} on {best.get('cand_count/scans', '?')} validation "
+                f"scans")
+    return (f"epoch {best['epoch']}: validation pixel recall {best['pr/recall']:.3f}, "
+            f"F1 {best['pr/f1_score']:.3f}")
+
+
 def _rounded(metrics: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
@@ -557,5 +604,10 @@ def _summary_line(record: dict) -> str:
             if "blobs/recall" in m:
                 part += (f", nodule blobs found {m['blobs/recall']:.3f}, "
                          f"{m['blobs/fp_per_slice']:.1f} FP blobs per slice")
+            if "cand/cpm" in m:
+                part += (f"; candidates: sensitivity {m['cand/sensitivity']:.3f}, "
+                         f"{m['cand/sensitivity_at_budget']:.3f} within "
+                         f"{CANDIDATE_FP_BUDGET:g} FP per scan, CPM {m['cand/cpm']:.3f}, "
+                         f"{m['cand/per_scan']:.1f} per scan")
             parts.append(part)
     return "; ".join(parts)

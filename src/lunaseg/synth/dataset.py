@@ -21,6 +21,7 @@ from lunaseg.errors import DataError
 from lunaseg.files import write_csv
 from lunaseg.luna import (ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS,
                           outline_mask_path)
+from lunaseg.progress import bar as progress_bar
 from lunaseg.synth.nodules import SynthNodule
 from lunaseg.synth.phantom import _check_shape, make_phantom
 
@@ -123,7 +124,6 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     config writes byte-identical files, whatever ``config.workers``.  The summary's
     ``seconds_per_scan`` is per process (wall time x workers / scans).
     """
-    from tqdm import tqdm  # imported here so importing lunaseg.synth stays light
 
     check_at_least(config, "series", 1)
     check_at_least(config, "subsets", 1)
@@ -152,7 +152,7 @@ def synthesize_dataset(out_dir, config: SynthConfig, *, progress: bool = True) -
     workers = max(1, min(config.workers or os.cpu_count() or 1, config.series))
     started = time.perf_counter()
     scans: list[_ScanRows] = []
-    bar = tqdm(total=config.series, desc="synth", unit="scan", disable=not progress)
+    bar = progress_bar(total=config.series, enabled=progress, desc="synth", unit="scan")
     if workers == 1:
         for job in jobs:
             scans.append(_write_scan(job))
