@@ -373,3 +373,19 @@ def test_rank_share_splits_whole_series():
     assert shares == [[("a", 0), ("a", 1), ("c", 0), ("c", 1)], [("b", 0)]]
     assert rank_share(items, 0, 1) == items
     assert rank_share(items, 3, 4) == []
+
+
+def test_crops_by_slicing_and_by_one_gather_agree():
+    generator = torch.Generator().manual_seed(0)
+    bank = CropBank(torch.randint(-1000, 1000, (20, 7, 40, 40), dtype=torch.int16),
+                    torch.rand(20, 40, 40) > 0.7)
+    index = torch.randint(0, 20, (9,), generator=generator)
+    offset = torch.randint(0, 40 - 24 + 1, (9, 2), generator=generator)
+    hu, label = bank._gather(index, offset, 24)
+    for k, (n, (r, c)) in enumerate(zip(index.tolist(), offset.tolist())):
+        assert torch.equal(hu[k], bank.hu[n, :, r:r + 24, c:c + 24])
+        assert torch.equal(label[k, 0], bank.label[n, r:r + 24, c:c + 24])
+    sliced = bank.crops(index, 24, torch.Generator().manual_seed(5))
+    gathered_offsets = torch.randint(0, 17, (9, 2), generator=torch.Generator().manual_seed(5))
+    gathered = bank._gather(index, gathered_offsets, 24)
+    assert torch.equal(sliced[0], gathered[0]) and torch.equal(sliced[1], gathered[1])

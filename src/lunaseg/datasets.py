@@ -117,7 +117,12 @@ class CropBank:
     def crops(self, index: torch.Tensor, crop_px: int, generator: torch.Generator,
               *, random_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, crop, crop) int16 and (B, 1, crop, crop) bool at random offsets (book: 0..31
-        for 64 out of 96), one gather for the whole batch."""
+        for 64 out of 96).
+
+        On a CPU each crop is a slice copied row by row (0.6 ms for 32 crops of 7x48x48);
+        one gather of every voxel through a flat index took 5 ms, advanced indexing 24 ms.
+        On a GPU the gather is one kernel, where a loop would be one launch per crop.
+        """
         size = self.hu.shape[-1]
         if crop_px > size:
             raise ConfigError(f"crop_px {crop_px} is larger than the cached chunks ({size})")
@@ -128,14 +133,27 @@ class CropBank:
                                    device=generator.device).to(device)
         else:
             offset = torch.full((batch, 2), (size - crop_px) // 2, device=device)
-        steps = torch.arange(crop_px, device=device)
-        rows = (offset[:, 0, None] + steps)[:, :, None]  # (B, crop, 1)
-        cols = (offset[:, 1, None] + steps)[:, None, :]  # (B, 1, crop)
-        n = index.to(device)[:, None, None]
-        label = self.label[n, rows, cols].unsqueeze(1)
-        hu = self.hu[n[:, None], torch.arange(self.hu.shape[1], device=device)[None, :, None,
-                                                                                  None],
-                     rows[:, None], cols[:, None]]
+        if device.type == "cpu":
+            picks = list(zip(index.tolist(), offset.tolist()))
+            hu = torch.stack([self.hu[n, :, r:r + crop_px, c:c + crop_px] for n, (r, c) in picks])
+            label = torch.stack([self.label[n, r:r + crop_px, c:c + crop_px]
+                                 for n, (r, c) in picks])
+            return hu, label.unsqueeze(1)
+        return self._gather(index.to(device), offset, crop_px)
+
+    def _gather(self, index: torch.Tensor, offset: torch.Tensor, crop_px: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crops of :meth:`crops` through one flat index per array."""
+        channels, size = self.hu.shape[1], self.hu.shape[-1]
+        steps = torch.arange(crop_px, device=index.device)
+        plane = (steps[:, None] * size + steps[None, :]).reshape(-1)  # one crop in a slice
+        start = offset[:, 0] * size + offset[:, 1]
+        label_flat = (index * size * size + start)[:, None] + plane[None, :]
+        label = self.label.reshape(-1)[label_flat].view(-1, 1, crop_px, crop_px)
+        slices = torch.arange(channels, device=index.device) * size * size
+        hu_flat = ((index * channels * size * size + start)[:, None, None]
+                   + slices[None, :, None] + plane[None, None, :])
+        hu = self.hu.reshape(-1)[hu_flat].view(-1, channels, crop_px, crop_px)
         return hu, label
 
 
