@@ -3,16 +3,18 @@
 Not a test.  A synthetic CT (default 128 x 512 x 512) is written as a LUNA16-style .mhd in
 a temporary folder; each mode is timed from reading that file to the candidate list.
 
-* ``lunaseg``: ``load_ct`` -> ``predict_ct`` (one clipped volume, stacks gathered with
+* ``lunaseg``: ``load_ct`` -> ``segment_ct`` (one clipped volume, stacks gathered with
   an index array, ``inference_mode``; bf16 autocast + channels_last on CUDA; with
-  ``--lung-mask`` the lung mask first, then only its box) -> ``extract_candidates``.
+  ``--lung-mask`` the lung mask first, then only its box; candidates).  ``tta N``: N
+  mirrored views per slice, combined by the model's rule.
 * ``book`` (``--book``): the book's way, rewritten here: a Dataset that reads the CT in
   each worker process and builds every 7-channel stack slice by slice, a DataLoader with
   batch 4 and 4 workers, ``no_grad``, results copied back per slice, then threshold 0.5,
   one erosion, labels and an HU-weighted centre of mass per component.
 
 The model is the default U-Net with random weights (timing only; its output is not
-meaningful).  Usage::
+meaningful) unless ``--model`` names a checkpoint, and ``--input`` takes a real CT instead of
+the synthetic one.  Usage::
 
     python benchmarks/bench_segment.py                # lunaseg on the best device
     python benchmarks/bench_segment.py --book         # also the book's approach
@@ -20,6 +22,7 @@ meaningful).  Usage::
     python benchmarks/bench_segment.py --compile      # torch.compile the model (CUDA)
     python benchmarks/bench_segment.py --tta 1,4      # also with 4 mirrored views per slice
     python benchmarks/bench_segment.py --lung-mask    # only around the lungs (--lung-mask)
+    python benchmarks/bench_segment.py --model CKPT --input CT --tta 1,4 --device cpu
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ from lunaseg.config import SegmentConfig
 from lunaseg.ct import load_ct, read_geometry, write_image
 from lunaseg.geometry import Geometry
 from lunaseg.inputs import SegmentationSpec
-from lunaseg.candidates import extract_candidates
-from lunaseg.model import build_model
-from lunaseg.predict import TTA_FLIPS, predict_ct, predict_volume
+from lunaseg.model import build_model, load_model
+from lunaseg.predict import TTA_FLIPS, predict_logits
 from lunaseg.runtime import resolve_device
+from lunaseg.segment import segment_ct
 
 
 SPEC = SegmentationSpec()  # the default U-Net's input (a compiled model hides its spec)
@@ -142,22 +145,21 @@ def book_segment(model, path: Path, device: torch.device, batch_size: int, worke
 
 
 def lunaseg_segment(model, path: Path, device: torch.device, config: SegmentConfig,
-                    tta: int = 1):
+                    spec: SegmentationSpec):
+    """``lunaseg segment``'s path for one file, timed: read, segment_ct (network and
+    candidates), total."""
     timings = {}
     start = time.perf_counter()
     ct = load_ct(path)
     timings["read"] = time.perf_counter() - start
     t0 = time.perf_counter()
-    # With config.lung_mask the mask is computed here and the network sees only its box.
-    prob, lung = predict_ct(model, ct, replace(config, tta=tta), spec=SPEC, device=device)
+    result = segment_ct(model, ct, config, spec=spec, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timings["infer"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    candidates = extract_candidates(prob, ct.hu, ct.geometry, config, lung_mask=lung)
-    timings["extract"] = time.perf_counter() - t0
+    timings["extract"] = 0.0  # inside segment_ct
     timings["total"] = time.perf_counter() - start
-    return timings, len(candidates)
+    return timings, result.candidates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="mirrored views per slice to time, comma-separated (1, 2, 4)")
     parser.add_argument("--lung-mask", action="store_true",
                         help="lunaseg with --lung-mask (the network runs around the lungs)")
+    parser.add_argument("--model", type=Path, help="a checkpoint instead of random weights")
+    parser.add_argument("--input", type=Path,
+                        help="a CT file (.mhd, .nii.gz ...) instead of the synthetic one")
     args = parser.parse_args(argv)
     try:
         views = [int(v) for v in args.tta.split(",")]
@@ -189,25 +194,37 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model().eval()
+    if args.model is not None:
+        model, _ = load_model(args.model)
+    else:
+        model = build_model()
+    model.eval()
+    spec = getattr(model, "spec", SPEC)
     config = SegmentConfig(batch_size=args.batch_size, lung_mask=args.lung_mask,
-                           amp=device.type == "cuda" and not args.no_amp)
+                           amp=device.type == "cuda" and not args.no_amp, overlays=0,
+                           write_volumes=False)
     run_model = torch.compile(model) if args.compile else model
 
-    shape = (args.slices, args.size, args.size)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lunaseg-bench-") as tmp:
-        path = Path(tmp) / "1.2.826.0.1.3680043.8.498.1.mhd"
-        geometry = Geometry(np.array([-180.0, -180.0, -320.0]), np.array([0.7, 0.7, 2.5]),
-                            np.eye(3))
-        write_image(synthetic_ct(shape), geometry, path)
+        if args.input is not None:
+            path = args.input
+            shape = tuple(load_ct(path).hu.shape)
+        else:
+            shape = (args.slices, args.size, args.size)
+            path = Path(tmp) / "1.2.826.0.1.3680043.8.498.1.mhd"
+            geometry = Geometry(np.array([-180.0, -180.0, -320.0]),
+                                np.array([0.7, 0.7, 2.5]), np.eye(3))
+            write_image(synthetic_ct(shape), geometry, path)
         # Warm-up (kernel selection, compilation) on a small volume, untimed.
-        predict_volume(run_model, synthetic_ct((4, args.size, args.size)), model.spec,
-                       device=device, batch_size=args.batch_size, amp=config.amp)
+        predict_logits(run_model, synthetic_ct((4, *shape[1:])), spec, device=device,
+                       batch_size=args.batch_size, amp=config.amp)
         suffix = "+lung" if args.lung_mask else ""
-        modes = [(("lunaseg" if v == 1 else f"tta {v}") + suffix,
-                  functools.partial(lunaseg_segment, run_model, path, device, config, v))
-                 for v in views]
+        modes = []
+        for v in views:
+            name = ("lunaseg" if v == 1 else f"tta {v}") + suffix
+            modes.append((name, functools.partial(lunaseg_segment, run_model, path, device,
+                                                  replace(config, tta=v), spec)))
         if args.book:
             modes.append(("book", lambda: book_segment(model, path, device,
                                                        args.book_batch_size,
@@ -215,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in modes:
             best = None
             for _ in range(max(args.repeat, 1)):
-                timings, count = run()
+                timings, found = run()
                 if best is None or timings["total"] < best[0]["total"]:
-                    best = (timings, count)
+                    best = (timings, found)
             rows.append((name, *best))
 
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -233,17 +250,23 @@ def main(argv: list[str] | None = None) -> int:
           + f"; lunaseg batch {args.batch_size}"
           + (f"; book batch {args.book_batch_size}, {args.book_workers} workers"
              if args.book else ""))
-    header = f"{'mode':<12} {'read s':>7} {'infer s':>8} {'extract s':>9} {'total s':>8} " \
+    header = f"{'mode':<18} {'read s':>7} {'infer s':>8} {'extract s':>9} {'total s':>8} " \
              f"{'s/slice':>8} {'cands':>6}"
     print(header)
     print("-" * len(header))
-    for name, timings, count in rows:
-        print(f"{name:<12} {timings['read']:7.2f} {timings['infer']:8.2f} "
+    for name, timings, found in rows:
+        count = found if isinstance(found, int) else len(found)
+        print(f"{name:<18} {timings['read']:7.2f} {timings['infer']:8.2f} "
               f"{timings['extract']:9.2f} {timings['total']:8.2f} "
               f"{timings['infer'] / shape[0]:8.4f} {count:6d}")
-    book = next((timings for name, timings, _ in rows if name == "book"), None)
+    by_name = {name: (timings, found) for name, timings, found in rows}
+    one = by_name.get("lunaseg" + suffix)
+    for name, (timings, found) in by_name.items():
+        if one is not None and name.startswith("tta"):
+            print(f"{name}: {timings['total'] / one[0]['total']:.2f}x the one-view time")
+    book = by_name.get("book", (None,))[0]
     if book is not None:
-        for name, timings, _ in rows:
+        for name, (timings, _) in by_name.items():
             if name != "book" and not math.isclose(timings["total"], 0.0):
                 print(f"speed-up (book total / {name} total): "
                       f"{book['total'] / timings['total']:.2f}x")

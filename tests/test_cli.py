@@ -145,7 +145,7 @@ def test_train_resume_keeps_the_runs_settings(run_folders, tmp_path, capsys, mon
     data, run = run_folders["data"], tmp_path / "run"
     common = ["-q", "train", "--data", str(data), "--crop", "24", "--val-stride", "2",
               "--epoch-samples", "16", "--device", "cpu"]
-    assert main([*common, "--out", str(run)]) == 0
+    assert main([*common, "--out", str(run), "--epochs", "1"]) == 0
     assert main([*common, "--out", str(run), "--epochs", "2",
                  "--resume", str(run / "checkpoint.pt")]) == 0
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
