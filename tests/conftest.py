@@ -4,6 +4,7 @@ the path to ../shared."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from lunaseg.inputs import SegmentationSpec
 from lunaseg.files import write_csv
 from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the repository; LUNASEG_SHARED points elsewhere (a worktree one level deeper).
+SHARED = Path(os.environ.get("LUNASEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def shared_path(*parts: str) -> Path:
@@ -132,3 +134,62 @@ def fresh_cli_logging():
     logger.handlers.clear()
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
+
+
+def spheres_and_tubes(root: Path, *, series: int = 10, seed: int = 5,
+                      shape_irc=(20, 64, 64)) -> Path:
+    """A LUNA16-layout set that a classifier must tell apart by shape: per series two or
+    three +40 HU spheres (annotated nodules, 4-7 mm; malignant when wider than 5.5 mm)
+    and four +40 HU tubes (vessels, 2.4-4 mm wide) crossing the lung, each listed once in
+    candidates.csv as a non-nodule; body and lung as in :func:`tiny_volume`."""
+    from lunaseg.luna import MALIGNANCY_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    spacing_xyz = (0.8, 0.8, 2.0)
+    annotations, candidates = [], []
+    i, r, c = np.indices(shape_irc)
+    mm = np.stack([i * spacing_xyz[2], r * spacing_xyz[1], c * spacing_xyz[0]], -1)
+    lung_center = np.array([(shape_irc[0] - 1) / 2 * spacing_xyz[2],
+                            shape_irc[1] / 2 * spacing_xyz[1], shape_irc[2] / 2 * spacing_xyz[0]])
+    for k in range(series):
+        uid = f"1.2.840.99.{k + 1}"
+        geometry = Geometry.identity(spacing_xyz=spacing_xyz, origin_xyz=(-20.0, -25.0, 5.0 * k))
+        hu = tiny_volume(rng, shape_irc).astype(np.int32)
+        spheres = []
+        for _ in range(int(rng.integers(2, 4))):
+            for _attempt in range(50):
+                center = lung_center + rng.uniform([-10, -8, -8], [10, 8, 8])
+                diameter = float(rng.uniform(4.0, 7.0))
+                if all(np.linalg.norm(center - s[0]) > (diameter + s[1]) / 2 + 6 for s in spheres):
+                    break
+            spheres.append((center, diameter))
+            hu[np.linalg.norm(mm - center, axis=-1) <= diameter / 2] = 40
+            xyz = geometry.irc_to_xyz(center / np.array([spacing_xyz[2], spacing_xyz[1],
+                                                         spacing_xyz[0]]))
+            annotations.append([uid, *np.round(xyz, 4), round(diameter, 3),
+                                "True" if diameter > 5.5 else "False", "[]", *[0.0] * 6, 0])
+            candidates.append([uid, *np.round(xyz, 4), 1])
+        for _ in range(4):
+            for _attempt in range(50):
+                point = lung_center + rng.uniform([-10, -8, -8], [10, 8, 8])
+                direction = rng.normal(size=3)
+                direction /= np.linalg.norm(direction)
+                radius = float(rng.uniform(1.2, 2.0))
+
+                def line_distance(p: np.ndarray) -> np.ndarray:
+                    offset = p - point
+                    return np.linalg.norm(offset - (offset @ direction)[..., None] * direction,
+                                          axis=-1)
+
+                if all(line_distance(s[0]) > s[1] / 2 + radius + 3 for s in spheres):
+                    break
+            lung = (hu > -950) & (hu < -700)  # vessels stay inside the lungs
+            hu[(line_distance(mm) <= radius) & lung] = 40
+            xyz = geometry.irc_to_xyz(point / np.array([spacing_xyz[2], spacing_xyz[1],
+                                                        spacing_xyz[0]]))
+            candidates.append([uid, *np.round(xyz, 4), 0])
+        write_image(hu.astype(np.int16), geometry, root / f"subset{k % 2}" / f"{uid}.mhd")
+    write_csv(root / "annotations_with_malignancy.csv", MALIGNANCY_COLUMNS, annotations)
+    write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, [a[:5] for a in annotations])
+    write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
+    return root

@@ -1,4 +1,5 @@
-"""Per-sample affine augmentation: identity, exact flips, offsets, label alignment, replay."""
+"""Per-sample affine augmentation, 2D and 3D: identity, exact flips, offsets, rotations, label
+alignment, replay, and the margin a 3D crop needs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lunaseg.augment import SegmentationAugmentation, apply_affine, identity_transforms
-from lunaseg.config import AugmentConfig
+from lunaseg.augment import (CropAugmentation, SegmentationAugmentation, apply_affine,
+                             apply_crop_affine, identity_transforms, identity_transforms_3d,
+                             source_crop_irc)
+from lunaseg.config import AugmentConfig, CropAugmentConfig
 from lunaseg.errors import ConfigError
 
 
@@ -201,3 +204,139 @@ def test_module_replays_a_recorded_draw():
     first = augment.apply_affine(image, label, theta)
     second = apply_affine(image, label, theta)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# ----------------------------------------------------------------------------- 3D crops
+
+CROP = (8, 12, 12)
+BOOK_3D_SPATIAL = CropAugmentConfig(noise_hu=0.0)
+
+
+def _crops(n: int = 4, size=(12, 20, 20), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, *size, generator=g) * 1000 - 500
+
+
+def _centre(x: torch.Tensor, crop=CROP) -> torch.Tensor:
+    s = [(have - want) // 2 for have, want in zip(x.shape[2:], crop)]
+    return x[:, :, s[0]:s[0] + crop[0], s[1]:s[1] + crop[1], s[2]:s[2] + crop[2]]
+
+
+def test_crop_identity_gives_the_source_centre():
+    x = _crops()
+    out = apply_crop_affine(x, identity_transforms_3d(4), CROP)
+    torch.testing.assert_close(out, _centre(x), rtol=1e-5, atol=1e-3)
+    off = CropAugmentation(CropAugmentConfig.off(), CROP, seed=0)
+    assert off.source_irc == CROP
+    assert torch.equal(off(x)[0], _centre(x))
+
+
+@pytest.mark.parametrize("row, dim", [(0, -1), (1, -2), (2, -3)])
+def test_crop_flip_theta_flips_that_axis(row, dim):
+    x = _crops()
+    theta = identity_transforms_3d(4)
+    theta[:, row, row] = -1.0  # rows x, y, z = col, row, index
+    out = apply_crop_affine(x, theta, CROP)
+    torch.testing.assert_close(out, torch.flip(_centre(x), dims=[dim]), rtol=1e-5, atol=1e-3)
+
+
+def test_crop_offset_moves_the_image_by_whole_voxels():
+    x = _crops()
+    theta = identity_transforms_3d(4)
+    theta[:, 0, 3] = 2.0 / CROP[2]  # one voxel of the output crop, along the columns
+    theta[:, 2, 3] = -2.0 / CROP[0]  # and one slice back
+    out = apply_crop_affine(x, theta, CROP)
+    # Output (i, r, c) samples source centre (i - 1, r, c + 1): the margin supplies the edges.
+    s = [(have - want) // 2 for have, want in zip(x.shape[2:], CROP)]
+    shifted = x[:, :, s[0] - 1:s[0] - 1 + CROP[0], s[1]:s[1] + CROP[1], s[2] + 1:s[2] + 1 + CROP[2]]
+    torch.testing.assert_close(out, shifted, rtol=1e-5, atol=1e-3)
+
+    augment = CropAugmentation(CropAugmentConfig(flip=False, offset=0.25, scale=0.0,
+                                                 rotate=False, noise_hu=0.0), CROP, seed=0)
+    theta = augment.draw_transforms(64)
+    assert torch.all(theta[:, :, 3].abs() <= 0.25) and torch.all(theta[:, :, 3] != 0)
+    torch.testing.assert_close(theta[:, :, :3], identity_transforms_3d(64)[:, :, :3])
+    moved, _ = augment(x[:1].expand(8, -1, -1, -1, -1)[:, :, :augment.source_irc[0],
+                                                        :augment.source_irc[1],
+                                                        :augment.source_irc[2]])
+    assert not torch.allclose(moved[0], moved[1], atol=1.0)
+
+
+def test_crop_rotation_turns_rows_into_columns_about_the_index_axis():
+    x = _crops(size=(8, 12, 12))
+    theta = identity_transforms_3d(4)
+    theta[:, 0, :2] = torch.tensor([0.0, -1.0])  # 90 degrees in the row-col plane
+    theta[:, 1, :2] = torch.tensor([1.0, 0.0])
+    out = apply_crop_affine(x, theta, CROP)
+    # Each slice turns as a whole; slices stay where they are.
+    candidates = [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 3)]
+    assert any(torch.allclose(out, c, atol=1e-3) for c in candidates)
+
+
+def test_crop_transforms_differ_per_sample_and_labels_pass_through():
+    augment = CropAugmentation(CropAugmentConfig(), CROP, seed=1)
+    theta = augment.draw_transforms(8)
+    assert theta.shape == (8, 3, 4)
+    assert len({tuple(t.flatten().tolist()) for t in theta}) == 8
+    x = _crops(n=1, size=augment.source_irc).expand(2, -1, -1, -1, -1).contiguous()
+    label = torch.tensor([True, False])
+    out, out_label = augment(x, label)
+    assert out.shape == (2, 1, *CROP)
+    assert not torch.allclose(out[0], out[1], atol=1.0)  # one batch, two transforms
+    assert out_label is label
+
+
+def test_crop_replay_of_a_recorded_draw_gives_the_same_output():
+    augment = CropAugmentation(BOOK_3D_SPATIAL, CROP, seed=4)
+    x = _crops(size=augment.source_irc)
+    theta = augment.draw_transforms(4)
+    first, _ = augment(x, theta=theta)
+    again = augment.apply_crop_affine(x, theta, CROP)
+    assert torch.equal(first, again)
+    # The same seed replays a whole forward pass, noise included.
+    noisy = CropAugmentConfig()
+    a, b = (CropAugmentation(noisy, CROP, seed=9) for _ in range(2))
+    assert torch.equal(a(x)[0], b(x)[0])
+    a.reseed(3)
+    b.reseed(3)
+    assert torch.equal(a(x)[0], b(x)[0])
+    assert not torch.equal(a(x)[0], CropAugmentation(noisy, CROP, seed=10)(x)[0])
+
+
+def test_crop_noise_is_gaussian_in_hu():
+    augment = CropAugmentation(CropAugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False,
+                                                 noise_hu=25.0), CROP, seed=0)
+    x = torch.zeros(16, 1, *CROP)
+    out, _ = augment(x)
+    assert out.std().item() == pytest.approx(25.0, rel=0.05)
+    assert abs(out.mean().item()) < 1.0
+
+
+@pytest.mark.parametrize("crop", [(32, 48, 48), (8, 12, 12), (7, 11, 13)])
+def test_source_crop_holds_every_sample_any_draw_can_ask_for(crop):
+    """With the source of source_crop_irc, no sample position falls beyond its outermost
+    voxel centres, so border padding is never pulled in (the book cut 32x48x48 only)."""
+    config = CropAugmentConfig()
+    source = source_crop_irc(crop, config)
+    assert all((s - c) % 2 == 0 and s > c for s, c in zip(source, crop))
+    augment = CropAugmentation(config, crop, seed=0)
+    theta = augment.draw_transforms(20000)
+    # An affine map's extremes over the crop lie at its corner voxels' centres.
+    size_xyz = torch.tensor([crop[2], crop[1], crop[0]], dtype=torch.float32)
+    signs = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)],
+                         dtype=torch.float32)
+    corners = signs * (1 - 1 / size_xyz)  # normalised, align_corners=False
+    reach = theta[:, None, :, :3] @ corners[None, :, :, None]
+    reach = reach[..., 0] + theta[:, None, :, 3]  # (N, 8, 3), output half-size units
+    source_xyz = torch.tensor([source[2], source[1], source[0]], dtype=torch.float32)
+    in_source = reach * size_xyz / source_xyz  # the source's normalised units
+    assert torch.all(in_source.abs() <= 1 - 1 / source_xyz + 1e-6)
+    # And the plain crop is not enough: the same draws reach beyond its outer voxels.
+    assert torch.any(reach.abs() > 1)
+
+
+def test_crop_options_are_checked():
+    with pytest.raises(ConfigError, match="classifier augment.scale"):
+        CropAugmentation(CropAugmentConfig(scale=1.0))
+    with pytest.raises(ValueError, match="even number"):
+        CropAugmentation(CropAugmentConfig.off(), CROP)(torch.zeros(1, 1, 9, 12, 12))

@@ -179,6 +179,13 @@ def test_import_lidc(tmp_path, capsys):
      "uids.csv: no such series list file"),
     (["evaluate", "--annotations", "a.csv", "--candidates", "c.csv", "--model", "m.pt"],
      "--model segments a --data folder"),
+    (["train-classifier", "--data", "/nonexistent/luna"], "no cache here"),
+    (["train-classifier", "--data", "d", "--malignancy"], "give --from CKPT"),
+    (["train-classifier", "--data", "d", "--from", "c.pt"], "--from CKPT is for --malignancy"),
+    (["train-classifier", "--data", "d", "--crop", "30,48,48"],
+     "classifier.crop_irc must be 3 multiples of 2**depth = 16"),
+    (["train-classifier", "--data", "d", "--aug-scale", "1.5"],
+     "classifier augment.scale must be in [0, 1)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -203,6 +210,11 @@ def test_help_texts_come_from_the_configs(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Adam learning rate (default 0.001)" in text
     assert "weight of the false-negative Dice term (book: 8) (default 1)" in text
+    with pytest.raises(SystemExit):
+        main(["train-classifier", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "learning rate (default 0.0001)" in text
+    assert "balanced sampling: negatives per positive (book: 1)" in text
 
 
 @pytest.mark.slow

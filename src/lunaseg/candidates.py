@@ -45,8 +45,11 @@ from lunaseg.geometry import Geometry
 from lunaseg.inputs import GROUPINGS
 from lunaseg.masks import resolve_lung_mask
 
-__all__ = ["Candidate", "extract_candidates", "label_candidates", "check_extraction",
+__all__ = ["Candidate", "NODULE_THRESHOLD", "extract_candidates", "label_candidates", "check_extraction",
            "score_probability", "threshold_logit"]
+
+# p(nodule) from which the classifier's verdict counts as "nodule" in summaries (the book's).
+NODULE_THRESHOLD = 0.5
 
 # Logits up to this are written as their sigmoid; beyond, log-compressed (see the docstring).
 _LINEAR_LOGIT = 6.0
@@ -72,15 +75,33 @@ class Candidate:
     slice_span: tuple[int, int]  # first and last slice index (inclusive)
     bbox_irc: tuple[int, int, int, int, int, int]  # low (i, r, c), high (i, r, c), inclusive
     uneroded: bool  # erosion would have erased it; kept as segmented
+    # The second stage's verdicts, as log-odds (they do not saturate as float32 softmax
+    # outputs do); None until a classifier has seen the candidate (lunaseg.detect).
+    nodule_log_odds: float | None = None
+    malignant_log_odds: float | None = None
 
     @property
     def probability(self) -> float:
-        """The score written to the submission CSV, in [0, 1] (:func:`score_probability`)."""
+        """The score written to the submission CSV, in [0, 1] (:func:`score_probability`):
+        the classifier's once it has scored the candidate, else the segmentation's."""
+        if self.nodule_log_odds is not None:
+            return score_probability(self.nodule_log_odds)
         return score_probability(self.score)
+
+    @property
+    def p_nodule(self) -> float | None:
+        """The classifier's probability that this is a nodule (None before it ran)."""
+        return None if self.nodule_log_odds is None else _sigmoid(self.nodule_log_odds)
+
+    @property
+    def p_malignant(self) -> float | None:
+        """The malignancy model's probability (None before it ran)."""
+        return None if self.malignant_log_odds is None else _sigmoid(self.malignant_log_odds)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["probability"] = self.probability
+        data["p_nodule"], data["p_malignant"] = self.p_nodule, self.p_malignant
         for key in ("center_irc", "center_xyz", "slice_span", "bbox_irc"):
             data[key] = list(data[key])
         return data
@@ -92,6 +113,10 @@ def score_probability(logit: float) -> float:
     if abs(z) > _LINEAR_LOGIT:
         z = math.copysign(_LINEAR_LOGIT * (1.0 + math.log1p(abs(z) / _LINEAR_LOGIT - 1.0)), z)
     return 1.0 / (1.0 + math.exp(-z))
+
+
+def _sigmoid(z: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * float(z)))
 
 
 def threshold_logit(threshold: float) -> float:

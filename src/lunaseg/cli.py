@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lunaseg import __version__
-from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, LidcConfig, MaskConfig,
-                            SegmentConfig, SynthConfig, TrainConfig, describe)
+from lunaseg.config import (AugmentConfig, CacheConfig, ClassifierConfig, ClassifierDataConfig,
+                            ClassifierTrainConfig, CropAugmentConfig, DataConfig, LidcConfig,
+                            MaskConfig, SegmentConfig, SynthConfig, TrainConfig, describe)
 from lunaseg.errors import ConfigError, LunasegError
 
 log = logging.getLogger("lunaseg")
@@ -138,6 +139,56 @@ def _print_train_result(result) -> None:
     print(f"overlays:    {result.out_dir / layout.OVERLAYS_DIR}")
 
 
+def _classifier_config(args: argparse.Namespace) -> ClassifierTrainConfig:
+    if args.no_augment:
+        augment = CropAugmentConfig.off()
+    else:
+        augment = CropAugmentConfig(flip=args.aug_flip, offset=args.aug_offset,
+                                    scale=args.aug_scale, rotate=args.aug_rotate,
+                                    noise_hu=args.aug_noise)
+    model = ClassifierConfig(conv_channels=args.conv_channels, depth=args.depth,
+                             crop_irc=_ints(args.crop, 3, "--crop"))
+    data = ClassifierDataConfig(val_stride=args.val_stride, test_stride=args.test_stride,
+                                negatives_per_positive=args.negatives_per_positive,
+                                epoch_samples=args.epoch_samples, lookalikes=args.lookalikes,
+                                segmentation_negatives=args.segmentation_negatives,
+                                min_distance_diameters=args.min_distance_diameters)
+    return ClassifierTrainConfig(model=model, data=data, augment=augment,
+                                 task="malignancy" if args.malignancy else "nodule",
+                                 finetune_depth=args.finetune_depth, epochs=args.epochs,
+                                 batch_size=args.batch_size, optimizer=args.optimizer,
+                                 lr=args.lr, momentum=args.momentum,
+                                 validation_cadence=args.validation_cadence, seed=args.seed,
+                                 amp=args.amp, device=args.device, comment=args.comment)
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from lunaseg.train_classifier import train_classifier
+
+    if args.malignancy and args.init_from is None and args.resume is None:
+        raise ConfigError("--malignancy fine-tunes a nodule classifier: give --from CKPT")
+    if args.init_from is not None and not args.malignancy:
+        raise ConfigError("--from CKPT is for --malignancy fine-tuning")
+    cache = args.cache or Path(args.data) / "cache"
+    out = args.out
+    if out is None:
+        out = Path(args.resume).parent if args.resume else Path("runs") / (
+            "malignancy" if args.malignancy else "cls")
+    result = train_classifier(_classifier_config(args), cache, out, data_dir=args.data,
+                              seg_model=args.seg_model, seg_run=args.seg_run,
+                              init_from=args.init_from, resume=args.resume, tb_dir=args.tb_dir,
+                              progress=not args.quiet)
+    if result.best:
+        b = result.best
+        print(f"best validation (epoch {b['epoch']}): AUC {b['auc']:.3f}, correct "
+              f"{b['correct/all']:.1f}% (positives {b['correct/pos']:.1f}%, negatives "
+              f"{b['correct/neg']:.1f}%)")
+    print(f"checkpoints: {result.checkpoint}"
+          + (f", {result.best_checkpoint}" if result.best_checkpoint else ""))
+    print(f"tensorboard: tensorboard --logdir {result.tb_dir}")
+    return 130 if result.interrupted else 0
+
+
 def _series(entries: Sequence[str] | None) -> list[str] | None:
     """``--series`` values: UIDs, or files listing them."""
     from lunaseg.luna import expand_series
@@ -167,9 +218,36 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from lunaseg import layout
+    from lunaseg.detect import detect_inputs
+
+    outputs = detect_inputs(args.inputs, args.seg_model, args.cls_model, args.out,
+                            _segment_config(args), malignancy=args.mal_model,
+                            series_uids=_series(args.series), require_ct=not args.force,
+                            overwrite=args.overwrite, progress=not args.quiet)
+    for output in outputs:
+        line = (f"{output.series_uid}: {output.candidates} candidates, {output.nodules} "
+                f"called nodules -> {output.folder}")
+        if output.top is not None:
+            x, y, z = output.top.center_xyz
+            line += (f"\n  best: p(nodule) {output.top.p_nodule:.3f}"
+                     + (f", p(malignant) {output.top.p_malignant:.3f}"
+                        if output.top.p_malignant is not None else "")
+                     + f", {output.top.diameter_mm:.1f} mm at xyz ({x:.1f}, {y:.1f}, {z:.1f})")
+        print(line)
+    print(f"submission: {Path(args.out) / layout.SUBMISSION_FILE}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from lunaseg import pipeline
 
+    if (args.classifier or args.malignancy) and (args.data is None or args.model is None):
+        raise ConfigError("--classifier and --malignancy judge the candidates of --data DIR "
+                          "--model CKPT")
+    if args.malignancy and not args.classifier:
+        raise ConfigError("--malignancy needs --classifier")
     if args.data is not None and args.candidates is not None:
         if args.model is not None:
             raise ConfigError("--model segments a --data folder; a --candidates CSV is "
@@ -198,7 +276,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                          fp_budget=args.fp_budget,
                                          series_uids=_series(args.series),
                                          require_ct=not args.force,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet,
+                                         classifier=args.classifier,
+                                         malignancy=args.malignancy)
     else:
         if args.annotations is None or args.candidates is None:
             raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "
@@ -379,6 +459,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(tr)
     tr.set_defaults(func=_cmd_train)
 
+    tc = commands.add_parser("train-classifier", help="train the candidate classifier (nodule "
+                                                      "or not), or fine-tune it for malignancy")
+    tc.add_argument("--data", required=True, help="dataset folder (its cache is DATA/cache)")
+    tc.add_argument("--cache", help="cache folder (default DATA/cache)")
+    tc.add_argument("--out", help="run folder (default runs/cls, runs/malignancy; with "
+                                  "--resume, the checkpoint's folder)")
+    tc.add_argument("--tb-dir", help="TensorBoard folder (default OUT/tensorboard)")
+    tc.add_argument("--seg-model", help="U-Net checkpoint whose candidates far from nodules "
+                                        "become negatives (computed once, kept in OUT)")
+    tc.add_argument("--seg-run", help="segmentation run folder whose splits.json to use "
+                                      "(default: the --seg-model's folder, if it has one)")
+    tc.add_argument("--malignancy", action="store_true",
+                    help="fine-tune a nodule classifier (--from) into benign vs malignant")
+    tc.add_argument("--from", dest="init_from", metavar="CKPT",
+                    help="the nodule classifier --malignancy starts from")
+    _option(tc, "--finetune-depth", ClassifierTrainConfig, "finetune_depth", choices=(1, 2))
+    tc.add_argument("--resume", help="checkpoint to continue from, with the run's own settings "
+                                     "(only --epochs and --device apply)")
+    _option(tc, "--epochs", ClassifierTrainConfig, "epochs")
+    _option(tc, "--batch-size", ClassifierTrainConfig, "batch_size")
+    _option(tc, "--optimizer", ClassifierTrainConfig, "optimizer", choices=("adam", "sgd"))
+    _option(tc, "--lr", ClassifierTrainConfig, "lr")
+    _option(tc, "--momentum", ClassifierTrainConfig, "momentum")
+    _option(tc, "--validation-cadence", ClassifierTrainConfig, "validation_cadence")
+    data = tc.add_argument_group("samples")
+    _option(data, "--negatives-per-positive", ClassifierDataConfig, "negatives_per_positive")
+    _option(data, "--epoch-samples", ClassifierDataConfig, "epoch_samples")
+    _option(data, "--lookalikes", ClassifierDataConfig, "lookalikes",
+            action=argparse.BooleanOptionalAction, default=ClassifierDataConfig().lookalikes)
+    _option(data, "--segmentation-negatives", ClassifierDataConfig, "segmentation_negatives")
+    _option(data, "--min-distance-diameters", ClassifierDataConfig, "min_distance_diameters")
+    _option(data, "--val-stride", ClassifierDataConfig, "val_stride")
+    _option(data, "--test-stride", ClassifierDataConfig, "test_stride")
+    net = tc.add_argument_group("model (a new nodule classifier)")
+    _option(net, "--crop", ClassifierConfig, "crop_irc")
+    _option(net, "--conv-channels", ClassifierConfig, "conv_channels")
+    _option(net, "--depth", ClassifierConfig, "depth")
+    aug = tc.add_argument_group("augmentation (per sample, on the training device)")
+    aug.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    for flag, name in (("--aug-flip", "flip"), ("--aug-rotate", "rotate")):
+        _option(aug, flag, CropAugmentConfig, name, action=argparse.BooleanOptionalAction,
+                default=getattr(CropAugmentConfig(), name))
+    _option(aug, "--aug-offset", CropAugmentConfig, "offset")
+    _option(aug, "--aug-scale", CropAugmentConfig, "scale")
+    _option(aug, "--aug-noise", CropAugmentConfig, "noise_hu")
+    _option(tc, "--comment", ClassifierTrainConfig, "comment")
+    _option(tc, "--seed", ClassifierTrainConfig, "seed")
+    _option(tc, "--amp", ClassifierTrainConfig, "amp")
+    _option(tc, "--device", ClassifierTrainConfig, "device")
+    tc.set_defaults(func=_cmd_train_classifier)
+
     seg = commands.add_parser("segment", help="nodule candidates, masks and a report per CT")
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="image file (.mhd .mha .nii .nii.gz .nrrd), DICOM folder or LUNA16 root")
@@ -392,6 +523,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_options(seg)
     seg.set_defaults(func=_cmd_segment)
 
+    det = commands.add_parser("detect", help="the whole CAD: candidates judged by the nodule "
+                              "classifier (and malignancy), a ranked list and a report per CT")
+    det.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="image file (.mhd .mha .nii .nii.gz .nrrd), DICOM folder or LUNA16 root")
+    det.add_argument("--seg-model", required=True, help="segmentation checkpoint (lunaseg's "
+                     "or the book's)")
+    det.add_argument("--cls-model", required=True, help="nodule classifier checkpoint "
+                     "(lunaseg's train-classifier, or the book's)")
+    det.add_argument("--mal-model", help="malignancy checkpoint (train-classifier --malignancy)")
+    det.add_argument("--out", required=True, help="output folder")
+    det.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run in --out (refused otherwise)")
+    det.add_argument("--series", nargs="*", help="only these series of a LUNA16 root (UIDs or "
+                     "files listing them); put it after the INPUTs")
+    _add_segment_options(det)
+    det.set_defaults(func=_cmd_detect)
+
     from lunaseg.evaluate import CANDIDATE_FP_BUDGET
 
     ev = commands.add_parser("evaluate", help="LUNA16 FROC / CPM of candidate lists")
@@ -403,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "listing them (one per line, as LUNA16's seriesuids.csv)")
     ev.add_argument("--data", help="dataset folder: segment a split, then score it")
     ev.add_argument("--model", help="checkpoint for --data")
+    ev.add_argument("--classifier", help="nodule classifier for --data: score the whole CAD "
+                    "(and the candidate stage alone beside it)")
+    ev.add_argument("--malignancy", help="malignancy model for --data --classifier")
     ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val",
                     help="the split of --data to segment (default val)")
     ev.add_argument("--out", default="evaluation", help="folder for JSON, FROC plot, CSVs")

@@ -18,7 +18,9 @@ from lunaseg.inputs import size_multiple
 
 __all__ = [
     "MaskConfig", "SynthConfig", "CacheConfig", "DataConfig", "ModelConfig", "AugmentConfig",
-    "TrainConfig", "SegmentConfig", "LidcConfig", "LUNA16_MAX_MARKS", "describe",
+    "TrainConfig", "SegmentConfig", "LidcConfig", "ClassifierConfig", "CropAugmentConfig",
+    "ClassifierDataConfig", "ClassifierTrainConfig", "CLASSIFIER_TASKS", "LUNA16_MAX_MARKS",
+    "describe",
     "check_at_least", "check_fraction", "to_dict", "from_dict", "save_json",
 ]
 
@@ -230,6 +232,95 @@ class SegmentConfig:
                                       "foreground only where every view agrees) or 'mean'",
                                 none="the model's")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+
+
+@dataclass
+class ClassifierConfig:
+    """Candidate classifier hyper-parameters; the defaults are the book's ``LunaModel``
+    (222,220 parameters, input 32 x 48 x 48)."""
+
+    in_channels: int = _opt(1, "input channels (one HU crop)")
+    conv_channels: int = _opt(8, "filters of the first block; each further block doubles them")
+    depth: int = _opt(4, "conv blocks, each halving every axis")
+    crop_irc: tuple[int, int, int] = _opt((32, 48, 48), "input crop I,R,C centred on the "
+                                                        "candidate; multiples of 2**depth")
+    classes: tuple[str, ...] = _opt(("non-nodule", "nodule"), "what the outputs mean, in "
+                                                              "order")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class CropAugmentConfig:
+    """Per-sample random 3D affine + noise of classifier crops; the defaults are the book's
+    classifier ``--augmented`` settings (zero or False turns an option off)."""
+
+    flip: bool = _opt(True, "random flip of each axis (index, row, col)")
+    offset: float = _opt(0.1, "random shift on each axis, as a fraction of the crop's "
+                              "half-size")
+    scale: float = _opt(0.2, "random scale 1 +- this per axis")
+    rotate: bool = _opt(True, "random rotation about the index (slice) axis")
+    noise_hu: float = _opt(25.0, "Gaussian noise sigma in HU")
+
+    @classmethod
+    def off(cls) -> "CropAugmentConfig":
+        """No augmentation at all."""
+        return cls(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+
+
+@dataclass
+class ClassifierDataConfig:
+    """Which crops the classifier trains and validates on, and how they are balanced."""
+
+    min_hu: float = _opt(-1000.0, "HU window: lower clip")
+    max_hu: float = _opt(1000.0, "HU window: upper clip")
+    val_stride: int = _opt(DataConfig().val_stride, "without a segmentation run's splits: "
+                                                    "every N-th series (sorted) validates")
+    test_stride: int = _opt(DataConfig().test_stride, "without a segmentation run's splits: "
+                                                      "every N-th remaining series is held "
+                                                      "out (0 = none)")
+    negatives_per_positive: int = _opt(1, "balanced sampling: negatives per positive (book: "
+                                          "1); 0 = every sample as often as any other")
+    epoch_samples: int = _opt(0, "training samples per epoch (0 = each positive once, with "
+                                 "its negatives)")
+    lookalikes: bool = _opt(True, "use candidates.csv's non-nodule rows as negatives")
+    segmentation_negatives: int = _opt(200, "per series, at most this many candidates of the "
+                                            "segmentation model (highest score first) far from "
+                                            "every nodule become negatives (needs --seg-model)")
+    min_distance_diameters: float = _opt(1.0, "a segmentation candidate is a negative only "
+                                              "when farther than this many diameters from "
+                                              "every nodule and excluded finding")
+
+
+CLASSIFIER_TASKS = ("nodule", "malignancy")
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """A classifier training run: nodule vs non-nodule, or benign vs malignant fine-tuning."""
+
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    augment: CropAugmentConfig = field(default_factory=CropAugmentConfig)
+    task: str = _opt("nodule", "'nodule' (candidates: nodule or not) or 'malignancy' "
+                               "(nodules: benign or malignant, fine-tuned from a nodule "
+                               "classifier)")
+    finetune_depth: int = _opt(1, "malignancy: layers retrained, counted from the output: "
+                                  "1 = the head, 2 = the head and the last conv block")
+    epochs: int = _opt(10, "epochs in all")
+    batch_size: int = _opt(32, "training samples per step")
+    optimizer: str = _opt("adam", "'adam' or 'sgd' (the book's, with momentum)")
+    # Adam at 1e-3 turned the full-size net into a constant within ten steps (dead ReLUs);
+    # 1e-4 learns at once, the book's SGD needs millions of samples (docs/classifier.md).
+    lr: float = _opt(1e-4, "learning rate")
+    momentum: float = _opt(0.99, "SGD momentum (the book's)")
+    validation_cadence: int = _opt(1, "validate at epoch 1, every N epochs and the last")
+    seed: int = _opt(0, "random seed")
+    amp: bool = _opt(False, "bf16 autocast (CUDA only)")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    comment: str = _opt("", "a note stored with the run")
 
 
 @dataclass

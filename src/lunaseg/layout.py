@@ -11,6 +11,8 @@ SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 OVERLAYS_DIR = "overlays"
+# A classifier run folder also keeps the segmentation model's candidates it trains against.
+SEGMENTATION_CANDIDATES_FILE = "segmentation_candidates.json"
 
 # A segment output folder, and one folder per scan inside it.
 SUBMISSION_FILE = "submission.csv"

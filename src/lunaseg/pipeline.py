@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from lunaseg import layout
+from lunaseg.candidates import score_probability
 from lunaseg.config import (CacheConfig, DataConfig, MaskConfig, SegmentConfig,
                             SynthConfig, TrainConfig, from_dict, to_dict)
 from lunaseg.errors import DataError
@@ -39,6 +40,8 @@ class EvaluationReport:
     misses: list[dict] = field(default_factory=list)
     seconds_per_scan: float | None = None
     scans_from: str = "the split"  # where the list of scans scored came from
+    candidates_alone: object | None = None  # the FrocResult of the candidate stage (detect)
+    classifier_seconds_per_scan: float | None = None
 
     def __str__(self) -> str:
         r = self.froc
@@ -52,6 +55,15 @@ class EvaluationReport:
                      f"{rate:g}: {value:.3f}" for rate, value in r.sensitivities_at.items())]
         if r.nodules:
             lines.append(_by_size_line(r))
+        if self.candidates_alone is not None:
+            c = self.candidates_alone
+            lines.append(f"candidate stage alone: CPM {c.cpm:.3f}"
+                         + (f" (95% CI {c.cpm_ci[0]:.3f}-{c.cpm_ci[1]:.3f})" if c.cpm_ci else "")
+                         + f", at 1 FP per scan {c.sensitivities_at.get(1.0, float('nan')):.3f}"
+                         f"; end to end (above): CPM {r.cpm:.3f}, at 1 FP per scan "
+                         f"{r.sensitivities_at.get(1.0, float('nan')):.3f}")
+        if self.classifier_seconds_per_scan is not None:
+            lines.append(f"classifier seconds per scan: {self.classifier_seconds_per_scan:.2f}")
         if self.seconds_per_scan is not None:
             lines.append(f"seconds per scan (read -> candidates -> files): "
                          f"{self.seconds_per_scan:.2f}")
@@ -241,15 +253,53 @@ def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) ->
     return f"never segmented (max p {best_p:.3f})"
 
 
+# Beside froc.json when a classifier is scored: the candidate stage's own FROC.
+CANDIDATE_STAGE_FROC_JSON = "froc_candidates.json"
+
+
+def _read_candidates(folder: Path) -> list[dict]:
+    try:
+        return json.loads((folder / layout.CANDIDATES_JSON).read_text())["candidates"]
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"{folder / layout.CANDIDATES_JSON}: unreadable ({error})") from None
+
+
+def _rejected(findings, judged: dict[str, list[dict]], series: Sequence[str]) -> list[dict]:
+    """Nodules a candidate hits but the classifier puts below p(nodule) NODULE_THRESHOLD."""
+    from lunaseg.candidates import NODULE_THRESHOLD
+
+    out = []
+    for uid in series:
+        candidates = judged.get(uid, [])
+        if not candidates:
+            continue
+        marks = [Mark(c["center_xyz"], c["probability"]) for c in candidates]
+        for nodule in findings.get(uid, []):
+            hitting = np.flatnonzero(match_marks([nodule], marks).hits[:, 0])
+            if hitting.size == 0:
+                continue
+            best = candidates[hitting[0]]
+            if best["p_nodule"] < NODULE_THRESHOLD:
+                out.append({"series_uid": uid, "center_xyz": list(nodule.center_xyz),
+                            "diameter_mm": nodule.diameter_mm, "stage": "classifier",
+                            "reason": f"a candidate (rank {hitting[0] + 1}) but rejected by "
+                                      f"the classifier (p(nodule) {best['p_nodule']:.3f})"})
+    return out
+
+
 def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    out_dir: str | os.PathLike, *, split: str = "val",
                    segment: SegmentConfig | None = None,
                    fp_budget: float = CANDIDATE_FP_BUDGET,
                    series_uids: Sequence[str] | None = None, require_ct: bool = True,
-                   progress: bool = True) -> EvaluationReport:
+                   progress: bool = True, classifier: str | os.PathLike | None = None,
+                   malignancy: str | os.PathLike | None = None) -> EvaluationReport:
     """Segment every scan of a split and score it the LUNA16 way, explaining every miss.
 
-    ``series_uids`` narrows the split to those scans (``split="all"``: any on disk).
+    ``series_uids`` narrows the split to those scans (``split="all"``: any on disk).  With
+    a ``classifier`` the whole CAD is scored (:func:`lunaseg.detect.detect_inputs`), and
+    the same candidates ranked by the segmentation alone beside it; a nodule the candidate
+    stage found but the classifier puts below p(nodule) 0.5 is listed as rejected by it.
     """
     from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series
     from lunaseg.segment import segment_inputs
@@ -270,18 +320,34 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
     log.info("scoring against %s", annotations)
     segment_dir = out_dir / layout.SEGMENT_DIR
     # The evaluation's own segment folder: a rerun replaces it.
-    outputs = segment_inputs([data_dir], model_path, segment_dir, segment,
-                             series_uids=series, overwrite=True, require_ct=require_ct,
-                             progress=progress)
+    if classifier is None:
+        outputs = segment_inputs([data_dir], model_path, segment_dir, segment,
+                                 series_uids=series, overwrite=True, require_ct=require_ct,
+                                 progress=progress)
+    else:
+        from lunaseg.detect import detect_inputs
+
+        outputs = detect_inputs([data_dir], model_path, classifier, segment_dir, segment,
+                                malignancy=malignancy, series_uids=series, overwrite=True,
+                                require_ct=require_ct, progress=progress)
     excluded_file = data_dir / EXCLUDED_FILE
-    result = froc(load_findings(annotations),
-                  load_marks(segment_dir / layout.SUBMISSION_FILE),
-                  excluded=(load_findings(excluded_file, excluded=True)
-                            if excluded_file.exists() else None),
-                  series=series, max_marks_per_scan=segment.max_candidates,
+    findings = load_findings(annotations)
+    excluded = (load_findings(excluded_file, excluded=True) if excluded_file.exists()
+                else None)
+    result = froc(findings, load_marks(segment_dir / layout.SUBMISSION_FILE),
+                  excluded=excluded, series=series, max_marks_per_scan=segment.max_candidates,
                   fp_budget=fp_budget)
     folders = {o.series_uid: o.folder for o in outputs}
     misses, scans = [], {}
+    alone = None
+    if classifier is not None:
+        judged = {o.series_uid: _read_candidates(o.folder) for o in outputs}
+        by_segmentation = {uid: [Mark(c["center_xyz"], score_probability(c["score"]))
+                                 for c in sorted(cands, key=lambda c: -c["score"])]
+                           for uid, cands in judged.items()}
+        alone = froc(findings, by_segmentation, excluded=excluded, series=series,
+                     max_marks_per_scan=segment.max_candidates, fp_budget=fp_budget)
+        misses += _rejected(findings, judged, series)
     for nodule in result.nodules:
         if nodule.hit:
             continue
@@ -295,9 +361,15 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
             reason = _why_missed(nodule, scans[nodule.series_uid], segment.threshold,
                                  segment.max_candidates)
         misses.append({"series_uid": nodule.series_uid, "center_xyz": list(nodule.center_xyz),
-                       "diameter_mm": nodule.diameter_mm, "reason": reason})
+                       "diameter_mm": nodule.diameter_mm, "stage": "candidates",
+                       "reason": reason})
     seconds = float(np.mean([o.seconds for o in outputs])) if outputs else None
-    report = EvaluationReport(out_dir, result, misses, seconds)
+    report = EvaluationReport(out_dir, result, misses, seconds, candidates_alone=alone)
+    if classifier is not None and outputs:
+        report.classifier_seconds_per_scan = float(np.mean(
+            [json.loads((o.folder / layout.CANDIDATES_JSON).read_text())
+             .get("classifier_seconds", 0.0) for o in outputs]))
+        write_result_json(alone, out_dir / CANDIDATE_STAGE_FROC_JSON)
     _write_outputs(result, out_dir, misses, f"{model_path.name} on the {split} split")
     return report
 

@@ -15,13 +15,16 @@ import torch
 
 from lunaseg.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast", "whole_slice_batch", "capture_rng_state",
+__all__ = ["resolve_device", "autocast", "whole_slice_batch", "crop_batch", "capture_rng_state",
            "restore_rng_state"]
 
 # Slices per forward pass outside training when none is asked for: a GPU wants many; a CPU
 # runs fastest with a few, whose activations stay in its caches (docs/benchmarks.md).
 GPU_SLICES_PER_BATCH = 16
 CPU_SLICES_PER_BATCH = 4
+# Classifier crops (32 x 48 x 48, about one 272 x 272 slice of voxels) per forward pass.
+GPU_CROPS_PER_BATCH = 256
+CPU_CROPS_PER_BATCH = 32
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -61,6 +64,16 @@ def whole_slice_batch(device: torch.device, requested: int = 0) -> int:
     if requested:
         return requested
     return CPU_SLICES_PER_BATCH if device.type == "cpu" else GPU_SLICES_PER_BATCH
+
+
+def crop_batch(device: torch.device, requested: int = 0) -> int:
+    """Classifier crops per forward pass outside training; ``requested`` > 0 is used as it
+    is, 0 picks the device's default."""
+    if requested < 0:
+        raise ConfigError(f"batch_size must be >= 0 (0 = auto), got {requested}")
+    if requested:
+        return requested
+    return CPU_CROPS_PER_BATCH if device.type == "cpu" else GPU_CROPS_PER_BATCH
 
 
 def capture_rng_state() -> dict:

@@ -11,14 +11,15 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from lunaseg import layout
-from lunaseg.candidates import Candidate, check_extraction, label_candidates
+from lunaseg.candidates import (NODULE_THRESHOLD, Candidate, check_extraction,
+                                label_candidates)
 from lunaseg.config import SegmentConfig, to_dict
 from lunaseg.ct import CT, write_image
 from lunaseg.errors import ConfigError, DataError
@@ -43,6 +44,7 @@ CANDIDATE_CSV_COLUMNS = (
     "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_logit",
     "mean_logit", "max_probability", "mean_probability", "diameter_mm", "volume_mm3",
     "voxels", "index", "row", "col", "first_slice", "last_slice", "mean_hu", "uneroded",
+    "p_nodule", "p_malignant",
 )
 # The HTML report's table stops here: a model that marks most of the lung (untrained, or
 # given a kind of scan it never saw) would otherwise make a page of hundreds of megabytes.
@@ -73,6 +75,7 @@ class SegmentResult:
     spec: SegmentationSpec  # what the model was given
     settings: SegmentConfig  # with the model's choices filled in for its None fields
     device: str = "cpu"
+    classify_seconds: float = 0.0  # the second stage's share of ``seconds`` (lunaseg.detect)
 
     @property
     def prob(self) -> np.ndarray:
@@ -145,6 +148,8 @@ class ScanOutput:
     folder: Path
     candidates: int
     seconds: float  # reading + inference + candidates + writing
+    nodules: int | None = None  # candidates with p(nodule) >= NODULE_THRESHOLD (detect only)
+    top: Candidate | None = None  # the best candidate
 
 
 def _folder_annotations(inputs: Sequence[str | os.PathLike]
@@ -196,7 +201,12 @@ def _candidate_row(candidate: Candidate) -> list:
             f"{candidate.mean_probability:.6f}",
             f"{candidate.diameter_mm:.3f}", f"{candidate.volume_mm3:.3f}", candidate.voxels,
             f"{i:.3f}", f"{r:.3f}", f"{c:.3f}", candidate.slice_span[0],
-            candidate.slice_span[1], f"{candidate.mean_hu:.1f}", int(candidate.uneroded)]
+            candidate.slice_span[1], f"{candidate.mean_hu:.1f}", int(candidate.uneroded),
+            _optional(candidate.p_nodule), _optional(candidate.p_malignant)]
+
+
+def _optional(p: float | None) -> str:
+    return "" if p is None else f"{p:.6f}"
 
 
 def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
@@ -219,6 +229,11 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         "device": result.device,
         "candidates": len(result.candidates),
     }
+    judged = bool(result.candidates) and result.candidates[0].p_nodule is not None
+    if judged:
+        scan_info["classifier_seconds"] = round(result.classify_seconds, 3)
+        scan_info[f"p_nodule >= {NODULE_THRESHOLD}"] = sum(
+            c.p_nodule >= NODULE_THRESHOLD for c in result.candidates)
     document = {**scan_info, "settings": settings,
                 "candidates": [c.to_dict() for c in result.candidates]}
     write_text_atomic(json.dumps(document, indent=1) + "\n", folder / layout.CANDIDATES_JSON)
@@ -235,7 +250,10 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
     spacing_irc = ct.geometry.spacing_xyz[::-1]
     thumbnails = []
     for candidate in shown:
-        title = (f"#{candidate.rank}  p={candidate.probability:.3f}  "
+        verdict = "" if candidate.p_nodule is None else f"p(nodule)={candidate.p_nodule:.3f}  "
+        if candidate.p_malignant is not None:
+            verdict += f"p(malignant)={candidate.p_malignant:.3f}  "
+        title = (f"#{candidate.rank}  {verdict or f'p={candidate.probability:.3f}  '}"
                  f"d={candidate.diameter_mm:.1f} mm  xyz=({candidate.center_xyz[0]:.1f}, "
                  f"{candidate.center_xyz[1]:.1f}, {candidate.center_xyz[2]:.1f})")
         thumbnails.append(candidate_png(ct.hu, result.labels, candidate.rank + 1,
@@ -244,11 +262,15 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                                         spacing_irc=spacing_irc, title=title))
     columns = ["rank", "probability", "diameter_mm", "voxels", "center_xyz", "center_irc",
                "slice_span", "mean_hu"]
+    if judged:
+        columns[1:2] = ["p_nodule"] + (["p_malignant"] if result.candidates[0].p_malignant
+                                       is not None else []) + ["segmentation_score"]
     if nodules is not None:
         columns.insert(2, "annotated_nodule")
     rows = []
     for candidate in result.candidates[:REPORT_MAX_ROWS]:
         row = candidate.to_dict()
+        row["segmentation_score"] = candidate.score
         row["center_xyz"] = [round(v, 1) for v in candidate.center_xyz]
         row["center_irc"] = [round(v, 1) for v in candidate.center_irc]
         if nodules is not None:
@@ -288,7 +310,10 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
                    device: str | torch.device | None = None, require_ct: bool = True,
                    overwrite: bool = False,
                    annotations: Mapping[str, Sequence[Finding]] | None = None,
-                   progress: bool = True) -> list[ScanOutput]:
+                   progress: bool = True,
+                   stage_two: Callable[[CT, SegmentResult], SegmentResult] | None = None,
+                   stage_two_models: Mapping[str, str | None] | None = None
+                   ) -> list[ScanOutput]:
     """Segment every scan in ``inputs`` and write the results under ``out_dir``.
 
     ``inputs``: image files, DICOM series folders or LUNA16 roots (see :func:`find_scans`).
@@ -303,6 +328,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     ``require_ct`` refuses inputs that are not CT (see :func:`lunaseg.ct.load_ct`).  With
     ``annotations`` (nodules per series; default: the annotations CSV of an input folder
     that has one) each report says which candidates hit an annotated nodule.
+    ``stage_two`` (see :func:`lunaseg.detect.detect_inputs`) re-judges each scan's result
+    before it is written; ``stage_two_models`` names its models in the settings.
     """
     config = config or SegmentConfig()
     check_segment_config(config)
@@ -324,7 +351,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {**to_dict(resolved_config(config, spec)),
                 "model": str(model_path) if model_path else type(model).__name__,
-                "device": str(device), "input_spec": spec.to_dict()}
+                "device": str(device), "input_spec": spec.to_dict(),
+                **(stage_two_models or {})}
     write_text_atomic(json.dumps(settings, indent=2) + "\n", out_dir / layout.SEGMENT_CONFIG_FILE)
     log.info("segmenting %d scan(s) on %s into %s", len(sources), device, out_dir)
 
@@ -341,6 +369,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
             skipped.append(source.uid)
             continue
         result = segment_ct(model, ct, config, spec=spec, device=device, progress=progress)
+        if stage_two is not None:
+            result = stage_two(ct, result)
         folder = out_dir / _safe_name(ct.series_uid)
         nodules = None if annotations is None else annotations.get(ct.series_uid, [])
         _write_scan(ct, source, result, folder, config, settings, nodules)
@@ -350,13 +380,23 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
                                _score(candidate.probability)])
         write_csv(out_dir / layout.SUBMISSION_FILE, SUBMISSION_COLUMNS, submission)
         seconds = time.perf_counter() - start
-        log.info("%s: %d candidates, %.1f s (inference + candidates %.1f s)", ct.series_uid,
-                 len(result.candidates), seconds, result.seconds)
+        if stage_two is None:
+            log.info("%s: %d candidates, %.1f s (inference + candidates %.1f s)",
+                     ct.series_uid, len(result.candidates), seconds, result.seconds)
+        else:
+            log.info("%s: %d candidates, %d with p(nodule) >= %g, %.1f s (candidates %.1f s, "
+                     "classifier %.1f s)", ct.series_uid, len(result.candidates),
+                     sum(c.p_nodule >= NODULE_THRESHOLD for c in result.candidates),
+                     NODULE_THRESHOLD, time.perf_counter() - start, result.seconds - result.classify_seconds,
+                     result.classify_seconds)
         if len(result.candidates) > 10 * REPORT_MAX_ROWS:
             log.warning("%s: %d candidates; is the model trained for scans like this one?",
                         ct.series_uid, len(result.candidates))
+        nodules = (None if stage_two is None else
+                   sum(c.p_nodule >= NODULE_THRESHOLD for c in result.candidates))
         outputs.append(ScanOutput(ct.series_uid, source.path, folder, len(result.candidates),
-                                  seconds))
+                                  seconds, nodules,
+                                  result.candidates[0] if result.candidates else None))
     if skipped:
         log.warning("%d of %d scans could not be read and were skipped: %s%s", len(skipped),
                     len(sources), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
