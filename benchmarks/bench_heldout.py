@@ -6,6 +6,10 @@ with ``lunaseg synth --seed S`` (kept in ``--work`` and reused by later runs), s
 scored with ``lunaseg evaluate --data ... --split all``, then every set's candidates are
 scored as one submission.
 
+With ``--classifier`` (and ``--malignancy``) the whole CAD is scored the same way (``lunaseg
+evaluate --classifier``), pooled end to end and for the candidate stage alone, with the
+nodules the classifier rejects and the malignancy AUC on the nodules the candidates find.
+
 With ``--variants`` the network runs once per scan (all four mirror views kept, on the body
 box) and each grouping x view rule x lung mask is scored from those logits, pooled over the
 sets: one network pass for every variant.
@@ -13,23 +17,29 @@ sets: one network pass for every variant.
     python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.pt \\
         --seeds 7 8 9 --shape 64,256,256 --work /tmp/heldout
     python benchmarks/bench_heldout.py --model ... --work /tmp/heldout --variants
+    python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.best.pt \
+        --classifier lunaseg-demo/run/classifier/checkpoint.best.pt \
+        --malignancy lunaseg-demo/run/malignancy/checkpoint.best.pt --work /tmp/heldout
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from lunaseg.candidates import extract_candidates
+from lunaseg.candidates import extract_candidates, score_probability
+from lunaseg.classifier_metrics import roc_auc
 from lunaseg.config import SynthConfig
 from lunaseg.ct import load_ct
 from lunaseg.errors import LunasegError
 from lunaseg.evaluate import Mark, froc, load_findings, load_marks, write_result_json
-from lunaseg.luna import EXCLUDED_FILE, find_series
+from lunaseg.evaluate import Finding, match_marks
+from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series, read_nodules
 from lunaseg.masks import lung_mask
 from lunaseg.model import load_model
 from lunaseg.pipeline import DemoSettings, evaluate_model
@@ -65,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", action="store_true",
                         help="score every grouping, view rule and lung mask setting from one "
                              "network pass per scan, instead of the segment defaults")
+    parser.add_argument("--classifier", help="a nodule classifier: score the whole CAD")
+    parser.add_argument("--malignancy", help="a malignancy model (with --classifier)")
+    parser.add_argument("--rank-by", default=DemoSettings().rank_by,
+                        help="detect's ranking (default: the demo's)")
     args = parser.parse_args(argv)
 
     segment = DemoSettings().segment
@@ -83,12 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         return _variants(model, sets, segment)
     tag = f"{model.parent.name}_{model.stem}_tta{segment.tta}"
+    if args.classifier:
+        tag += f"_cad_{args.rank_by}"
 
     findings, excluded, marks, series, rows = {}, {}, {}, [], []
+    alone, rejected, malignancy = {}, 0, ([], [])
     for seed, data in sets:
         report = evaluate_model(data, model, work / f"{tag}_seed{seed}", split="all",
-                                segment=segment)
+                                segment=segment, classifier=args.classifier,
+                                malignancy=args.malignancy, rank_by=args.rank_by)
         rows.append(_row(f"seed {seed}", report.froc))
+        if args.classifier:
+            rejected += sum(m.get("stage") == "classifier" for m in report.misses)
+            _second_stage(data, report.out_dir / "segment", alone, malignancy)
         findings.update(load_findings(data / "annotations.csv"))
         if (data / EXCLUDED_FILE).exists():
             excluded.update(load_findings(data / EXCLUDED_FILE, excluded=True))
@@ -104,8 +125,45 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print(_row("all together", pooled))
+    if args.classifier:
+        first = froc(findings, alone, excluded=excluded, series=series,
+                     max_marks_per_scan=segment.max_candidates)
+        print(_row("candidate stage alone, all together", first))
+        print(f"sensitivity at 1 FP per scan: end to end {pooled.sensitivities_at[1.0]:.3f}, "
+              f"candidates alone {first.sensitivities_at[1.0]:.3f}; at 8: "
+              f"{pooled.sensitivities_at[8.0]:.3f} and {first.sensitivities_at[8.0]:.3f}")
+        print(f"nodules a candidate hits but the classifier puts below p(nodule) 0.5: "
+              f"{rejected}")
+        labels, scores = malignancy
+        if scores:
+            print(f"malignancy AUC on the {len(scores)} nodules a candidate hits "
+                  f"({sum(labels)} malignant): {roc_auc(np.array(labels), np.array(scores)):.3f}")
     print(f"pooled result: {work / (tag + '_pooled.json')}")
     return 0
+
+
+def _second_stage(data: Path, segment_dir: Path, alone: dict, malignancy: tuple) -> None:
+    """The candidate stage's own marks (ranked by its score) and (label, p(malignant)) of
+    every annotated nodule a candidate hits, from the candidates.json files of one set."""
+    nodules = {}
+    source = annotation_file(data)
+    for nodule in read_nodules(source):
+        nodules.setdefault(nodule.series_uid, []).append(nodule)
+    for folder in sorted(p for p in segment_dir.iterdir() if p.is_dir()):
+        document = json.loads((folder / "candidates.json").read_text())
+        candidates = document["candidates"]
+        uid = document["series_uid"]
+        alone[uid] = [Mark(c["center_xyz"], score_probability(c["score"]))
+                      for c in sorted(candidates, key=lambda c: -c["score"])]
+        marks = [Mark(c["center_xyz"], c["probability"]) for c in candidates]
+        for nodule in nodules.get(uid, []):
+            if nodule.is_malignant is None or not marks:
+                continue
+            hits = np.flatnonzero(match_marks([Finding(nodule.center_xyz, nodule.diameter_mm)],
+                                              marks).hits[:, 0])
+            if hits.size and candidates[hits[0]].get("p_malignant") is not None:
+                malignancy[0].append(int(nodule.is_malignant))
+                malignancy[1].append(candidates[hits[0]]["p_malignant"])
 
 
 def _variants(model_path: Path, sets: list, segment) -> int:

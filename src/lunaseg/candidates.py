@@ -45,8 +45,8 @@ from lunaseg.geometry import Geometry
 from lunaseg.inputs import GROUPINGS
 from lunaseg.masks import resolve_lung_mask
 
-__all__ = ["Candidate", "NODULE_THRESHOLD", "extract_candidates", "label_candidates", "check_extraction",
-           "score_probability", "threshold_logit"]
+__all__ = ["Candidate", "NODULE_THRESHOLD", "extract_candidates", "label_candidates",
+           "check_extraction", "score_probability", "threshold_logit"]
 
 # p(nodule) from which the classifier's verdict counts as "nodule" in summaries (the book's).
 NODULE_THRESHOLD = 0.5
@@ -79,13 +79,15 @@ class Candidate:
     # outputs do); None until a classifier has seen the candidate (lunaseg.detect).
     nodule_log_odds: float | None = None
     malignant_log_odds: float | None = None
+    rank_log_odds: float | None = None  # what the judged candidates are ranked by
 
     @property
     def probability(self) -> float:
         """The score written to the submission CSV, in [0, 1] (:func:`score_probability`):
-        the classifier's once it has scored the candidate, else the segmentation's."""
-        if self.nodule_log_odds is not None:
-            return score_probability(self.nodule_log_odds)
+        what the second stage ranks by once it has judged the candidate, else the
+        segmentation's score."""
+        if self.rank_log_odds is not None:
+            return score_probability(self.rank_log_odds)
         return score_probability(self.score)
 
     @property

@@ -29,6 +29,7 @@ from lunaseg.ct import CT
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.files import write_json_atomic
 from lunaseg.geometry import Geometry
+from lunaseg.progress import bar as progress_bar
 
 __all__ = ["CropSample", "nodule_samples", "lookalike_samples", "avoided_findings",
            "series_ct", "segmentation_candidates", "segmentation_negatives", "CropSampler",
@@ -150,8 +151,6 @@ def segmentation_candidates(model: nn.Module | str | os.PathLike, cache: Cache,
     settings are not segmented again, and the file is rewritten after every new series, so
     an interrupted run keeps what it finished.
     """
-    from tqdm import tqdm
-
     from lunaseg.segment import segment_ct
 
     segment = segment or SegmentConfig()
@@ -176,7 +175,8 @@ def segmentation_candidates(model: nn.Module | str | os.PathLike, cache: Cache,
         stored = {"format": _CANDIDATES_FORMAT, "model": name, "model_key": key,
                   "segment": settings, "series": {}}
         todo = list(series_uids)
-    for uid in tqdm(todo, desc="segmentation candidates", unit="scan", disable=not progress):
+    for uid in progress_bar(todo, enabled=progress, desc="segmentation candidates",
+                            unit="scan"):
         entry = cache[uid]
         result = segment_ct(module, series_ct(entry), segment, device=device)
         offset = np.array([0, *entry.crop_rc])

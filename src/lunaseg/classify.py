@@ -19,10 +19,12 @@ from lunaseg.cache import pad_crop
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
 from lunaseg.inputs import ClassifierSpec
+from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import autocast, crop_batch, resolve_device
 
 __all__ = ["candidate_centers_irc", "cut_crops", "crops_to_input", "classify_crops",
-           "crop_logits", "log_odds", "candidate_log_odds", "classify_candidates", "resolve_classifier_spec", "FILL_HU"]
+           "crop_logits", "log_odds", "candidate_log_odds", "classify_candidates",
+           "resolve_classifier_spec", "FILL_HU"]
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +113,9 @@ def crop_logits(model: nn.Module, crops: np.ndarray | torch.Tensor, *,
     model.eval()
     outputs = []
     try:
-        from tqdm import tqdm
-
         with torch.inference_mode():
-            for start in tqdm(range(0, len(crops_t), step), desc="classify", unit="batch",
-                              leave=False, disable=not progress):
+            for start in progress_bar(range(0, len(crops_t), step), enabled=progress,
+                                      desc="classify", unit="batch", leave=False):
                 batch = crops_to_input(crops_t[start:start + step].to(device), spec)
                 with autocast(device, amp):
                     logits = model(batch)

@@ -152,6 +152,7 @@ def _classifier_config(args: argparse.Namespace) -> ClassifierTrainConfig:
                                 negatives_per_positive=args.negatives_per_positive,
                                 epoch_samples=args.epoch_samples, lookalikes=args.lookalikes,
                                 segmentation_negatives=args.segmentation_negatives,
+                                segmentation_tta=args.segmentation_tta,
                                 min_distance_diameters=args.min_distance_diameters)
     return ClassifierTrainConfig(model=model, data=data, augment=augment,
                                  task="malignancy" if args.malignancy else "nodule",
@@ -224,6 +225,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     outputs = detect_inputs(args.inputs, args.seg_model, args.cls_model, args.out,
                             _segment_config(args), malignancy=args.mal_model,
+                            rank_by=args.rank_by,
                             series_uids=_series(args.series), require_ct=not args.force,
                             overwrite=args.overwrite, progress=not args.quiet)
     for output in outputs:
@@ -278,7 +280,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                          require_ct=not args.force,
                                          progress=not args.quiet,
                                          classifier=args.classifier,
-                                         malignancy=args.malignancy)
+                                         malignancy=args.malignancy, rank_by=args.rank_by)
     else:
         if args.annotations is None or args.candidates is None:
             raise ConfigError("evaluate needs --annotations CSV and --candidates CSV "
@@ -354,6 +356,13 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--force", action="store_true",
                      help="read inputs that do not look like CT (another DICOM modality, no "
                           "voxel of air)")
+
+
+def _add_rank_by(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank-by", choices=("classifier", "combined"), default="classifier",
+                        help="order of the judged candidates: the classifier's p(nodule), or "
+                             "the sum of its log-odds and the candidate score (default "
+                             "classifier)")
 
 
 def _add_train_options(tr: argparse.ArgumentParser) -> None:
@@ -489,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(data, "--lookalikes", ClassifierDataConfig, "lookalikes",
             action=argparse.BooleanOptionalAction, default=ClassifierDataConfig().lookalikes)
     _option(data, "--segmentation-negatives", ClassifierDataConfig, "segmentation_negatives")
+    _option(data, "--segmentation-tta", ClassifierDataConfig, "segmentation_tta", type=int,
+            choices=(1, 2, 4))
     _option(data, "--min-distance-diameters", ClassifierDataConfig, "min_distance_diameters")
     _option(data, "--val-stride", ClassifierDataConfig, "val_stride")
     _option(data, "--test-stride", ClassifierDataConfig, "test_stride")
@@ -532,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--cls-model", required=True, help="nodule classifier checkpoint "
                      "(lunaseg's train-classifier, or the book's)")
     det.add_argument("--mal-model", help="malignancy checkpoint (train-classifier --malignancy)")
+    _add_rank_by(det)
     det.add_argument("--out", required=True, help="output folder")
     det.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --out (refused otherwise)")
@@ -554,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classifier", help="nodule classifier for --data: score the whole CAD "
                     "(and the candidate stage alone beside it)")
     ev.add_argument("--malignancy", help="malignancy model for --data --classifier")
+    _add_rank_by(ev)
     ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val",
                     help="the split of --data to segment (default val)")
     ev.add_argument("--out", default="evaluation", help="folder for JSON, FROC plot, CSVs")

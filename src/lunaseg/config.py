@@ -289,6 +289,8 @@ class ClassifierDataConfig:
     segmentation_negatives: int = _opt(200, "per series, at most this many candidates of the "
                                             "segmentation model (highest score first) far from "
                                             "every nodule become negatives (needs --seg-model)")
+    segmentation_tta: int = _opt(1, "mirrored views when segmenting for negatives (1, the "
+                                    "fastest, gives a few more candidates: more negatives)")
     min_distance_diameters: float = _opt(1.0, "a segmentation candidate is a negative only "
                                               "when farther than this many diameters from "
                                               "every nodule and excluded finding")

@@ -28,8 +28,21 @@ from lunaseg.evaluate import Finding
 from lunaseg.runtime import resolve_device
 from lunaseg.segment import ScanOutput, SegmentResult, segment_ct, segment_inputs
 
-__all__ = ["NODULE_THRESHOLD", "rank_by_classifier", "detect_ct", "detect_inputs",
-           "load_stage_two", "kept"]
+__all__ = ["NODULE_THRESHOLD", "RANKINGS", "rank_by_classifier", "ranking_log_odds",
+           "detect_ct", "detect_inputs", "load_stage_two", "kept"]
+
+# How judged candidates are ordered: by the classifier's log-odds alone, or by their sum
+# with the candidate stage's score (a logit too): two detectors' evidence added, as for
+# independent likelihood ratios, so a weak classifier cannot undo a strong candidate stage.
+RANKINGS = ("classifier", "combined")
+
+
+def ranking_log_odds(score: float, nodule_log_odds: float, rank_by: str) -> float:
+    """The value judged candidates are ordered by (and written as, through
+    :func:`lunaseg.candidates.score_probability`)."""
+    if rank_by not in RANKINGS:
+        raise ConfigError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
+    return nodule_log_odds + (score if rank_by == "combined" else 0.0)
 
 
 def _check_classes(model: nn.Module, wanted: str, what: str) -> None:
@@ -58,11 +71,13 @@ def load_stage_two(classifier: nn.Module | str | os.PathLike,
 
 
 def rank_by_classifier(ct: CT, result: SegmentResult, classifier: nn.Module,
-                       malignancy: nn.Module | None = None, *, batch_size: int = 0,
-                       device: str | torch.device = "cpu", amp: bool = False) -> SegmentResult:
+                       malignancy: nn.Module | None = None, *, rank_by: str = "classifier",
+                       batch_size: int = 0, device: str | torch.device = "cpu",
+                       amp: bool = False) -> SegmentResult:
     """``result`` with every candidate judged by ``classifier`` (and ``malignancy``),
-    re-ranked by p(nodule), ties in the candidate stage's order; the label map follows the
-    new ranks.  ``ct`` is the scan ``result`` was found on."""
+    re-ranked as ``rank_by`` says (:data:`RANKINGS`), ties in the candidate stage's order;
+    the label map follows the new ranks.  ``ct`` is the scan ``result`` was found on."""
+    ranking_log_odds(0.0, 0.0, rank_by)  # a bad name fails before any work
     start = time.perf_counter()
     candidates = result.candidates
     nodule = candidate_log_odds(classifier, ct, candidates, batch_size=batch_size,
@@ -71,10 +86,11 @@ def rank_by_classifier(ct: CT, result: SegmentResult, classifier: nn.Module,
                                     device=device, amp=amp)
                  if malignancy is not None else [None] * len(candidates))
     judged = [replace(c, nodule_log_odds=float(n),
-                      malignant_log_odds=None if m is None else float(m))
+                      malignant_log_odds=None if m is None else float(m),
+                      rank_log_odds=ranking_log_odds(c.score, float(n), rank_by))
               for c, n, m in zip(candidates, nodule, malignant)]
-    # Stable: equal log-odds keep the candidate stage's order (its rank).
-    order = sorted(range(len(judged)), key=lambda k: -judged[k].nodule_log_odds)
+    # Stable: equal values keep the candidate stage's order (its rank).
+    order = sorted(range(len(judged)), key=lambda k: -judged[k].rank_log_odds)
     relabel = np.zeros(len(judged) + 1, dtype=result.labels.dtype)
     ranked = []
     for new_rank, k in enumerate(order):
@@ -87,21 +103,22 @@ def rank_by_classifier(ct: CT, result: SegmentResult, classifier: nn.Module,
 
 def detect_ct(seg_model: nn.Module, classifier: nn.Module, ct: CT,
               config: SegmentConfig | None = None, *, malignancy: nn.Module | None = None,
-              device: str | torch.device | None = None, progress: bool = False) -> SegmentResult:
+              rank_by: str = "classifier", device: str | torch.device | None = None,
+              progress: bool = False) -> SegmentResult:
     """Candidates of one CT (:func:`lunaseg.segment.segment_ct`), judged and ranked by the
     classifier (:func:`rank_by_classifier`)."""
     config = config or SegmentConfig()
     device = resolve_device(config.device if device is None else device)
     result = segment_ct(seg_model, ct, config, device=device, progress=progress)
-    return rank_by_classifier(ct, result, classifier, malignancy, device=device,
-                              amp=config.amp)
+    return rank_by_classifier(ct, result, classifier, malignancy, rank_by=rank_by,
+                              device=device, amp=config.amp)
 
 
 def detect_inputs(inputs: Sequence[str | os.PathLike], seg_model: nn.Module | str | os.PathLike,
                   classifier: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
                   config: SegmentConfig | None = None, *,
                   malignancy: nn.Module | str | os.PathLike | None = None,
-                  series_uids: Sequence[str] | None = None,
+                  rank_by: str = "classifier", series_uids: Sequence[str] | None = None,
                   device: str | torch.device | None = None, require_ct: bool = True,
                   overwrite: bool = False,
                   annotations: Mapping[str, Sequence[Finding]] | None = None,
@@ -111,10 +128,13 @@ def detect_inputs(inputs: Sequence[str | os.PathLike], seg_model: nn.Module | st
     p(malignant), the submission the classifier's probability."""
     config = config or SegmentConfig()
     device = resolve_device(config.device if device is None else device)
-    names = {"classifier": _name(classifier), "malignancy": _name(malignancy)}
+    names = {"classifier": _name(classifier), "malignancy": _name(malignancy),
+             "rank_by": rank_by}
     classifier, malignancy = load_stage_two(classifier, malignancy, device=device)
+    ranking_log_odds(0.0, 0.0, rank_by)
     stage_two = functools.partial(rank_by_classifier, classifier=classifier,
-                                  malignancy=malignancy, device=device, amp=config.amp)
+                                  malignancy=malignancy, rank_by=rank_by, device=device,
+                                  amp=config.amp)
     return segment_inputs(inputs, seg_model, out_dir, config, series_uids=series_uids,
                           device=device, require_ct=require_ct, overwrite=overwrite,
                           annotations=annotations, progress=progress, stage_two=stage_two,

@@ -11,6 +11,9 @@ SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 OVERLAYS_DIR = "overlays"
+# The demo's second-stage runs, inside its U-Net run folder.
+CLASSIFIER_RUN_DIR = "classifier"
+MALIGNANCY_RUN_DIR = "malignancy"
 # A classifier run folder also keeps the segmentation model's candidates it trains against.
 SEGMENTATION_CANDIDATES_FILE = "segmentation_candidates.json"
 

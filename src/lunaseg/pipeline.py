@@ -16,8 +16,9 @@ import numpy as np
 
 from lunaseg import layout
 from lunaseg.candidates import score_probability
-from lunaseg.config import (CacheConfig, DataConfig, MaskConfig, SegmentConfig,
-                            SynthConfig, TrainConfig, from_dict, to_dict)
+from lunaseg.config import (CacheConfig, ClassifierDataConfig, ClassifierTrainConfig,
+                            DataConfig, MaskConfig, SegmentConfig, SynthConfig, TrainConfig,
+                            from_dict, to_dict)
 from lunaseg.errors import DataError
 from lunaseg.evaluate import (CANDIDATE_FP_BUDGET, Finding, Mark, froc, load_findings,
                               load_marks, match_marks, write_result_json)
@@ -42,6 +43,8 @@ class EvaluationReport:
     scans_from: str = "the split"  # where the list of scans scored came from
     candidates_alone: object | None = None  # the FrocResult of the candidate stage (detect)
     classifier_seconds_per_scan: float | None = None
+    ranking_cpms: dict[str, float] = field(default_factory=dict)  # CPM per detect ranking
+    ranked_by: str | None = None  # the ranking of the submission scored above
 
     def __str__(self) -> str:
         r = self.froc
@@ -60,8 +63,10 @@ class EvaluationReport:
             lines.append(f"candidate stage alone: CPM {c.cpm:.3f}"
                          + (f" (95% CI {c.cpm_ci[0]:.3f}-{c.cpm_ci[1]:.3f})" if c.cpm_ci else "")
                          + f", at 1 FP per scan {c.sensitivities_at.get(1.0, float('nan')):.3f}"
-                         f"; end to end (above): CPM {r.cpm:.3f}, at 1 FP per scan "
-                         f"{r.sensitivities_at.get(1.0, float('nan')):.3f}")
+                         f"; end to end (above, ranked by {self.ranked_by}): CPM {r.cpm:.3f}, "
+                         f"at 1 FP per scan {r.sensitivities_at.get(1.0, float('nan')):.3f}")
+            lines.append("CPM by ranking of the same candidates: " + ", ".join(
+                f"{name} {cpm:.3f}" for name, cpm in self.ranking_cpms.items()))
         if self.classifier_seconds_per_scan is not None:
             lines.append(f"classifier seconds per scan: {self.classifier_seconds_per_scan:.2f}")
         if self.seconds_per_scan is not None:
@@ -293,13 +298,15 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                    fp_budget: float = CANDIDATE_FP_BUDGET,
                    series_uids: Sequence[str] | None = None, require_ct: bool = True,
                    progress: bool = True, classifier: str | os.PathLike | None = None,
-                   malignancy: str | os.PathLike | None = None) -> EvaluationReport:
+                   malignancy: str | os.PathLike | None = None,
+                   rank_by: str = "classifier") -> EvaluationReport:
     """Segment every scan of a split and score it the LUNA16 way, explaining every miss.
 
     ``series_uids`` narrows the split to those scans (``split="all"``: any on disk).  With
     a ``classifier`` the whole CAD is scored (:func:`lunaseg.detect.detect_inputs`), and
-    the same candidates ranked by the segmentation alone beside it; a nodule the candidate
-    stage found but the classifier puts below p(nodule) 0.5 is listed as rejected by it.
+    the same candidates ranked by the segmentation alone and by each ranking of
+    :data:`lunaseg.detect.RANKINGS` beside it; a nodule the candidate stage found but the
+    classifier puts below p(nodule) 0.5 is listed as rejected by it.
     """
     from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series
     from lunaseg.segment import segment_inputs
@@ -328,7 +335,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
         from lunaseg.detect import detect_inputs
 
         outputs = detect_inputs([data_dir], model_path, classifier, segment_dir, segment,
-                                malignancy=malignancy, series_uids=series, overwrite=True,
+                                malignancy=malignancy, rank_by=rank_by, series_uids=series,
+                                overwrite=True,
                                 require_ct=require_ct, progress=progress)
     excluded_file = data_dir / EXCLUDED_FILE
     findings = load_findings(annotations)
@@ -339,14 +347,22 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                   fp_budget=fp_budget)
     folders = {o.series_uid: o.folder for o in outputs}
     misses, scans = [], {}
-    alone = None
+    alone, rankings = None, {}
     if classifier is not None:
+        from lunaseg.detect import RANKINGS, ranking_log_odds
+
         judged = {o.series_uid: _read_candidates(o.folder) for o in outputs}
-        by_segmentation = {uid: [Mark(c["center_xyz"], score_probability(c["score"]))
-                                 for c in sorted(cands, key=lambda c: -c["score"])]
-                           for uid, cands in judged.items()}
-        alone = froc(findings, by_segmentation, excluded=excluded, series=series,
-                     max_marks_per_scan=segment.max_candidates, fp_budget=fp_budget)
+
+        def reranked(key) -> object:
+            marks = {uid: [Mark(c["center_xyz"], score_probability(key(c)))
+                           for c in sorted(cands, key=lambda c: -key(c))]
+                     for uid, cands in judged.items()}
+            return froc(findings, marks, excluded=excluded, series=series,
+                        max_marks_per_scan=segment.max_candidates, fp_budget=fp_budget)
+
+        alone = reranked(lambda c: c["score"])
+        rankings = {name: reranked(lambda c, name=name: ranking_log_odds(
+            c["score"], c["nodule_log_odds"], name)).cpm for name in RANKINGS}
         misses += _rejected(findings, judged, series)
     for nodule in result.nodules:
         if nodule.hit:
@@ -364,7 +380,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                        "diameter_mm": nodule.diameter_mm, "stage": "candidates",
                        "reason": reason})
     seconds = float(np.mean([o.seconds for o in outputs])) if outputs else None
-    report = EvaluationReport(out_dir, result, misses, seconds, candidates_alone=alone)
+    report = EvaluationReport(out_dir, result, misses, seconds, candidates_alone=alone,
+                              ranking_cpms=rankings, ranked_by=rank_by)
     if classifier is not None and outputs:
         report.classifier_seconds_per_scan = float(np.mean(
             [json.loads((o.folder / layout.CANDIDATES_JSON).read_text())
@@ -392,6 +409,18 @@ class DemoSettings:
         data=DataConfig(val_stride=6, epoch_samples=2048), device="auto"))
     # segment's defaults (the model's views and grouping, the lung mask), fewer pictures.
     segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(overlays=10))
+    # The second stage on the U-Net's splits: the nodule classifier (the book's design and
+    # augmentation) against look-alikes and the U-Net's own candidates, then its malignancy
+    # fine-tuning; about four minutes together on 2 cores.  Trained this briefly on phantoms
+    # it is weak (docs/classifier.md), so the demo ranks by its evidence added to the
+    # candidate stage's ("combined"), and prints every ranking's CPM.
+    classifier: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(
+        data=ClassifierDataConfig(segmentation_negatives=50), epochs=10,
+        validation_cadence=5, device="auto"))
+    malignancy: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(
+        task="malignancy", epochs=10, validation_cadence=5, device="auto"))
+    second_stage: bool = True
+    rank_by: str = "combined"  # how detect orders the judged candidates (lunaseg.detect)
     quick: bool = False  # a check that every stage runs, not a model to use
 
     @classmethod
@@ -406,6 +435,8 @@ class DemoSettings:
         settings.train.validation_cadence = 1
         settings.train.data.hard_negative_slices = 8
         settings.segment.tta = 1
+        for stage in (settings.classifier, settings.malignancy):
+            stage.epochs, stage.validation_cadence = 1, 1
         return settings
 
 
@@ -422,6 +453,8 @@ class DemoResult:
     seconds: dict[str, float]
     settings: DemoSettings = field(default_factory=DemoSettings)
     evaluated: Path | None = None  # the checkpoint scored
+    classifier: object | None = None  # lunaseg.train_classifier.ClassifierTrainResult
+    malignancy: object | None = None
 
     def __str__(self) -> str:
         lines = [f"lunaseg demo finished in {sum(self.seconds.values()):.0f} s ("
@@ -446,6 +479,18 @@ class DemoResult:
                          f"per scan; CPM {r.cpm:.3f}")
             if r.nodules:
                 lines.append(_by_size_line(r))
+        for name, stage in (("nodule classifier", self.classifier),
+                            ("malignancy model", self.malignancy)):
+            if stage is not None and stage.best:
+                lines.append(f"{name}: validation AUC {stage.best['auc']:.3f} (epoch "
+                             f"{stage.best['epoch']}), {stage.best_checkpoint}")
+        alone = self.evaluation.candidates_alone if self.evaluation is not None else None
+        if alone is not None:
+            r = self.evaluation.froc
+            lines.append(f"CPM of the candidate stage alone {alone.cpm:.3f} (at 1 FP per scan "
+                         f"{alone.sensitivities_at[1.0]:.3f}); end to end, ranked by "
+                         f"{self.evaluation.ranked_by}, {r.cpm:.3f} "
+                         f"({r.sensitivities_at[1.0]:.3f})")
         lines += [f"data:        {self.data_dir}",
                   f"checkpoints: {self.train.checkpoint}"
                   + (f", {self.train.best_checkpoint}" if self.train.best_checkpoint else ""),
@@ -548,16 +593,36 @@ def run_demo(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
         shutil.rmtree(run_dir)  # a demo run starts fresh; use `lunaseg train` to resume
     result = train(settings.train, data_dir / "cache", run_dir, progress=progress)
     seconds["train"] = time.perf_counter() - started
+    model_path = result.best_checkpoint or run_dir / layout.LAST_CHECKPOINT
+
+    stages: dict[str, object] = {}
+    if settings.second_stage and model_path.exists() and not result.interrupted:
+        from lunaseg.train_classifier import train_classifier
+
+        started = time.perf_counter()
+        stages["classifier"] = train_classifier(
+            settings.classifier, data_dir / "cache", run_dir / layout.CLASSIFIER_RUN_DIR,
+            data_dir=data_dir, seg_model=model_path, seg_run=run_dir, progress=progress)
+        nodule = stages["classifier"].best_checkpoint or stages["classifier"].checkpoint
+        stages["malignancy"] = train_classifier(
+            settings.malignancy, data_dir / "cache", run_dir / layout.MALIGNANCY_RUN_DIR,
+            data_dir=data_dir, seg_run=run_dir, init_from=nodule, progress=progress)
+        seconds["classifiers"] = time.perf_counter() - started
 
     # The checkpoint a user should use: the best validation's (chosen on candidates), which
     # makes these validation figures a little optimistic; benchmarks/bench_heldout.py scores
     # fresh phantoms.
     evaluation = None
-    model_path = result.best_checkpoint or run_dir / layout.LAST_CHECKPOINT
     if model_path.exists() and not result.interrupted:
         started = time.perf_counter()
+        best = {name: stage.best_checkpoint or stage.checkpoint
+                for name, stage in stages.items()}
         evaluation = evaluate_model(data_dir, model_path, out_dir / "evaluation", split="val",
-                                    segment=settings.segment, progress=progress)
-        seconds["segment+evaluate"] = time.perf_counter() - started
+                                    segment=settings.segment, progress=progress,
+                                    classifier=best.get("classifier"),
+                                    malignancy=best.get("malignancy"),
+                                    rank_by=settings.rank_by)
+        seconds["detect+evaluate" if stages else "segment+evaluate"] = \
+            time.perf_counter() - started
     return DemoResult(out_dir, data_dir, run_dir, result, evaluation, montage, seconds,
-                      settings, model_path)
+                      settings, model_path, stages.get("classifier"), stages.get("malignancy"))

@@ -387,8 +387,8 @@ def segment_inputs(inputs: Sequence[str | os.PathLike], model: nn.Module | str |
             log.info("%s: %d candidates, %d with p(nodule) >= %g, %.1f s (candidates %.1f s, "
                      "classifier %.1f s)", ct.series_uid, len(result.candidates),
                      sum(c.p_nodule >= NODULE_THRESHOLD for c in result.candidates),
-                     NODULE_THRESHOLD, time.perf_counter() - start, result.seconds - result.classify_seconds,
-                     result.classify_seconds)
+                     NODULE_THRESHOLD, time.perf_counter() - start,
+                     result.seconds - result.classify_seconds, result.classify_seconds)
         if len(result.candidates) > 10 * REPORT_MAX_ROWS:
             log.warning("%s: %d candidates; is the model trained for scans like this one?",
                         ct.series_uid, len(result.candidates))

@@ -37,11 +37,12 @@ from lunaseg.classifier_data import (CropSample, CropSampler, avoided_findings,
 from lunaseg.classifier_metrics import ClassifierMetrics
 from lunaseg.classify import crops_to_input
 from lunaseg.config import (CLASSIFIER_TASKS, ClassifierTrainConfig, DataConfig,
-                            check_at_least, from_dict, to_dict)
+                            SegmentConfig, check_at_least, from_dict, to_dict)
 from lunaseg.datasets import load_splits, split_series
 from lunaseg.errors import CheckpointError, ConfigError, DataError
 from lunaseg.files import copy_atomic, write_json_atomic
 from lunaseg.inputs import ClassifierSpec
+from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import (autocast, capture_rng_state, crop_batch, resolve_device,
                              restore_rng_state)
 
@@ -156,6 +157,8 @@ def classifier_samples(config: ClassifierTrainConfig, cache: Cache,
         uids = train_uids + val_uids
         found = segmentation_candidates(seg_model, cache, uids,
                                         out_dir / layout.SEGMENTATION_CANDIDATES_FILE,
+                                        segment=SegmentConfig(tta=config.data.segmentation_tta,
+                                                              overlays=0, write_volumes=False),
                                         device=device, progress=progress)
         negatives += segmentation_negatives(found, avoided_findings(cache, uids, data_dir),
                                             config.data)
@@ -227,8 +230,6 @@ def evaluate_classifier(model: NoduleClassifier, entries: dict, samples: Sequenc
                         *, batch_size: int = 0, device: torch.device | None = None,
                         amp: bool = False, progress: bool = False) -> ClassifierMetrics:
     """Cross-entropy and p(positive) of ``model`` on un-augmented crops of ``samples``."""
-    from tqdm import tqdm
-
     device = device or next(model.parameters()).device
     step = crop_batch(device, batch_size)
     metrics = ClassifierMetrics()
@@ -236,8 +237,8 @@ def evaluate_classifier(model: NoduleClassifier, entries: dict, samples: Sequenc
     model.eval()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, len(samples), step), desc="validate", unit="batch",
-                              leave=False, disable=not progress):
+            for start in progress_bar(range(0, len(samples), step), enabled=progress,
+                                      desc="validate", unit="batch", leave=False):
                 part = samples[start:start + step]
                 crops = torch.from_numpy(cut_samples(entries, part, model.spec.crop_irc))
                 label = torch.tensor([s.label for s in part], device=device)
@@ -257,15 +258,13 @@ def _train_epoch(model: NoduleClassifier, optimizer: torch.optim.Optimizer,
                  trained: Sequence[str] | None, step_budget: int | None,
                  progress: bool) -> tuple[ClassifierMetrics, int, float]:
     """One epoch of optimizer steps; returns (metrics, steps taken, seconds)."""
-    from tqdm import tqdm
-
     _set_train_mode(model, trained)
     metrics = ClassifierMetrics()
     started = time.perf_counter()
     steps, seen = 0, 0
-    bar = tqdm(sampler.batches(epoch, config.batch_size),
-               total=sampler.steps_per_epoch(config.batch_size),
-               desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress)
+    bar = progress_bar(sampler.batches(epoch, config.batch_size),
+                       total=sampler.steps_per_epoch(config.batch_size), enabled=progress,
+                       desc=f"epoch {epoch}/{config.epochs}", unit="step")
     for crops, labels, _ in bar:
         hu = torch.from_numpy(crops).to(device, non_blocking=True)
         label = torch.from_numpy(labels).to(device, non_blocking=True)
