@@ -113,3 +113,23 @@ def test_detect_with_the_books_models_on_the_real_slab(tmp_path, capsys):
         submission = list(csv.DictReader(handle))
     written = [float(row["probability"]) for row in submission]
     assert written == sorted(written, reverse=True) and 0.5 < written[0] <= 1.0
+
+
+def test_the_combined_ranking_adds_the_candidate_score():
+    ct = three_blobs()
+    config = SegmentConfig(lung_mask=False, overlays=0, erosion_iterations=0)
+    result = segment_ct(Bright(), ct, config, device="cpu")
+    judged = rank_by_classifier(ct, result, MeanHU(), rank_by="combined")
+    for candidate in judged.candidates:
+        assert candidate.rank_log_odds == pytest.approx(candidate.score
+                                                        + candidate.nodule_log_odds)
+    values = [c.rank_log_odds for c in judged.candidates]
+    assert values == sorted(values, reverse=True)
+    with pytest.raises(ConfigError, match="rank_by"):
+        rank_by_classifier(ct, result, MeanHU(), rank_by="vote")
+
+
+def test_evaluate_refuses_a_classifier_without_a_model_to_judge(capsys):
+    assert main(["evaluate", "--annotations", "a.csv", "--candidates", "c.csv",
+                 "--classifier", "cls.pt"]) != 0
+    assert "--classifier and --malignancy judge the candidates" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -13,8 +14,12 @@ from lunaseg.pipeline import run_demo
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path):
     result = run_demo(tmp_path / "demo", quick=True, progress=False)
-    assert set(result.seconds) == {"synth", "prepcache", "train", "segment+evaluate"}
+    assert set(result.seconds) == {"synth", "prepcache", "train", "classifiers",
+                                   "detect+evaluate"}
     assert result.train.epochs_done == 2 and result.train.checkpoint.is_file()
+    # Both second-stage models sit beside the U-Net, and the scans were judged by them.
+    assert (result.run_dir / "classifier" / "checkpoint.pt").is_file()
+    assert (result.run_dir / "malignancy" / "checkpoint.pt").is_file()
     assert result.montage is not None and result.montage.stat().st_size > 10_000
     evaluation = result.evaluation
     assert evaluation is not None
@@ -27,6 +32,10 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert len(folders) == 2
     for folder in folders:
         assert (folder / "report.html").is_file()
+        with open(folder / "candidates.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert rows and all(0 <= float(r["p_nodule"]) <= 1 and 0 <= float(r["p_malignant"]) <= 1
+                            for r in rows)
         source = next((result.data_dir).rglob(f"{folder.name}.mhd"))
         mask, image = (sitk.ReadImage(str(folder / "mask.nii.gz")),
                        sitk.ReadImage(str(source)))
@@ -34,7 +43,8 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert mask.GetSpacing() == pytest.approx(image.GetSpacing(), abs=1e-4)
         assert mask.GetOrigin() == pytest.approx(image.GetOrigin(), abs=1e-3)
     text = str(result)
-    assert "on 2 validation scans" in text and "CPM" in text
+    assert "on 2 validation scans" in text and "CPM of the candidate stage alone" in text
+    assert evaluation.candidates_alone is not None and evaluation.ranked_by == "combined"
     counts = sum(band["nodules"] for band in froc["by_size"])
     assert counts == froc["n_nodules"] and "by diameter (found / at <= 20 FP" in text
     # The phantoms come with their true nodule voxels and what each nodule is.
