@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from conftest import DenseStandIn, logit, rotated_geometry, sphere_phantom, toy_chest
+from conftest import (ClassStandIn, DenseStandIn, logit, rotated_geometry, sphere_phantom,
+                      toy_chest)
 from lunaseg.candidates import extract_candidates, score_probability, threshold_logit
 from lunaseg.config import SegmentConfig
 from lunaseg.errors import ConfigError
 from lunaseg.geometry import Geometry
 from lunaseg.masks import lung_mask
-from lunaseg.predict import predict_logits
+from lunaseg.predict import predict_classes, predict_logits
 
 SPEC = DenseStandIn.spec
 NO_MASK = SegmentConfig(lung_mask=False)
@@ -157,3 +158,35 @@ def test_each_grouping_ranks_by_its_own_logit():
     assert [c.voxels for c in by_mean] == [9, 16] and by_mean[0].score == 9.0
     assert [c.voxels for c in by_max] == [16, 9] and by_max[0].score == 40.0
     assert by_mean[1].score == pytest.approx((15 * 3.0 + 40.0) / 16)
+
+
+def test_a_3_class_model_gives_each_candidate_its_p_malignant():
+    hu = np.full((6, 24, 24), -800, dtype=np.int16)
+    hu[2:4, 4:8, 4:8] = 500  # malignant to the stand-in (denser than 200 HU)
+    hu[2:4, 14:20, 14:20] = 0  # benign
+    nodule, malignancy = predict_classes(ClassStandIn(), hu, ClassStandIn.spec,
+                                         crop_to_body=False)
+    found = extract_candidates(nodule, hu, Geometry.identity(), NO_EROSION,
+                               malignancy_logits=malignancy)
+    assert len(found) == 2
+    p_nodule = 1 / (1 + np.exp(-nodule.astype(np.float64)))
+    p_malignant = p_nodule / (1 + np.exp(-malignancy.astype(np.float64)))
+    for candidate, block in zip(sorted(found, key=lambda c: c.center_irc[1]),
+                                ((slice(2, 4), slice(4, 8), slice(4, 8)),
+                                 (slice(2, 4), slice(14, 20), slice(14, 20)))):
+        # The mean over the component of the softmax's p(malignant), beside mean p(nodule).
+        assert candidate.malignant_probability == pytest.approx(p_malignant[block].mean(),
+                                                                rel=1e-5)
+        assert candidate.nodule_probability == candidate.mean_probability == pytest.approx(
+            p_nodule[block].mean(), rel=1e-5)
+        assert candidate.malignancy == pytest.approx(
+            candidate.malignant_probability / candidate.mean_probability)
+    dense, soft = sorted(found, key=lambda c: c.center_irc[1])
+    assert dense.malignancy > 0.99 and soft.malignancy < 0.02
+    assert dense.to_dict()["malignancy"] == dense.malignancy
+    # Without malignancy logits (a 1-class model) the candidates carry none, and the same
+    # components and ranking come out.
+    plain = extract_candidates(nodule, hu, Geometry.identity(), NO_EROSION)
+    assert [c.malignant_probability for c in plain] == [None, None]
+    assert [c.center_irc for c in plain] == [c.center_irc for c in found]
+    assert plain[0].to_dict()["malignancy"] is None

@@ -10,7 +10,8 @@ import pytest
 
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.evaluate import (
-    Finding, Mark, cap_marks, froc, load_findings, load_marks, match_marks, write_result_json,
+    Finding, Mark, cap_marks, found_nodule_scores, froc, load_findings, load_marks,
+    match_marks, roc_auc, roc_auc_interval, write_result_json,
 )
 from lunaseg.luna import UNKNOWN_DIAMETER_SCORED_MM
 from lunaseg.report import plot_froc
@@ -448,3 +449,41 @@ def test_step_reading_matches_brute_force():
             if (fp_probs >= t).sum() / len(uids) <= rate:
                 expected = max(expected, float((best >= t).sum()) / best.size)
         assert value == pytest.approx(expected), rate
+
+
+# --------------------------------------------------------------------------- malignancy
+
+
+def test_roc_auc_by_hand():
+    # Positives 0.9, 0.4; negatives 0.5, 0.1: pairs (0.9 > 0.5, 0.9 > 0.1, 0.4 < 0.5,
+    # 0.4 > 0.1) -> 3 of 4.
+    assert roc_auc([0.9, 0.5, 0.4, 0.1], [True, False, True, False]) == pytest.approx(0.75)
+    # A tie counts half: positive 0.5 against negative 0.5.
+    assert roc_auc([0.5, 0.5, 0.9], [True, False, True]) == pytest.approx(0.75)
+    assert roc_auc([0.1, 0.2], [False, True]) == 1.0
+    assert roc_auc([0.1, 0.2], [True, False]) == 0.0
+    assert np.isnan(roc_auc([0.1, 0.2], [True, True]))
+    with pytest.raises(ValueError, match="equally long"):
+        roc_auc([0.1], [True, False])
+
+
+def test_roc_auc_interval_brackets_the_auc():
+    rng = np.random.default_rng(0)
+    labels = rng.random(80) < 0.4
+    scores = labels * 0.6 + rng.random(80)
+    auc = roc_auc(scores, labels)
+    low, high = roc_auc_interval(scores, labels, replicates=400)
+    assert low < auc < high and 0.5 < low and high <= 1.0
+    assert roc_auc_interval([0.1, 0.2, 0.3], [True, False, False]) is None  # one positive
+
+
+def test_found_nodule_scores_take_the_mark_the_froc_scores():
+    nodules = [Finding([0.0, 0.0, 0.0], 10.0), Finding([50.0, 0.0, 0.0], 10.0),
+               Finding([100.0, 0.0, 0.0], 10.0)]
+    marks = [Mark([1.0, 0.0, 0.0], 0.6), Mark([0.0, 1.0, 0.0], 0.9),  # both on nodule 0
+             Mark([52.0, 0.0, 0.0], 0.3), Mark([200.0, 0.0, 0.0], 0.99)]
+    scores = [0.1, 0.8, None, 0.5]
+    # Nodule 0: its best mark (p 0.9) says 0.8; nodule 1: hit, but no score; nodule 2: missed.
+    assert found_nodule_scores(nodules, marks, scores) == [0.8, None, None]
+    with pytest.raises(ValueError, match="3 scores for 4 marks"):
+        found_nodule_scores(nodules, marks, scores[:3])

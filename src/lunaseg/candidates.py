@@ -28,6 +28,12 @@ and a log-compressed logit beyond, so it stays in [0, 1] and in the ranking's or
 float64 sigmoids would round to 1.  ``center_xyz`` = ``Geometry.irc_to_xyz`` of the (continuous)
 centre, right for any direction matrix; ``diameter_mm`` is of the sphere with the
 component's physical volume.
+
+With a 3-class model's malignancy logits (:mod:`lunaseg.predict`) each candidate also
+carries p(malignant), the mean over its voxels of the softmax's p(malignant) =
+p(nodule) x p(malignant | nodule), beside ``mean_probability``, the mean p(nodule) =
+1 - p(background); their ratio is p(malignant | nodule) weighted by p(nodule).  The ranking
+does not use them: the candidate stage finds nodules, whatever their class.
 """
 
 from __future__ import annotations
@@ -72,15 +78,33 @@ class Candidate:
     slice_span: tuple[int, int]  # first and last slice index (inclusive)
     bbox_irc: tuple[int, int, int, int, int, int]  # low (i, r, c), high (i, r, c), inclusive
     uneroded: bool  # erosion would have erased it; kept as segmented
+    # 3-class models: mean p(malignant) over the voxels (None for a 1-class model).
+    malignant_probability: float | None = None
 
     @property
     def probability(self) -> float:
         """The score written to the submission CSV, in [0, 1] (:func:`score_probability`)."""
         return score_probability(self.score)
 
+    @property
+    def nodule_probability(self) -> float:
+        """p(nodule) = 1 - p(background), the mean over the voxels (``mean_probability``)."""
+        return self.mean_probability
+
+    @property
+    def malignancy(self) -> float | None:
+        """p(malignant | nodule): the share of the candidate's nodule probability that is
+        malignant (None for a 1-class model)."""
+        if self.malignant_probability is None:
+            return None
+        return self.malignant_probability / self.mean_probability if self.mean_probability \
+            else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["probability"] = self.probability
+        data["nodule_probability"] = self.nodule_probability
+        data["malignancy"] = self.malignancy
         for key in ("center_irc", "center_xyz", "slice_span", "bbox_irc"):
             data[key] = list(data[key])
         return data
@@ -162,7 +186,8 @@ def _components(foreground: np.ndarray, iterations: int, grouping: str,
 
 
 def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndarray,
-                 grouping: str) -> dict[str, np.ndarray]:
+                 grouping: str, malignancy_logits: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
     """Per-label statistics (index k = label k) from the labelled voxels only."""
     flat = np.flatnonzero(labels)
     lab = labels.ravel()[flat]
@@ -184,6 +209,10 @@ def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndar
         "mean_probability": np.bincount(lab, p, minlength=n) / per_voxel,
         "mean_hu": np.bincount(lab, h, minlength=n) / per_voxel,
     }
+    if malignancy_logits is not None:
+        m = malignancy_logits.ravel()[flat].astype(np.float32)
+        p_malignant = p * (1.0 / (1.0 + np.exp(-m))).astype(np.float64)
+        stats["malignant_probability"] = np.bincount(lab, p_malignant, minlength=n) / per_voxel
     # Max / min per label: sort by label once, then reduce each run.
     order = np.argsort(lab, kind="stable")
     sorted_lab = lab[order]
@@ -206,7 +235,8 @@ def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndar
 
 def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
                      config: SegmentConfig | None = None, *, grouping: str = "lunaseg",
-                     lung_mask: np.ndarray | None = None, series_uid: str = ""
+                     lung_mask: np.ndarray | None = None, series_uid: str = "",
+                     malignancy_logits: np.ndarray | None = None
                      ) -> tuple[list[Candidate], np.ndarray]:
     """Candidates (best first) and their (I, R, C) int32 label map: label k + 1 is
     candidate k.  See :func:`extract_candidates` for the arguments."""
@@ -219,6 +249,9 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
     hu = np.asarray(hu)
     if logits.ndim != 3 or logits.shape != hu.shape:
         raise ValueError(f"logits {logits.shape} and hu {hu.shape} must be the same 3D shape")
+    if malignancy_logits is not None and np.shape(malignancy_logits) != logits.shape:
+        raise ValueError(f"malignancy_logits {np.shape(malignancy_logits)} must have the "
+                         f"logits' shape {logits.shape}")
     spacing_irc = geometry.spacing_xyz[::-1].copy()
     labels, count, uneroded = _components(logits > threshold_logit(config.threshold),
                                           config.erosion_iterations, grouping, spacing_irc)
@@ -245,7 +278,8 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
     if count == 0:
         return [], np.zeros(logits.shape, dtype=np.int32)
 
-    stats = _label_stats(labels, count, logits, hu, grouping)
+    stats = _label_stats(labels, count, logits, hu, grouping,
+                         None if malignancy_logits is None else np.asarray(malignancy_logits))
     ids = np.arange(1, count + 1)
     # Rank: the grouping's score, then the other logit, then size (all descending).
     first, second = (("max_logit", "mean_logit") if grouping == "book" else
@@ -277,6 +311,8 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
             slice_span=(int(low[0]), int(high[0])),
             bbox_irc=tuple(int(v) for v in (*low, *high)),
             uneroded=bool(uneroded[label]),
+            malignant_probability=(float(stats["malignant_probability"][label])
+                                   if "malignant_probability" in stats else None),
         ))
     # Renumber so that label k + 1 is candidates[k].
     lut = np.zeros(count + 1, dtype=np.int32)
@@ -286,14 +322,17 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
 
 def extract_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
                        config: SegmentConfig | None = None, *, grouping: str = "lunaseg",
-                       lung_mask: np.ndarray | None = None,
-                       series_uid: str = "") -> list[Candidate]:
+                       lung_mask: np.ndarray | None = None, series_uid: str = "",
+                       malignancy_logits: np.ndarray | None = None) -> list[Candidate]:
     """Nodule candidates from a logit volume, best first.
 
     logits : (I, R, C) float logits (see :mod:`lunaseg.predict`); hu : (I, R, C) HU of the
     same scan.  ``grouping`` is the model's (``config.grouping``, when set, wins).
     ``lung_mask`` (I, R, C) bool keeps only components touching it; without it,
     ``config.lung_mask`` computes one with :func:`lunaseg.masks.lung_mask`.
+    ``malignancy_logits`` (I, R, C), a 3-class model's logits of p(malignant | nodule), give
+    each candidate its p(malignant).
     """
     return label_candidates(logits, hu, geometry, config, grouping=grouping,
-                            lung_mask=lung_mask, series_uid=series_uid)[0]
+                            lung_mask=lung_mask, series_uid=series_uid,
+                            malignancy_logits=malignancy_logits)[0]

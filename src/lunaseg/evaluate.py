@@ -32,6 +32,12 @@ leaves a choice open, the choice is written down:
   survive if a second stage may only look at this many wrong places per scan".
 * ``FrocResult.by_size()`` splits both sensitivities by nodule diameter, since small nodules
   are where detectors differ; its budget column uses the same threshold as the curve.
+
+For a 3-class model's malignancy (chapter exercise 3b): :func:`found_nodule_scores` takes,
+for each nodule, a score of the mark that would be scored for it (its best-ranked hitting
+mark), and :func:`roc_auc` with :func:`roc_auc_interval` rates those scores against the
+nodules' labels.  Only found nodules enter: a missed one has no score, as a classifier
+after the candidate stage would never see it.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ __all__ = [
     "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "DIAMETER_BANDS_MM", "CAP_RULES",
     "Finding", "Mark", "Matches", "NoduleRecord", "SizeBand", "FrocResult", "size_band_label",
     "findings_by_series", "marks_by_series", "load_findings", "load_marks", "match_marks",
-    "cap_marks", "froc", "write_result_json",
+    "cap_marks", "froc", "write_result_json", "found_nodule_scores", "roc_auc",
+    "roc_auc_interval",
 ]
 
 log = logging.getLogger(__name__)
@@ -636,6 +643,72 @@ def _add_bootstrap(result: FrocResult, events: _Events, rates: np.ndarray, inter
                                for r, a, b in zip(rates, lo, hi)}
     band_lo, band_hi = np.percentile(values[valid, rates.size:], [2.5, 97.5], axis=0)
     result.band_fps, result.band_lo, result.band_hi = band_fps, band_lo, band_hi
+
+
+# --------------------------------------------------------------------------- malignancy
+
+
+def found_nodule_scores(nodules: Sequence[Finding], marks: Sequence[Mark],
+                        scores: Sequence[float | None]) -> list[float | None]:
+    """Per nodule, ``scores[m]`` of the highest-probability mark m that hits it (the mark the
+    FROC scores it by; the earlier mark on a tie), None when no mark hits it or that mark has
+    no score.  ``scores`` runs parallel to ``marks``."""
+    if len(scores) != len(marks):
+        raise ValueError(f"{len(scores)} scores for {len(marks)} marks")
+    hits = match_marks(nodules, marks).hits
+    probabilities = np.array([m.probability for m in marks], dtype=np.float64)
+    out: list[float | None] = []
+    for n in range(len(nodules)):
+        hitting = np.flatnonzero(hits[:, n])
+        if not hitting.size:
+            out.append(None)
+            continue
+        best = hitting[np.argmax(probabilities[hitting])]  # argmax keeps the first of a tie
+        out.append(None if scores[best] is None else float(scores[best]))
+    return out
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative, ties counting half (the Mann-Whitney statistic); NaN without both classes."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be 1-D and "
+                         f"equally long")
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return float("nan")
+    # Mid-ranks make tied scores count half.
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(scores.size, dtype=np.float64)
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], scores.size]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = 0.5 * (start + end - 1) + 1.0
+    rank_sum = ranks[labels].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_auc_interval(scores: Sequence[float], labels: Sequence[bool], *,
+                     replicates: int = 2000, rng: int | np.random.Generator | None = 0
+                     ) -> tuple[float, float] | None:
+    """95 % bootstrap interval of :func:`roc_auc` (nodules resampled with replacement;
+    replicates without both classes left out); None with fewer than two of either class."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    if min(int(labels.sum()), int((~labels).sum())) < 2:
+        return None
+    generator = _to_generator(rng)
+    values = []
+    for _ in range(replicates):
+        pick = generator.integers(0, scores.size, scores.size)
+        value = roc_auc(scores[pick], labels[pick])
+        if math.isfinite(value):
+            values.append(value)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # --------------------------------------------------------------------------- output
