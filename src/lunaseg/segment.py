@@ -1,6 +1,10 @@
 """``lunaseg segment``: one CT, or many, to probabilities, candidates and the files a person
 or a scorer reads (volumes with the input's geometry, candidate tables, views, an HTML
-report per scan, a LUNA16 submission)."""
+report per scan, a LUNA16 submission).
+
+A 3-class model's outputs add its classes: each candidate's p(malignant) beside p(nodule)
+in candidates.csv and the report, a p(malignant) volume, and a mask whose candidate voxels
+carry their class (1 benign, 2 malignant: the likelier of the two at that voxel)."""
 
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ CANDIDATE_CSV_COLUMNS = (
     "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_logit",
     "mean_logit", "max_probability", "mean_probability", "diameter_mm", "volume_mm3",
     "voxels", "index", "row", "col", "first_slice", "last_slice", "mean_hu", "uneroded",
+    # p_nodule is mean_probability under the name a 3-class table needs beside p_malignant
+    # (empty for a 1-class model); appended, so earlier columns keep their places.
+    "p_nodule", "p_malignant",
 )
 # The HTML report's table stops here: a model that marks most of the lung (untrained, or
 # given a kind of scan it never saw) would otherwise make a page of hundreds of megabytes.
@@ -73,16 +80,30 @@ class SegmentResult:
     spec: SegmentationSpec  # what the model was given
     settings: SegmentConfig  # with the model's choices filled in for its None fields
     device: str = "cpu"
+    # (I, R, C) float32 logits of p(malignant | nodule) of a 3-class model, else None
+    malignancy_logits: np.ndarray | None = None
 
     @property
     def prob(self) -> np.ndarray:
-        """(I, R, C) float32 probabilities."""
+        """(I, R, C) float32 probabilities of "nodule"."""
         return sigmoid(self.logits).astype(np.float32, copy=False)
 
     @property
+    def malignant_prob(self) -> np.ndarray | None:
+        """(I, R, C) float32 p(malignant) of a 3-class model (None for a 1-class one)."""
+        if self.malignancy_logits is None:
+            return None
+        return (sigmoid(self.logits) * sigmoid(self.malignancy_logits)).astype(np.float32,
+                                                                               copy=False)
+
+    @property
     def mask(self) -> np.ndarray:
-        """(I, R, C) uint8: 1 on every candidate's voxels."""
-        return (self.labels > 0).astype(np.uint8)
+        """(I, R, C) uint8: 1 on every candidate's voxels; for a 3-class model each voxel's
+        class instead (1 benign, 2 malignant)."""
+        mask = (self.labels > 0).astype(np.uint8)
+        if self.malignancy_logits is not None:
+            mask += (mask > 0) & (self.malignancy_logits > 0)
+        return mask
 
 
 def resolved_config(config: SegmentConfig, spec: SegmentationSpec) -> SegmentConfig:
@@ -112,15 +133,19 @@ def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     canonical, reorientation = ct.canonical()
     if lung_mask is not None:
         lung_mask = reorientation.to_canonical(np.asarray(lung_mask, dtype=bool))
-    logits, lung_mask = predict_ct(model, canonical, config, spec=spec, device=device,
-                                   progress=progress, lung_mask=lung_mask)
+    logits, lung_mask, malignancy = predict_ct(model, canonical, config, spec=spec,
+                                               device=device, progress=progress,
+                                               lung_mask=lung_mask)
     candidates, labels = label_candidates(logits, canonical.hu, canonical.geometry, config,
-                                          lung_mask=lung_mask, series_uid=ct.series_uid)
+                                          lung_mask=lung_mask, series_uid=ct.series_uid,
+                                          malignancy_logits=malignancy)
     if not reorientation.is_identity:
         logits, labels = reorientation.from_canonical(logits), reorientation.from_canonical(labels)
+        if malignancy is not None:
+            malignancy = reorientation.from_canonical(malignancy)
         candidates = [_in_input_grid(c, reorientation) for c in candidates]
     return SegmentResult(logits, labels, candidates, time.perf_counter() - start, spec,
-                         config, device=str(device))
+                         config, device=str(device), malignancy_logits=malignancy)
 
 
 def _in_input_grid(candidate: Candidate, reorientation: Reorientation) -> Candidate:
@@ -196,7 +221,10 @@ def _candidate_row(candidate: Candidate) -> list:
             f"{candidate.mean_probability:.6f}",
             f"{candidate.diameter_mm:.3f}", f"{candidate.volume_mm3:.3f}", candidate.voxels,
             f"{i:.3f}", f"{r:.3f}", f"{c:.3f}", candidate.slice_span[0],
-            candidate.slice_span[1], f"{candidate.mean_hu:.1f}", int(candidate.uneroded)]
+            candidate.slice_span[1], f"{candidate.mean_hu:.1f}", int(candidate.uneroded),
+            f"{candidate.nodule_probability:.6f}",
+            "" if candidate.malignant_probability is None
+            else f"{candidate.malignant_probability:.6f}"]
 
 
 def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
@@ -207,6 +235,9 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         write_image(result.prob.astype(np.float32, copy=False), ct.geometry,
                     folder / layout.PROBABILITY_FILE, compress=True)
         write_image(result.mask, ct.geometry, folder / layout.MASK_FILE, compress=True)
+        malignant = result.malignant_prob
+        if malignant is not None:
+            write_image(malignant, ct.geometry, folder / layout.MALIGNANT_FILE, compress=True)
     write_csv(folder / layout.CANDIDATES_CSV, CANDIDATE_CSV_COLUMNS,
               (_candidate_row(c) for c in result.candidates))
     scan_info = {
@@ -235,7 +266,9 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
     spacing_irc = ct.geometry.spacing_xyz[::-1]
     thumbnails = []
     for candidate in shown:
-        title = (f"#{candidate.rank}  p={candidate.probability:.3f}  "
+        classes = ("" if candidate.malignant_probability is None else
+                   f"p(malignant)={candidate.malignant_probability:.2f}  ")
+        title = (f"#{candidate.rank}  p={candidate.probability:.3f}  {classes}"
                  f"d={candidate.diameter_mm:.1f} mm  xyz=({candidate.center_xyz[0]:.1f}, "
                  f"{candidate.center_xyz[1]:.1f}, {candidate.center_xyz[2]:.1f})")
         thumbnails.append(candidate_png(ct.hu, result.labels, candidate.rank + 1,
@@ -244,6 +277,9 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                                         spacing_irc=spacing_irc, title=title))
     columns = ["rank", "probability", "diameter_mm", "voxels", "center_xyz", "center_irc",
                "slice_span", "mean_hu"]
+    if result.malignancy_logits is not None:
+        # A 3-class model's two questions, side by side: is it a nodule, is it malignant.
+        columns[2:2] = ["p_nodule", "p_malignant"]
     if nodules is not None:
         columns.insert(2, "annotated_nodule")
     rows = []
@@ -251,6 +287,8 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         row = candidate.to_dict()
         row["center_xyz"] = [round(v, 1) for v in candidate.center_xyz]
         row["center_irc"] = [round(v, 1) for v in candidate.center_irc]
+        row["p_nodule"] = candidate.nodule_probability
+        row["p_malignant"] = candidate.malignant_probability
         if nodules is not None:
             row["annotated_nodule"] = _hit_text(candidate, nodules)
         rows.append(row)
