@@ -10,6 +10,13 @@ With ``--variants`` the network runs once per scan (all four mirror views kept, 
 box) and each grouping x view rule x lung mask is scored from those logits, pooled over the
 sets: one network pass for every variant.
 
+A 3-class model (chapter exercise 3b) is scored the same way, then its candidates' malignancy
+is rated on the nodules it found: for each annotated nodule a submission mark hits, the
+p(malignant) of the mark the FROC scores it by, against the nodule's ``mal_bool`` in
+annotations_with_malignancy.csv, as a ROC AUC with a bootstrap interval; the nodules and
+their scores go to ``WORK/<tag>_malignancy.csv``, so another malignancy model (the
+classifier stage) can be rated on the same nodules.
+
     python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.pt \\
         --seeds 7 8 9 --shape 64,256,256 --work /tmp/heldout
     python benchmarks/bench_heldout.py --model ... --work /tmp/heldout --variants
@@ -18,6 +25,7 @@ sets: one network pass for every variant.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +36,10 @@ from lunaseg.candidates import extract_candidates
 from lunaseg.config import SynthConfig
 from lunaseg.ct import load_ct
 from lunaseg.errors import LunasegError
-from lunaseg.evaluate import Mark, froc, load_findings, load_marks, write_result_json
-from lunaseg.luna import EXCLUDED_FILE, find_series
+from lunaseg.evaluate import (Finding, Mark, found_nodule_scores, froc, load_findings,
+                              load_marks, roc_auc, roc_auc_interval, write_result_json)
+from lunaseg.files import write_csv
+from lunaseg.luna import EXCLUDED_FILE, find_series, read_nodules
 from lunaseg.masks import lung_mask
 from lunaseg.model import load_model
 from lunaseg.pipeline import DemoSettings, evaluate_model
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return _variants(model, sets, segment)
     tag = f"{model.parent.name}_{model.stem}_tta{segment.tta}"
 
-    findings, excluded, marks, series, rows = {}, {}, {}, [], []
+    findings, excluded, marks, series, rows, rated = {}, {}, {}, [], [], []
     for seed, data in sets:
         report = evaluate_model(data, model, work / f"{tag}_seed{seed}", split="all",
                                 segment=segment)
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             excluded.update(load_findings(data / EXCLUDED_FILE, excluded=True))
         marks.update(load_marks(report.out_dir / "segment" / "submission.csv"))
         series.extend(find_series(data))
+        rated += _malignancy_of_found(data, report.out_dir / "segment", segment.max_candidates)
 
     pooled = froc(findings, marks, excluded=excluded, series=series,
                   max_marks_per_scan=segment.max_candidates)
@@ -105,7 +116,56 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(rows))
     print(_row("all together", pooled))
     print(f"pooled result: {work / (tag + '_pooled.json')}")
+    if rated:
+        _print_malignancy(rated, work / f"{tag}_malignancy.csv")
     return 0
+
+
+MALIGNANCY_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool",
+                      "p_malignant", "p_malignant_given_nodule")
+
+
+def _malignancy_of_found(data: Path, segment_dir: Path, max_marks: int) -> list[list]:
+    """One row per annotated nodule a submission mark hits (``MALIGNANCY_COLUMNS``), with the
+    p(malignant) and p(malignant | nodule) of the mark the FROC scores it by; nothing for a
+    1-class model (its candidates carry no malignancy)."""
+    path = data / "annotations_with_malignancy.csv"
+    if not path.exists():
+        return []
+    by_series: dict[str, list] = {}
+    for nodule in read_nodules(path):
+        by_series.setdefault(nodule.series_uid, []).append(nodule)
+    rows = []
+    for document_path in sorted(segment_dir.glob("*/candidates.json")):
+        document = json.loads(document_path.read_text())
+        candidates = document["candidates"][:max_marks]  # best first: the submission's marks
+        if not candidates or candidates[0].get("malignant_probability") is None:
+            continue
+        nodules = by_series.get(document["series_uid"], [])
+        marks = [Mark(c["center_xyz"], c["probability"]) for c in candidates]
+        findings = [Finding(n.center_xyz, n.diameter_mm) for n in nodules]
+        joint = found_nodule_scores(findings, marks,
+                                    [c["malignant_probability"] for c in candidates])
+        conditional = found_nodule_scores(findings, marks, [c["malignancy"] for c in candidates])
+        for nodule, p_joint, p_conditional in zip(nodules, joint, conditional):
+            if p_joint is not None:
+                rows.append([nodule.series_uid, *nodule.center_xyz, nodule.diameter_mm,
+                             bool(nodule.is_malignant), p_joint, p_conditional])
+    return rows
+
+
+def _print_malignancy(rows: list[list], path: Path) -> None:
+    """The malignancy AUCs of the found nodules, and their table."""
+    write_csv(path, MALIGNANCY_COLUMNS, rows)
+    labels = [row[5] for row in rows]
+    print(f"malignancy on the {len(rows)} nodules found ({sum(labels)} malignant), "
+          f"ROC AUC (95% CI, nodules bootstrapped):")
+    for name, column in (("p(malignant)", 6), ("p(malignant | nodule)", 7)):
+        scores = [row[column] for row in rows]
+        interval = roc_auc_interval(scores, labels)
+        ci = f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else ""
+        print(f"  {name}: {roc_auc(scores, labels):.3f}{ci}")
+    print(f"found nodules and their scores: {path}")
 
 
 def _variants(model_path: Path, sets: list, segment) -> int:
