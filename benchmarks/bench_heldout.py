@@ -8,18 +8,28 @@ scored as one submission.
 
 With ``--classifier`` (and ``--malignancy``) the whole CAD is scored the same way (``lunaseg
 evaluate --classifier``), pooled end to end and for the candidate stage alone, with the
-nodules the classifier rejects and the malignancy AUC on the nodules the candidates find.
+nodules the classifier rejects.
 
 With ``--variants`` the network runs once per scan (all four mirror views kept, on the body
 box) and each grouping x view rule x lung mask is scored from those logits, pooled over the
 sets: one network pass for every variant.
 
+Malignancy (chapter exercise 3b), whoever judged it: the malignancy model with
+``--malignancy``, else a 3-class U-Net (``train --classes 3``), as both fill the candidates'
+``p_malignant``.  For each annotated nodule with a ``mal_bool`` that a submission mark hits,
+the p(malignant | nodule) of the mark the FROC scores it by (its best-ranked hit) is rated
+against ``mal_bool`` as a ROC AUC with a bootstrap interval over nodules, alone and times
+that mark's p(nodule); the nodules and their scores go to ``WORK/<tag>_malignancy.csv``, so
+two malignancy models can be compared nodule by nodule.
+
     python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.pt \\
         --seeds 7 8 9 --shape 64,256,256 --work /tmp/heldout
     python benchmarks/bench_heldout.py --model ... --work /tmp/heldout --variants
-    python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.best.pt \
-        --classifier lunaseg-demo/run/classifier/checkpoint.best.pt \
+    python benchmarks/bench_heldout.py --model lunaseg-demo/run/checkpoint.best.pt \\
+        --classifier lunaseg-demo/run/classifier/checkpoint.best.pt \\
         --malignancy lunaseg-demo/run/malignancy/checkpoint.best.pt --work /tmp/heldout
+    python benchmarks/bench_heldout.py --model lunaseg-demo-3class/run/checkpoint.best.pt \\
+        --work /tmp/heldout
 """
 
 from __future__ import annotations
@@ -33,17 +43,18 @@ from pathlib import Path
 import numpy as np
 
 from lunaseg.candidates import extract_candidates, score_probability
-from lunaseg.classifier_metrics import roc_auc
 from lunaseg.config import SynthConfig
 from lunaseg.ct import load_ct
 from lunaseg.errors import LunasegError
-from lunaseg.evaluate import Mark, froc, load_findings, load_marks, write_result_json
-from lunaseg.evaluate import Finding, match_marks
+from lunaseg.evaluate import (Finding, Mark, found_nodule_scores, froc, load_findings,
+                              load_marks, write_result_json)
+from lunaseg.files import write_csv
 from lunaseg.luna import EXCLUDED_FILE, annotation_file, find_series, read_nodules
 from lunaseg.masks import lung_mask
 from lunaseg.model import load_model
 from lunaseg.pipeline import DemoSettings, evaluate_model
 from lunaseg.predict import combine_views, predict_views
+from lunaseg.roc import roc_auc, roc_auc_interval
 from lunaseg.synth import synthesize_dataset
 
 VARIANTS = [(grouping, rule, lung) for grouping in ("lunaseg", "book")
@@ -100,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.classifier:
         tag += f"_cad_{args.rank_by}"
 
-    findings, excluded, marks, series, rows = {}, {}, {}, [], []
-    alone, rejected, malignancy = {}, 0, ([], [])
+    findings, excluded, marks, series, rows, rated = {}, {}, {}, [], [], []
+    alone, rejected = {}, 0
     for seed, data in sets:
         report = evaluate_model(data, model, work / f"{tag}_seed{seed}", split="all",
                                 segment=segment, classifier=args.classifier,
@@ -109,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row(f"seed {seed}", report.froc))
         if args.classifier:
             rejected += sum(m.get("stage") == "classifier" for m in report.misses)
-            _second_stage(data, report.out_dir / "segment", alone, malignancy)
+            alone.update(_candidate_stage_marks(report.out_dir / "segment"))
         findings.update(load_findings(data / "annotations.csv"))
         if (data / EXCLUDED_FILE).exists():
             excluded.update(load_findings(data / EXCLUDED_FILE, excluded=True))
         marks.update(load_marks(report.out_dir / "segment" / "submission.csv"))
         series.extend(find_series(data))
+        rated += _malignancy_of_found(data, report.out_dir / "segment", segment.max_candidates)
 
     pooled = froc(findings, marks, excluded=excluded, series=series,
                   max_marks_per_scan=segment.max_candidates)
@@ -134,36 +146,76 @@ def main(argv: list[str] | None = None) -> int:
               f"{pooled.sensitivities_at[8.0]:.3f} and {first.sensitivities_at[8.0]:.3f}")
         print(f"nodules a candidate hits but the classifier puts below p(nodule) 0.5: "
               f"{rejected}")
-        labels, scores = malignancy
-        if scores:
-            print(f"malignancy AUC on the {len(scores)} nodules a candidate hits "
-                  f"({sum(labels)} malignant): {roc_auc(np.array(labels), np.array(scores)):.3f}")
     print(f"pooled result: {work / (tag + '_pooled.json')}")
+    if rated:
+        source = "the malignancy model" if args.malignancy else "the 3-class U-Net"
+        _print_malignancy(rated, work / f"{tag}_malignancy.csv", source)
     return 0
 
 
-def _second_stage(data: Path, segment_dir: Path, alone: dict, malignancy: tuple) -> None:
-    """The candidate stage's own marks (ranked by its score) and (label, p(malignant)) of
-    every annotated nodule a candidate hits, from the candidates.json files of one set."""
-    nodules = {}
+def _candidate_stage_marks(segment_dir: Path) -> dict[str, list[Mark]]:
+    """The candidate stage's own marks per scan (ranked by its score, not the classifier's),
+    from the candidates.json files of one set that detect judged."""
+    alone = {}
+    for document_path in sorted(segment_dir.glob("*/candidates.json")):
+        document = json.loads(document_path.read_text())
+        alone[document["series_uid"]] = [
+            Mark(c["center_xyz"], score_probability(c["score"]))
+            for c in sorted(document["candidates"], key=lambda c: -c["score"])]
+    return alone
+
+
+MALIGNANCY_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool",
+                      "p_nodule", "p_malignant")
+
+
+def _malignancy_of_found(data: Path, segment_dir: Path, max_marks: int) -> list[list]:
+    """One row per annotated nodule with a malignancy label that a submission mark hits
+    (``MALIGNANCY_COLUMNS``), with the p(nodule) and p(malignant | nodule) of the mark the
+    FROC scores it by: the classifier's when detect ran one, else a 3-class U-Net's;
+    nothing when the candidates carry no p(malignant)."""
     source = annotation_file(data)
+    if source is None:
+        return []
+    by_series: dict[str, list] = {}
     for nodule in read_nodules(source):
-        nodules.setdefault(nodule.series_uid, []).append(nodule)
-    for folder in sorted(p for p in segment_dir.iterdir() if p.is_dir()):
-        document = json.loads((folder / "candidates.json").read_text())
-        candidates = document["candidates"]
-        uid = document["series_uid"]
-        alone[uid] = [Mark(c["center_xyz"], score_probability(c["score"]))
-                      for c in sorted(candidates, key=lambda c: -c["score"])]
+        if nodule.is_malignant is not None:
+            by_series.setdefault(nodule.series_uid, []).append(nodule)
+    rows = []
+    for document_path in sorted(segment_dir.glob("*/candidates.json")):
+        document = json.loads(document_path.read_text())
+        candidates = document["candidates"][:max_marks]  # best first: the submission's marks
+        if not candidates or candidates[0].get("p_malignant") is None:
+            continue
+        nodules = by_series.get(document["series_uid"], [])
         marks = [Mark(c["center_xyz"], c["probability"]) for c in candidates]
-        for nodule in nodules.get(uid, []):
-            if nodule.is_malignant is None or not marks:
-                continue
-            hits = np.flatnonzero(match_marks([Finding(nodule.center_xyz, nodule.diameter_mm)],
-                                              marks).hits[:, 0])
-            if hits.size and candidates[hits[0]].get("p_malignant") is not None:
-                malignancy[0].append(int(nodule.is_malignant))
-                malignancy[1].append(candidates[hits[0]]["p_malignant"])
+        findings = [Finding(n.center_xyz, n.diameter_mm) for n in nodules]
+        p_nodule, p_malignant = (found_nodule_scores(findings, marks,
+                                                     [c[key] for c in candidates])
+                                 for key in ("p_nodule", "p_malignant"))
+        for nodule, nodule_p, malignant_p in zip(nodules, p_nodule, p_malignant):
+            if malignant_p is not None:
+                rows.append([nodule.series_uid, *nodule.center_xyz, nodule.diameter_mm,
+                             bool(nodule.is_malignant), nodule_p, malignant_p])
+    return rows
+
+
+def _print_malignancy(rows: list[list], path: Path, source: str) -> None:
+    """The malignancy AUCs of the found nodules (``source`` gave the scores), and their
+    table: p(malignant | nodule) alone and times p(nodule), the softmax's p(malignant) for a
+    3-class U-Net."""
+    write_csv(path, MALIGNANCY_COLUMNS, rows)
+    labels = [row[5] for row in rows]
+    print(f"malignancy by {source} on the {len(rows)} nodules found ({sum(labels)} "
+          f"malignant), ROC AUC (95% CI, nodules bootstrapped):")
+    conditional = [row[7] for row in rows]
+    joint = [row[6] * row[7] for row in rows]
+    for name, scores in (("p(malignant | nodule)", conditional),
+                         ("p(nodule) x p(malignant | nodule)", joint)):
+        interval = roc_auc_interval(labels, scores)
+        ci = f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else ""
+        print(f"  {name}: {roc_auc(labels, scores):.3f}{ci}")
+    print(f"found nodules and their scores: {path}")
 
 
 def _variants(model_path: Path, sets: list, segment) -> int:

@@ -133,7 +133,7 @@ class BookCropDataset(Dataset):
         folder = self.cache_dir / uid
         # Read one chunk per sample, as the book reads one cached chunk per candidate.
         chunk = np.array(np.load(folder / "chunks.npy", mmap_mode="r")[k])
-        mask = np.array(np.load(folder / "chunk_masks.npy", mmap_mode="r")[k])
+        mask = np.array(np.load(folder / "chunk_masks.npy", mmap_mode="r")[k]) > 0  # classes
         span = chunk.shape[-1] - self.crop_px
         row, col = np.random.randint(0, span + 1, size=2)
         ct = torch.from_numpy(chunk[:, row:row + self.crop_px, col:col + self.crop_px]

@@ -12,14 +12,17 @@ import pytest
 import torch
 from torch import nn
 
+from lunaseg.config import ModelConfig
 from lunaseg.ct import write_image
 from lunaseg.geometry import Geometry
 from lunaseg.inputs import SegmentationSpec
 from lunaseg.files import write_csv
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS
 
-# ../shared beside the repository; LUNASEG_SHARED points elsewhere (a worktree one level deeper).
-SHARED = Path(os.environ.get("LUNASEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+# ../shared beside the repository; LUNASEG_SHARED names it for a checkout elsewhere (a git
+# worktree, a CI machine that mounts it).
+SHARED = Path(os.environ.get("LUNASEG_SHARED",
+                             Path(__file__).resolve().parents[2] / "shared"))
 
 
 def shared_path(*parts: str) -> Path:
@@ -40,6 +43,23 @@ class DenseStandIn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
+
+
+class ClassStandIn(nn.Module):
+    """A deterministic 3-class "model" on the centre slice x (HU): background score 0,
+    benign (x + 500) / 50, malignant that plus (x - 200) / 50, so dense tissue is nodule and
+    what is denser than 200 HU malignant: p(malignant | nodule) = sigmoid((x - 200) / 50)."""
+
+    spec = SegmentationSpec(tta=1)
+    config = ModelConfig(n_classes=3)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        benign = (x[:, 3:4] + 500.0) / 50.0
+        return torch.cat([torch.zeros_like(benign), benign,
+                          benign + (x[:, 3:4] - 200.0) / 50.0], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
 
 
 def logit(prob: np.ndarray) -> np.ndarray:
@@ -119,6 +139,62 @@ def tiny_luna(tmp_path) -> Path:
         candidates.append([uid, *geometry.irc_to_xyz(np.array([5.0, 20, 20])).round(4), 0])
         write_image(hu, geometry, root / f"subset{k % 2}" / f"{uid}.mhd")
     write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, annotations)
+    write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
+    return root
+
+
+def malignancy_rows(rows: list[list], malignant: list[bool]) -> list[list]:
+    """annotations.csv rows as annotations_with_malignancy.csv rows with these ``mal_bool``s
+    (ratings and the box made up to match)."""
+    out = []
+    for row, flag in zip(rows, malignant):
+        uid, x, y, z, diameter = row
+        half = diameter / 2
+        ratings = "[4, 5, 4]" if flag else "[2, 1, 2]"
+        out.append([uid, x, y, z, diameter, str(flag), ratings, x - half, y - half, z - half,
+                    x + half, y + half, z + half, 3])
+    return out
+
+
+# Two kinds of nodule that tell their class by what they are made of: a benign one is
+# calcified (dense), a malignant one soft tissue; same size, so a model must look at them.
+BENIGN_HU, MALIGNANT_HU = 450, 30
+
+
+def class_luna(root: Path, *, series: int = 12, shape_irc=(16, 64, 64), seed: int = 11,
+               outline_masks: bool = False) -> Path:
+    """A LUNA16-layout folder of ``series`` scans, each with one benign (BENIGN_HU) and one
+    malignant (MALIGNANT_HU) nodule of 4-5 px radius at random places, their CSVs (with
+    annotations_with_malignancy.csv) and, with ``outline_masks``, masks/<uid>.mha holding
+    the classes (1 benign, 2 malignant)."""
+    rng = np.random.default_rng(seed)
+    geometry = Geometry.identity(spacing_xyz=(0.8, 0.8, 2.0))
+    annotations, malignant, candidates = [], [], []
+    for k in range(series):
+        uid = f"1.2.840.99.{k + 1}"
+        hu = tiny_volume(rng, shape_irc)
+        classes = np.zeros(shape_irc, dtype=np.uint8)
+        # One nodule in each half of the lung core, so they never touch.
+        for value_hu, flag, col in ((BENIGN_HU, False, 22), (MALIGNANT_HU, True, 42)):
+            center = (int(rng.integers(4, shape_irc[0] - 4)), int(rng.integers(26, 38)),
+                      col + int(rng.integers(-2, 3)))
+            radius = float(rng.uniform(4.0, 5.0))
+            add_sphere(hu, center, (1.5, radius, radius), value_hu)
+            i, r, c = np.indices(shape_irc)
+            inside = (((i - center[0]) / 1.5) ** 2 + ((r - center[1]) / radius) ** 2
+                      + ((c - center[2]) / radius) ** 2) <= 1
+            classes[inside] = 2 if flag else 1
+            xyz = geometry.irc_to_xyz(np.asarray(center, float))
+            annotations.append([uid, *xyz.round(4), round(1.6 * radius, 3)])
+            malignant.append(flag)
+            candidates.append([uid, *xyz.round(4), 1])
+        candidates.append([uid, *geometry.irc_to_xyz(np.array([8.0, 12, 32])).round(4), 0])
+        write_image(hu, geometry, root / "subset0" / f"{uid}.mhd")
+        if outline_masks:
+            write_image(classes, geometry, root / "masks" / f"{uid}.mha", compress=True)
+    write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, annotations)
+    write_csv(root / "annotations_with_malignancy.csv", MALIGNANCY_COLUMNS,
+              malignancy_rows(annotations, malignant))
     write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
     return root
 

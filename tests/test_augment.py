@@ -206,6 +206,32 @@ def test_module_replays_a_recorded_draw():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_class_labels_move_with_the_union_and_keep_their_classes():
+    image, _ = _batch(n=6, size=32)
+    g = torch.Generator().manual_seed(3)
+    classes = torch.zeros(6, 1, 32, 32, dtype=torch.uint8)
+    classes[:, :, 6:18, 5:15] = 1  # a benign block
+    classes[:, :, 14:26, 17:29] = 2  # a malignant block (they touch at rows 14-17)
+    classes[:, :, 8, 8] = 0  # and a hole
+    augment = SegmentationAugmentation(SPATIAL_BOOK, generator=g)
+    theta = augment.draw_transforms(6)
+    _, moved = apply_affine(image, classes, theta)
+    _, moved_union = apply_affine(image, classes > 0, theta)
+    assert moved.dtype == torch.uint8 and set(moved.unique().tolist()) <= {0, 1, 2}
+    # The nodule mask moves exactly as a bool label would, so 1-class training is unchanged.
+    assert torch.equal(moved > 0, moved_union)
+    assert (moved == 1).any() and (moved == 2).any()
+    # A class stays where its own block went: each moved class is inside that class's moved
+    # mask grown by one pixel (the blend at the border decides the rest).
+    for value in (1, 2):
+        _, own = apply_affine(image, (classes == value).float(), theta)
+        grown = torch.nn.functional.max_pool2d(own.float(), 3, stride=1, padding=1) > 0
+        assert not ((moved == value) & ~grown).any()
+    # Untransformed (every option off), class labels come back as they went in.
+    _, same = SegmentationAugmentation(AugmentConfig.none(), seed=0)(image, classes)
+    assert torch.equal(same, classes)
+
+
 # ----------------------------------------------------------------------------- 3D crops
 
 CROP = (8, 12, 12)

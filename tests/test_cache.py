@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 
+from conftest import BENIGN_HU, MALIGNANT_HU, class_luna
+
 from lunaseg.cache import Cache, pad_crop, prepcache
 from lunaseg.config import CacheConfig, SynthConfig
-from lunaseg.ct import load_ct
+from lunaseg.ct import load_ct, write_image
 from lunaseg.errors import ConfigError, DataError
-from lunaseg.luna import find_series, outline_mask_path
-from lunaseg.masks import annotation_mask
+from lunaseg.luna import find_series, outline_mask_path, read_nodules
+from lunaseg.masks import annotation_classes, annotation_mask
 from lunaseg.synth import synthesize_dataset
 
 SERIAL = CacheConfig(workers=1, chunk_irc=(7, 32, 32))
@@ -67,6 +69,74 @@ def test_phantom_masks_replace_the_heuristic(tmp_path):
         np.testing.assert_array_equal(entry.mask(), truth[:, row0:row0 + rows, col0:col0 + cols])
         for k in range(len(entry.nodules)):
             assert entry.chunk_masks[k][3, 16, 16]  # the centre of each nodule is in its mask
+
+
+def _check_classes(entry, benign_hu: float, malignant_hu: float) -> None:
+    """One benign and one malignant nodule: the class mask says which is which, its union is
+    the nodule mask, and slices, chunks and cached chunks agree with it."""
+    classes = entry.classes()
+    assert classes.dtype == np.uint8 and set(np.unique(classes).tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(classes > 0, entry.mask())
+    assert (entry.hu[classes == 1] == benign_hu).mean() > 0.9
+    assert (entry.hu[classes == 2] == malignant_hu).mean() > 0.9
+    for index in (int(i) for i in entry.positive_indices):
+        np.testing.assert_array_equal(entry.classes_slice(index), classes[index])
+    row0, col0 = entry.crop_rc
+    for k, nodule in enumerate(entry.nodules):
+        want = 2 if nodule.is_malignant else 1
+        i, r, c = nodule.center_irc
+        assert classes[i, r - row0, c - col0] == want
+        _, chunk = entry.chunk(nodule.center_irc, (7, 32, 32))
+        assert chunk.dtype == np.uint8
+        np.testing.assert_array_equal(entry.chunk_masks[k], chunk)
+        assert chunk[3, 16, 16] == want
+
+
+@pytest.mark.parametrize("masks", ["heuristic", "outline"])
+def test_class_masks_of_a_phantom_with_one_benign_and_one_malignant_nodule(tmp_path, masks):
+    data = class_luna(tmp_path / "data", series=1, outline_masks=True)
+    config = CacheConfig(workers=1, chunk_irc=(7, 32, 32), masks=masks)
+    assert not prepcache(data, config=config, progress=False).failed
+    entry = Cache(data / "cache")[find_series(data).popitem()[0]]
+    assert sorted(n.is_malignant for n in entry.nodules) == [False, True]
+    _check_classes(entry, BENIGN_HU, MALIGNANT_HU)
+    ct = load_ct(next(iter(find_series(data).values())))
+    row0, col0 = entry.crop_rc
+    rows, cols = entry.hu.shape[1:]
+    if masks == "outline":  # the mask file's own values
+        truth = load_ct(outline_mask_path(data, entry.series_uid), require_ct=False).hu
+    else:  # the book's heuristic, each nodule's voxels with its class
+        nodules = read_nodules(data / "annotations_with_malignancy.csv")
+        truth = annotation_classes(ct.hu, ct.geometry,
+                                   [(n.center_xyz, n.diameter_mm, n.is_malignant)
+                                    for n in nodules])
+        np.testing.assert_array_equal(truth > 0, annotation_mask(
+            ct.hu, ct.geometry, [(n.center_xyz, n.diameter_mm) for n in nodules]))
+    np.testing.assert_array_equal(entry.classes(),
+                                  truth[:, row0:row0 + rows, col0:col0 + cols])
+
+
+def test_an_outline_mask_without_classes_takes_them_from_the_nearest_nodule(tmp_path):
+    # A 0/1 mask, as lunaseg wrote before class masks and other tools write.
+    data = class_luna(tmp_path / "data", series=1, outline_masks=True)
+    mask_path = next((data / "masks").glob("*.mha"))
+    mask = load_ct(mask_path, require_ct=False)
+    write_image((mask.hu > 0).astype(np.uint8), mask.geometry, mask_path, compress=True)
+    config = CacheConfig(workers=1, chunk_irc=(7, 32, 32), masks="outline")
+    assert not prepcache(data, config=config, progress=False).failed
+    entry = Cache(data / "cache")[mask_path.name[:-len(".mha")]]
+    _check_classes(entry, BENIGN_HU, MALIGNANT_HU)
+
+
+def test_an_outline_mask_with_other_values_is_named(tmp_path):
+    data = class_luna(tmp_path / "data", series=1, outline_masks=True)
+    mask_path = next((data / "masks").glob("*.mha"))
+    mask = load_ct(mask_path, require_ct=False)
+    write_image((mask.hu > 0).astype(np.uint8) * 255, mask.geometry, mask_path, compress=True)
+    config = CacheConfig(workers=1, chunk_irc=(7, 32, 32), masks="outline")
+    summary = prepcache(data, config=config, progress=False)
+    (reason,) = summary.failed.values()
+    assert str(mask_path) in reason and "values 0..255" in reason and "\n" not in reason
 
 
 def test_chunks_anywhere_match_the_full_arrays(tiny_luna, tmp_path):
@@ -177,10 +247,12 @@ def test_old_cache_format_is_refused(tiny_luna, tmp_path):
     prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
     meta_path = next((tmp_path / "cache").glob("*/meta.json"))
     meta = json.loads(meta_path.read_text())
-    meta["format"] = 0
+    meta["format"] = 2  # the last format before class masks
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="run `lunaseg prepcache` again"):
+    with pytest.raises(DataError, match=r"cache format 2 is not this lunaseg's \(3\); run "
+                                        r"`lunaseg prepcache` again") as error:
         Cache(tmp_path / "cache")
+    assert "\n" not in str(error.value) and str(meta_path) in str(error.value)
     rebuilt = prepcache(tiny_luna, tmp_path / "cache", config=SERIAL, progress=False)
     assert rebuilt.built == [meta["series_uid"]]
 

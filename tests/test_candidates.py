@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from conftest import DenseStandIn, logit, rotated_geometry, sphere_phantom, toy_chest
+from conftest import (ClassStandIn, DenseStandIn, logit, rotated_geometry, sphere_phantom,
+                      toy_chest)
 from lunaseg.candidates import extract_candidates, score_probability, threshold_logit
 from lunaseg.config import SegmentConfig
 from lunaseg.errors import ConfigError
 from lunaseg.geometry import Geometry
 from lunaseg.masks import lung_mask
-from lunaseg.predict import predict_logits
+from lunaseg.predict import predict_classes, predict_logits
 
 SPEC = DenseStandIn.spec
 NO_MASK = SegmentConfig(lung_mask=False)
@@ -157,3 +158,51 @@ def test_each_grouping_ranks_by_its_own_logit():
     assert [c.voxels for c in by_mean] == [9, 16] and by_mean[0].score == 9.0
     assert [c.voxels for c in by_max] == [16, 9] and by_max[0].score == 40.0
     assert by_mean[1].score == pytest.approx((15 * 3.0 + 40.0) / 16)
+
+
+def test_a_3_class_model_gives_each_candidate_its_p_nodule_and_p_malignant():
+    hu = np.full((6, 24, 24), -800, dtype=np.int16)
+    hu[2:4, 4:8, 4:8] = 500  # malignant to the stand-in (denser than 200 HU)
+    hu[2:4, 14:20, 14:20] = 0  # benign
+    nodule, malignancy = predict_classes(ClassStandIn(), hu, ClassStandIn.spec,
+                                         crop_to_body=False)
+    found = extract_candidates(nodule, hu, Geometry.identity(), NO_EROSION,
+                               malignancy_logits=malignancy)
+    assert len(found) == 2
+    p_nodule = 1 / (1 + np.exp(-nodule.astype(np.float64)))
+    p_joint = p_nodule / (1 + np.exp(-malignancy.astype(np.float64)))  # softmax p(malignant)
+    for candidate, block in zip(sorted(found, key=lambda c: c.center_irc[1]),
+                                ((slice(2, 4), slice(4, 8), slice(4, 8)),
+                                 (slice(2, 4), slice(14, 20), slice(14, 20)))):
+        # The fields the classifier fills: mean p(nodule), and p(malignant | nodule) as the
+        # mean softmax p(malignant) over the mean p(nodule).
+        assert candidate.p_nodule == pytest.approx(candidate.mean_probability, rel=1e-5)
+        assert candidate.p_nodule == pytest.approx(p_nodule[block].mean(), rel=1e-5)
+        assert candidate.p_malignant == pytest.approx(
+            p_joint[block].mean() / p_nodule[block].mean(), rel=1e-5)
+        assert candidate.p_nodule * candidate.p_malignant == pytest.approx(
+            p_joint[block].mean(), rel=1e-5)
+        # Verdicts, not a ranking: the submission keeps the candidate stage's score.
+        assert not candidate.judged and candidate.rank_log_odds is None
+    dense, soft = sorted(found, key=lambda c: c.center_irc[1])
+    assert dense.p_malignant > 0.99 and soft.p_malignant < 0.02
+    assert dense.to_dict()["p_malignant"] == dense.p_malignant
+    # Without malignancy logits (a 1-class model) the candidates carry no verdicts, and the
+    # same components and ranking come out.
+    plain = extract_candidates(nodule, hu, Geometry.identity(), NO_EROSION)
+    assert [(c.p_nodule, c.p_malignant) for c in plain] == [(None, None), (None, None)]
+    assert [c.center_irc for c in plain] == [c.center_irc for c in found]
+    assert [c.probability for c in plain] == [c.probability for c in found]
+    assert plain[0].to_dict()["p_malignant"] is None
+
+
+def test_3_class_verdicts_stay_finite_where_probabilities_round_to_1():
+    hu = np.full((4, 12, 12), -800, dtype=np.int16)
+    nodule = np.full(hu.shape, -30.0, dtype=np.float32)
+    nodule[1:3, 3:7, 3:7] = 40.0  # float32 and float64 sigmoids are exactly 1 here
+    malignancy = np.full(hu.shape, -50.0, dtype=np.float32)
+    (candidate,) = extract_candidates(nodule, hu, Geometry.identity(), NO_EROSION,
+                                      malignancy_logits=malignancy)
+    assert candidate.mean_probability == 1.0
+    assert candidate.nodule_log_odds == pytest.approx(40.0, abs=1e-6)
+    assert candidate.malignant_log_odds == pytest.approx(-50.0, abs=1e-6)

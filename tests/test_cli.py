@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from conftest import shared_path
+from conftest import class_luna, shared_path
+from lunaseg.checkpoint import load_checkpoint
 from lunaseg.cli import main
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,7 @@ def test_train_resume_keeps_the_runs_settings(run_folders, tmp_path, capsys, mon
     data, run = run_folders["data"], tmp_path / "run"
     common = ["-q", "train", "--data", str(data), "--crop", "24", "--val-stride", "2",
               "--epoch-samples", "16", "--device", "cpu"]
+    # One epoch first (not the recipe's 24), so that the resumed run has an epoch to add.
     assert main([*common, "--out", str(run), "--epochs", "1"]) == 0
     assert main([*common, "--out", str(run), "--epochs", "2",
                  "--resume", str(run / "checkpoint.pt")]) == 0
@@ -159,6 +161,46 @@ def test_train_resume_keeps_the_runs_settings(run_folders, tmp_path, capsys, mon
     assert not (tmp_path / "runs").exists()
     warned = capsys.readouterr().err
     assert "ignoring lr 0.5 (the run's: 0.001)" in warned and "crop" not in warned
+
+
+@pytest.mark.slow
+def test_train_3_classes_and_resume(tmp_path, capsys):
+    data = class_luna(tmp_path / "data", series=6)
+    assert main(["-q", "prepcache", "--data", str(data), "--chunk", "7,32,32",
+                 "--workers", "1"]) == 0
+    run = tmp_path / "run"
+    common = ["-q", "train", "--data", str(data), "--crop", "24", "--val-stride", "3",
+              "--epoch-samples", "16", "--device", "cpu", "--out", str(run)]
+    assert main([*common, "--classes", "3", "--epochs", "1"]) == 0
+    # Resumed without --classes: the run's own 3 classes carry on.
+    assert main([*common, "--epochs", "2", "--resume", str(run / "checkpoint.pt")]) == 0
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    assert checkpoint.epoch == 2 and checkpoint.model_config["n_classes"] == 3
+    assert json.loads((run / "config.json").read_text())["model"]["n_classes"] == 3
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert "pr_benign/recall" in history[-1]["val"] and "confusion/accuracy" in history[-1]["val"]
+    capsys.readouterr()
+    # The 3-class model segments through the CLI: p(nodule) and p(malignant) per candidate.
+    seg = tmp_path / "seg"
+    assert main(["-q", "segment", str(data), "--model", str(run / "checkpoint.pt"), "--out",
+                 str(seg), "--overlays", "0", "--tta", "1", "--device", "cpu"]) == 0
+    with open(next(seg.glob("*/candidates.csv")), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(0 <= float(r[key]) <= 1 for r in rows for key in ("p_nodule",
+                                                                          "p_malignant"))
+
+
+def test_classes_option_reaches_the_model_config():
+    from lunaseg.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "d", "--classes", "3",
+                                      "--class-weight", "0.5"])
+    config = _train_config(args)
+    assert config.model.n_classes == 3 and config.class_weight == 0.5
+    assert _train_config(build_parser().parse_args(["train", "--data", "d"])).model.n_classes == 1
+    with pytest.raises(SystemExit):  # argparse refuses a class count the model cannot have
+        build_parser().parse_args(["train", "--data", "d", "--classes", "2"])
 
 
 def test_import_lidc(tmp_path, capsys):
@@ -259,3 +301,24 @@ def test_train_presets_and_given_options():
     flips = config("--augment-flip")
     assert flips.augment == AugmentConfig(flip=True, offset=0.0, scale=0.0, rotate=False,
                                           noise_hu=0.0)
+
+
+def test_demo_classes_option_trains_3_classes_into_its_own_folder(monkeypatch, capsys):
+    from lunaseg import pipeline
+
+    calls = []
+
+    def fake_run_demo(out, *, settings, progress):
+        calls.append((out, settings))
+        return "demo summary"
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
+    assert main(["-q", "demo", "--classes", "3"]) == 0
+    assert main(["-q", "demo", "--classes", "3", "--quick"]) == 0
+    assert main(["-q", "demo"]) == 0
+    (out3, three), (quick3, quick), (out1, one) = calls
+    assert three.train.model.n_classes == quick.train.model.n_classes == 3 and quick.quick
+    # The 3-class run never replaces the 1-class demo's folder; the 1-class demo is as it was.
+    assert (out3, quick3) == ("lunaseg-demo-3class", "lunaseg-demo-quick-3class")
+    assert out1 is None and one.train.model.n_classes == 1
+    assert one.train == pipeline.DemoSettings().train

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED
+from conftest import SHARED, ClassStandIn
 from lunaseg.cli import main
 from lunaseg.config import ClassifierConfig, SegmentConfig
 from lunaseg.ct import CT
@@ -72,6 +72,31 @@ def test_the_classifier_reranks_and_the_labels_follow():
     scores = [c.probability for c in judged.candidates]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == 3
     assert kept(judged.candidates) == 3 and kept(judged.candidates, 0.99) == 1
+
+
+def test_the_classifier_replaces_a_3_class_u_nets_verdicts():
+    ct = three_blobs()
+    config = SegmentConfig(lung_mask=False, overlays=0, erosion_iterations=0)
+    result = segment_ct(ClassStandIn(), ct, config, device="cpu")
+    by_hu = {round(c.mean_hu): c for c in result.candidates}
+    assert sorted(by_hu) == [0, 300, 600]
+    # The U-Net's own verdicts: all three are nodules, the two denser than 200 HU malignant.
+    assert all(c.p_nodule > 0.99 and not c.judged for c in result.candidates)
+    assert by_hu[0].p_malignant < 0.05 and min(by_hu[300].p_malignant,
+                                               by_hu[600].p_malignant) > 0.85
+    judged = rank_by_classifier(ct, result, MeanHU())
+    for candidate in judged.candidates:
+        # p(nodule) is the classifier's now; without a malignancy model the U-Net's
+        # p(malignant | nodule) stays.
+        assert candidate.judged
+        assert candidate.p_nodule == pytest.approx(1 / (1 + np.exp(-candidate.mean_hu / 100)),
+                                                   abs=1e-3)
+        assert candidate.p_malignant == by_hu[round(candidate.mean_hu)].p_malignant
+    malignancy = MeanHU()
+    malignancy.config = ClassifierConfig(classes=("benign", "malignant"))
+    both = rank_by_classifier(ct, result, MeanHU(), malignancy)
+    for candidate in both.candidates:
+        assert candidate.p_malignant == pytest.approx(candidate.p_nodule, abs=1e-9)
 
 
 def test_a_classifier_for_another_question_is_refused():

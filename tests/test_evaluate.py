@@ -10,7 +10,8 @@ import pytest
 
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.evaluate import (
-    Finding, Mark, cap_marks, froc, load_findings, load_marks, match_marks, write_result_json,
+    Finding, Mark, cap_marks, found_nodule_scores, froc, load_findings, load_marks,
+    match_marks, write_result_json,
 )
 from lunaseg.luna import UNKNOWN_DIAMETER_SCORED_MM
 from lunaseg.report import plot_froc
@@ -448,3 +449,18 @@ def test_step_reading_matches_brute_force():
             if (fp_probs >= t).sum() / len(uids) <= rate:
                 expected = max(expected, float((best >= t).sum()) / best.size)
         assert value == pytest.approx(expected), rate
+
+
+# --------------------------------------------------------------------------- malignancy
+
+
+def test_found_nodule_scores_take_the_mark_the_froc_scores():
+    nodules = [Finding([0.0, 0.0, 0.0], 10.0), Finding([50.0, 0.0, 0.0], 10.0),
+               Finding([100.0, 0.0, 0.0], 10.0)]
+    marks = [Mark([1.0, 0.0, 0.0], 0.6), Mark([0.0, 1.0, 0.0], 0.9),  # both on nodule 0
+             Mark([52.0, 0.0, 0.0], 0.3), Mark([200.0, 0.0, 0.0], 0.99)]
+    scores = [0.1, 0.8, None, 0.5]
+    # Nodule 0: its best mark (p 0.9) says 0.8; nodule 1: hit, but no score; nodule 2: missed.
+    assert found_nodule_scores(nodules, marks, scores) == [0.8, None, None]
+    with pytest.raises(ValueError, match="3 scores for 4 marks"):
+        found_nodule_scores(nodules, marks, scores[:3])

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED as SHARED_ROOT
 from lunaseg import ct as ct_io
 from lunaseg import lidc, luna
 from lunaseg.config import LidcConfig
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.geometry import Geometry
 
-SHARED = Path(__file__).parents[2] / "shared" / "data"
+SHARED = SHARED_ROOT / "data"
 SCAN_0001 = SHARED / "lidc-idri-0001"
 SCAN_0002 = SHARED / "lidc-idri-0002"
 UID_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
@@ -155,6 +156,10 @@ def test_mask_keeps_majority_voxels_and_cuts_holes(small_xml: Path) -> None:
     # min_readers=1 accepts the lonely nodule too
     loose = lidc.outline_mask(reading, SMALL_GEOMETRY, SMALL_SHAPE, SMALL_SOPS, min_readers=1)
     assert loose[0, 8, 28]
+    # The class mask: ratings 5, 4, 2 make the big nodule malignant, the lonely one's 3 benign.
+    scan = lidc.annotate_scan(reading, SMALL_GEOMETRY, SMALL_SHAPE, SMALL_SOPS, min_readers=1)
+    assert scan.classes.dtype == np.uint8 and np.array_equal(scan.classes > 0, loose)
+    assert scan.classes[2, 11, 11] == luna.MALIGNANT and scan.classes[0, 8, 28] == luna.BENIGN
 
 
 def test_z_position_places_outlines_when_sop_uids_differ(small_xml: Path) -> None:
@@ -273,10 +278,14 @@ def test_outline_mask_holds_the_nodule_centre(imported: tuple[Path, lidc.ImportS
     ct_geometry, ct_shape = ct_io.read_geometry(out / "subset0" / f"{UID_0001}.mhd")
     assert shape == ct_shape and geometry.allclose(ct_geometry, atol=1e-4)
     mask = sitk.GetArrayFromImage(image)
-    assert set(np.unique(mask)) == {0, 1}
-    assert mask[tuple(geometry.xyz_to_irc(LUNA_CENTER_0001))] == 1
+    # The readers rated this nodule malignant (mal_bool True): its voxels carry class 2.
+    (nodule,) = luna.read_nodules(out / "annotations_with_malignancy.csv",
+                                  available=[UID_0001])
+    assert nodule.is_malignant
+    assert set(np.unique(mask).tolist()) == {0, luna.MALIGNANT}
+    assert mask[tuple(geometry.xyz_to_irc(LUNA_CENTER_0001))] == luna.MALIGNANT
     # a 23 mm nodule: thousands of voxels, not the whole slab
-    assert 2_000 < mask.sum() < 20_000
+    assert 2_000 < (mask > 0).sum() < 20_000
 
 
 @needs_shared

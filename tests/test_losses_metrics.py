@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from lunaseg.losses import dice_loss, segmentation_loss
-from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
+from lunaseg.losses import class_segmentation_loss, dice_loss, segmentation_loss
+from lunaseg.metrics import (CLASS_COLUMNS, SegmentationMetrics, blob_counts,
+                             class_pixel_counts, pixel_counts, predicted_classes)
 
 
 def _pair():
@@ -174,3 +175,121 @@ def test_all_reduce_single_process_group(tmp_path):
 def test_update_checks_shapes():
     with pytest.raises(ValueError, match="counts"):
         SegmentationMetrics().update(torch.zeros(2), torch.zeros(3, 3, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- 3 classes
+
+
+def _class_pair():
+    """One sample, 2x4 pixels: labels 0 0 1 1 / 2 2 2 0; the prediction (as classes)
+    1 0 1 2 / 2 0 1 2: every kind of hit and miss once or more."""
+    label = torch.tensor([[[[0, 0, 1, 1], [2, 2, 2, 0]]]], dtype=torch.uint8)
+    # Probabilities (background, benign, malignant) per pixel that class as written above.
+    table = {0: (0.8, 0.15, 0.05), 1: (0.1, 0.6, 0.3), 2: (0.2, 0.3, 0.5)}
+    predicted = [[1, 0, 1, 2], [2, 0, 1, 2]]
+    probs = torch.tensor([[[table[v][c] for v in row] for row in predicted]
+                          for c in range(3)])[None]
+    return probs, label
+
+
+def test_class_pixel_counts_by_hand():
+    probs, label = _class_pair()
+    counts = dict(zip(CLASS_COLUMNS, class_pixel_counts(probs, label)[0].tolist()))
+    # The union, as the book counts it: nodule pixels (2, 3, 4, 5, 6) found at 2, 3, 4, 6.
+    assert (counts["tp"], counts["fn"], counts["fp"]) == (4, 1, 2)
+    # Benign (2, 3): 2 right, 3 called malignant; called benign but not: 0 (bg), 6 (mal).
+    assert (counts["benign_tp"], counts["benign_fn"], counts["benign_fp"]) == (1, 1, 2)
+    # Malignant (4, 5, 6): 4 right, 5 missed, 6 called benign; 3 (benign), 7 (bg) called it.
+    assert (counts["malignant_tp"], counts["malignant_fn"], counts["malignant_fp"]) == (1, 2, 2)
+    # Found nodule pixels: benign 2 -> benign, 3 -> malignant; malignant 4 -> malignant,
+    # 6 -> benign.
+    assert (counts["benign_as_benign"], counts["benign_as_malignant"],
+            counts["malignant_as_benign"], counts["malignant_as_malignant"]) == (1, 1, 1, 1)
+    assert predicted_classes(probs)[0, 0].tolist() == [[1, 0, 1, 2], [2, 0, 1, 2]]
+
+
+def test_class_metrics_tags_by_hand():
+    probs, label = _class_pair()
+    metrics = SegmentationMetrics(classes=3)
+    metrics.update(torch.tensor([1.0]), class_pixel_counts(probs, label))
+    tags = metrics.compute()
+    # The book's tags keep their meaning: the union of the nodule classes.
+    assert tags["pr/recall"] == pytest.approx(4 / 5)
+    assert tags["pr/precision"] == pytest.approx(4 / 6)
+    assert tags["pr_benign/recall"] == pytest.approx(1 / 2)
+    assert tags["pr_benign/precision"] == pytest.approx(1 / 3)
+    assert tags["pr_benign/f1_score"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+    assert tags["pr_malignant/recall"] == pytest.approx(1 / 3)
+    assert tags["percent_malignant/fn"] == pytest.approx(200 / 3)
+    assert tags["percent_malignant/fp"] == pytest.approx(200 / 3)
+    assert tags["percent_benign/tp"] == pytest.approx(50.0)
+    assert tags["confusion/benign_as_malignant"] == pytest.approx(0.5)
+    assert tags["confusion/malignant_as_malignant"] == pytest.approx(0.5)
+    assert tags["confusion/accuracy"] == pytest.approx(0.5)
+    assert tags["confusion/balanced_accuracy"] == pytest.approx(0.5)
+    # A 1-class metrics object has none of them, and refuses class counts.
+    assert "pr_benign/recall" not in SegmentationMetrics().compute()
+    with pytest.raises(ValueError, match=r"counts \(N, 3\)"):
+        SegmentationMetrics().update(torch.tensor([1.0]), class_pixel_counts(probs, label))
+
+
+def test_class_metrics_sum_over_batches_and_ranks():
+    probs, label = _class_pair()
+    one = SegmentationMetrics(classes=3)
+    for _ in range(2):
+        one.update(torch.tensor([1.0]), class_pixel_counts(probs, label))
+    both = SegmentationMetrics(classes=3)
+    both.update(torch.tensor([1.0, 1.0]), class_pixel_counts(probs.repeat(2, 1, 1, 1),
+                                                             label.repeat(2, 1, 1, 1)))
+    assert one.compute() == both.compute()
+    empty = SegmentationMetrics(classes=3)
+    empty.reduce_(lambda t: t.add_(both.counts if t.dtype == torch.int64 else both.loss_sum))
+    assert empty.compute() == both.compute()
+
+
+def test_class_loss_keeps_the_chapters_nodule_loss():
+    logits = torch.randn(3, 3, 8, 8) * 2
+    label = torch.randint(0, 3, (3, 1, 8, 8), dtype=torch.uint8)
+    label[2] = 0  # a sample without any nodule pixel
+    p_nodule = 1 - torch.softmax(logits, dim=1)[:, :1]
+    union = label > 0
+    # Without the class term it is the 1-class loss on p(nodule) and the union.
+    torch.testing.assert_close(
+        class_segmentation_loss(logits, label, 8.0, class_weight=0.0, reduction="none"),
+        segmentation_loss(p_nodule, union, 8.0, reduction="none"))
+    torch.testing.assert_close(
+        class_segmentation_loss(logits, label, 1.0, bce_weight=2.0, class_weight=0.0,
+                                reduction="none"),
+        segmentation_loss(p_nodule, union, 1.0, bce_weight=2.0, reduction="none"),
+        rtol=1e-5, atol=1e-5)
+    # The class term: -log p(true class | nodule), averaged over each sample's nodule pixels.
+    with_class = class_segmentation_loss(logits, label, 8.0, class_weight=1.0,
+                                         reduction="none")
+    without = class_segmentation_loss(logits, label, 8.0, class_weight=0.0, reduction="none")
+    conditional = torch.log_softmax(logits[:, 1:], dim=1)
+    for n in range(2):
+        nodule = union[n, 0]
+        truth = label[n, 0][nodule].long() - 1
+        expected = -conditional[n][:, nodule].gather(0, truth[None])[0].mean()
+        torch.testing.assert_close(with_class[n] - without[n], expected)
+    assert with_class[2] == without[2]  # no nodule pixel, no class term
+
+
+def test_the_class_term_never_pushes_nodule_against_background():
+    logits = torch.randn(2, 3, 6, 6, requires_grad=True)
+    label = torch.randint(0, 3, (2, 1, 6, 6), dtype=torch.uint8)
+    with_class = class_segmentation_loss(logits, label, class_weight=1.0).sum()
+    without = class_segmentation_loss(logits, label, class_weight=0.0).sum()
+    (gradient,) = torch.autograd.grad(with_class - without, logits)
+    # Only benign vs malignant moves: the background score and the sum of the two nodule
+    # scores (what p(nodule) depends on, to first order) get no push from it.
+    assert gradient[:, 0].abs().max() == 0
+    torch.testing.assert_close(gradient[:, 1] + gradient[:, 2], torch.zeros(2, 6, 6))
+    # A right class costs less than a wrong one; the nodule terms are the same for both.
+    right = torch.zeros(1, 3, 1, 2)
+    right[0, 1, 0, 0] = right[0, 2, 0, 1] = 4.0
+    wrong = right[:, [0, 2, 1]]  # benign and malignant swapped
+    two = torch.tensor([[[[1, 2]]]], dtype=torch.uint8)
+    assert class_segmentation_loss(right, two) < class_segmentation_loss(wrong, two)
+    assert class_segmentation_loss(right, two, class_weight=0.0) == pytest.approx(
+        class_segmentation_loss(wrong, two, class_weight=0.0).item())

@@ -8,6 +8,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,9 @@ from lunaseg.config import ModelConfig, to_dict
 from lunaseg.errors import CheckpointError, ConfigError
 from lunaseg.inputs import SegmentationSpec
 from lunaseg.model import (UNet, UNetWrapper, build_model, infer_model_config, load_model,
-                           save_model)
+                           nodule_probability, save_model)
+
+REFERENCE = Path(__file__).resolve().parent / "data"
 
 BOOK_KEYS = {"sys_argv", "time", "model_state", "model_name", "optimizer_state",
              "optimizer_name", "epoch", "totalTrainingSamples_count"}
@@ -57,6 +60,27 @@ def test_default_parameter_count_is_the_books():
     assert sum(p.numel() for p in model.parameters()) == 118_271
 
 
+def test_3_class_unet_shapes_and_parameter_count():
+    model = build_model(ModelConfig(n_classes=3)).eval()
+    # The last 1x1 conv maps 16 filters to 3 scores instead of 1: 2 x (16 weights + 1 bias).
+    assert sum(p.numel() for p in model.parameters()) == 118_271 + 2 * 17 == 118_305
+    assert model.state_dict().keys() == _book_state_keys()  # the book's names, 3 outputs
+    assert model.state_dict()["unet.last.weight"].shape == (3, 16, 1, 1)
+    x = torch.randn(2, 7, 48, 32) * 300
+    with torch.no_grad():
+        probs, logits = model(x), model(x, return_logits=True)
+    assert probs.shape == logits.shape == (2, 3, 48, 32)
+    torch.testing.assert_close(logits, model.logits(x))
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, 48, 32))
+    torch.testing.assert_close(nodule_probability(probs), 1 - probs[:, :1])
+    one = build_model().eval()
+    with torch.no_grad():
+        assert one(x).shape == (2, 1, 48, 32)  # the 1-class model still ends in a sigmoid
+        torch.testing.assert_close(nodule_probability(one(x)), one(x))
+    assert infer_model_config(model.state_dict()) == ModelConfig(n_classes=3)
+
+
 def test_state_dict_keys_match_book_layout():
     assert set(build_model().state_dict()) == _book_state_keys()
 
@@ -90,12 +114,12 @@ def test_size_not_multiple_of_four_is_rejected():
 
 
 def test_upsample_mode_and_other_shapes():
-    config = ModelConfig(in_channels=3, n_classes=2, depth=4, wf=3, up_mode="upsample",
+    config = ModelConfig(in_channels=3, n_classes=3, depth=4, wf=3, up_mode="upsample",
                          batch_norm=False)
     model = build_model(config).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 24, 40))
-    assert out.shape == (1, 2, 24, 40)
+    assert out.shape == (1, 3, 24, 40)
     assert "unet.up_path.0.up.1.weight" in model.state_dict()
     assert infer_model_config(model.state_dict()) == config
 
@@ -118,7 +142,7 @@ def test_channels_last_and_bf16_autocast():
 
 
 @pytest.mark.parametrize("option,value", [("depth", 0), ("wf", -1), ("up_mode", "nearest"),
-                                          ("in_channels", 0)])
+                                          ("in_channels", 0), ("n_classes", 2)])
 def test_bad_model_options_raise_config_error(option, value):
     with pytest.raises(ConfigError, match=option):
         build_model(ModelConfig(**{option: value}))
@@ -247,6 +271,43 @@ def test_the_books_real_checkpoint_loads_with_the_books_spec():
     assert checkpoint.format == "book" and checkpoint.epoch == 5
     assert model.config == ModelConfig()
     assert model.spec == SegmentationSpec(grouping="book", tta_rule="consensus")
+
+
+def test_3_class_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(n_classes=3)).eval()
+    save_model(tmp_path / "m.pt", model, epoch=1, samples_seen=1)
+    loaded, checkpoint = load_model(tmp_path / "m.pt")
+    assert loaded.n_classes == 3 and checkpoint.model_config["n_classes"] == 3
+    x = torch.randn(1, 7, 32, 32) * 300
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_1_class_checkpoint_of_the_last_release_gives_the_same_output():
+    """A 1-class checkpoint written by lunaseg before 3-class models (commit 2e7d298, see
+    data/make_reference_outputs.py) loads as it did and gives what that code gave."""
+    reference = np.load(REFERENCE / "one_class_reference.npz")
+    model, checkpoint = load_model(REFERENCE / "one_class_checkpoint.pt")
+    assert model.n_classes == 1 and model.config == ModelConfig(depth=2, wf=2)
+    assert checkpoint.model_config.get("n_classes") == 1
+    x = torch.from_numpy(reference["hu"]).float()
+    with torch.no_grad():
+        logits, output = model.logits(x).numpy(), model(x).numpy()
+    np.testing.assert_allclose(logits, reference["small_logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(output, reference["small_output"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_books_checkpoint_gives_the_same_output_as_before():
+    reference = np.load(REFERENCE / "one_class_reference.npz")
+    model, _ = load_model(shared_path("models", "book-seg-2020-01-26.best.state"))
+    assert model.n_classes == 1
+    x = torch.from_numpy(reference["hu"]).float()
+    with torch.no_grad():
+        logits, output = model.logits(x).numpy(), model(x).numpy()
+    # Its logits reach +-80: compared relative to that scale.
+    np.testing.assert_allclose(logits, reference["book_logits"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(output, reference["book_output"], rtol=1e-5, atol=1e-6)
 
 
 def test_dataparallel_prefix_is_stripped(tmp_path):

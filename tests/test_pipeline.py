@@ -14,6 +14,7 @@ from lunaseg.pipeline import run_demo
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path):
     result = run_demo(tmp_path / "demo", quick=True, progress=False)
+    # Both stages: the U-Net, then the classifier and its malignancy fine-tuning (detect).
     assert set(result.seconds) == {"synth", "prepcache", "train", "classifiers",
                                    "detect+evaluate"}
     assert result.train.epochs_done == 2 and result.train.checkpoint.is_file()

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import sphere_phantom
+from conftest import ClassStandIn, sphere_phantom
 from lunaseg.errors import ConfigError
 from lunaseg.inputs import SegmentationSpec, clip_hu, context_indices, context_stack
 from lunaseg.model import build_model
-from lunaseg.predict import OUTSIDE_LOGIT, network_box, predict_logits, sigmoid
+from lunaseg.predict import (OUTSIDE_LOGIT, network_box, predict_classes, predict_logits,
+                             sigmoid)
 
 SPEC = SegmentationSpec()
 
@@ -148,3 +149,49 @@ def test_predict_logits_cuda_bf16_matches_cpu(tta):
                             tta=tta)
     assert on_gpu.dtype == np.float32 and on_gpu.shape == hu.shape
     np.testing.assert_allclose(sigmoid(on_gpu), sigmoid(on_cpu), atol=0.05)
+
+
+# --------------------------------------------------------------------------- 3 classes
+
+
+@pytest.mark.parametrize("tta, rule", [(1, "mean"), (4, "consensus"), (4, "mean")])
+def test_a_3_class_model_gives_nodule_and_malignancy_logits(tta, rule):
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-900, 700, size=(5, 20, 24)).astype(np.int16)
+    nodule, malignancy = predict_classes(ClassStandIn(), hu, ClassStandIn.spec, tta=tta,
+                                         tta_rule=rule, crop_to_body=False)
+    x = np.clip(hu, -1000, 1000).astype(np.float64)
+    benign = (x + 500) / 50
+    malignant = benign + (x - 200) / 50
+    # logit p(nodule) = log(e^benign + e^malignant) - background (0); the stand-in is the
+    # same on every mirrored view, so views do not change it.
+    np.testing.assert_allclose(nodule, np.logaddexp(benign, malignant), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(malignancy, (x - 200) / 50, rtol=1e-5, atol=1e-4)
+    # Their sigmoids multiply to the softmax's p(malignant).
+    stacks = torch.from_numpy(np.repeat(x[:, None], 7, axis=1).astype(np.float32))
+    softmax = ClassStandIn()(stacks)
+    np.testing.assert_allclose(sigmoid(nodule) * sigmoid(malignancy), softmax[:, 2].numpy(),
+                               rtol=1e-4, atol=1e-6)
+    # predict_logits gives the nodule channel alone; a 1-class model has no malignancy.
+    np.testing.assert_array_equal(predict_logits(ClassStandIn(), hu, ClassStandIn.spec,
+                                                 tta=tta, tta_rule=rule, crop_to_body=False),
+                                  nodule)
+    assert predict_classes(ChannelEcho(3), hu, SPEC, crop_to_body=False)[1] is None
+
+
+def test_malignancy_views_are_averaged():
+    class Skewed(ClassStandIn):
+        """Malignancy rises to the right: a left-right mirrored view sees it fall."""
+
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().logits(x)
+            ramp = torch.arange(x.shape[-1], dtype=x.dtype).expand_as(out[:, 2])
+            out[:, 2] = out[:, 1] + ramp
+            return out
+
+    hu = np.full((3, 8, 12), 100, dtype=np.int16)
+    _, one = predict_classes(Skewed(), hu, SPEC, tta=1, crop_to_body=False)
+    _, two = predict_classes(Skewed(), hu, SPEC, tta=2, crop_to_body=False)
+    np.testing.assert_allclose(one[0, 0], np.arange(12))
+    # The mirrored view's ramp, flipped back, runs 11..0: the mean is flat at 5.5.
+    np.testing.assert_allclose(two, 5.5)

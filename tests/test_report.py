@@ -66,3 +66,26 @@ def test_montage_and_overlays_carry_legends(tmp_path):
     legend = with_legend(rgb)
     assert legend.shape[0] == 34 and legend.shape[1] >= 300
     assert (legend[20:, :, 1] > 200).any()  # the green key
+
+
+def test_class_overlay_colours_and_legend():
+    from lunaseg.report import CLASS_LEGEND_ITEMS, class_overlay_rgb, with_legend
+
+    hu = np.full((2, 4), -1000.0)
+    # label: benign benign malignant malignant / background x4
+    label = np.array([[1, 1, 2, 2], [0, 0, 0, 0]])
+    pred = np.array([[1, 2, 2, 0], [0, 1, 2, 0]])
+    rgb = class_overlay_rgb(hu, pred, label)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 4, 3)
+    assert rgb[0, 0].tolist() == [0, 128, 0]  # benign found as benign: green
+    assert rgb[0, 1].tolist() == [128, 128, 0]  # benign called malignant: yellow
+    assert rgb[0, 2].tolist() == [26, 57, 128]  # malignant found as malignant: blue
+    assert rgb[0, 3].tolist() == [128, 64, 0]  # missed: orange
+    assert rgb[1, 1].tolist() == rgb[1, 2].tolist() == [128, 0, 0]  # false positives: red
+    assert rgb[1, 0].tolist() == [0, 0, 0]
+    # The label drawn as its own prediction shows each class in its colour.
+    shown = class_overlay_rgb(hu, label, label)
+    assert shown[0, 0].tolist() == [0, 128, 0] and shown[0, 3].tolist() == [26, 57, 128]
+    legend = with_legend(np.zeros((20, 20, 3), np.uint8), CLASS_LEGEND_ITEMS)
+    assert legend.shape[0] == 34 and legend.shape[1] >= 110 * len(CLASS_LEGEND_ITEMS)
+    assert ((legend[20:, :, 2] > 200) & (legend[20:, :, 0] < 100)).any()  # the blue key

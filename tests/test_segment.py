@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED, DenseStandIn, rotated_geometry, sphere_phantom
+from conftest import SHARED, ClassStandIn, DenseStandIn, rotated_geometry, sphere_phantom
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT, load_ct, write_image
 from lunaseg.errors import ConfigError, DataError
@@ -282,3 +282,52 @@ def test_any_storage_orientation_gives_the_same_candidates(tmp_path, perm, flips
     for a, b in zip(found[base], found[turned]):
         np.testing.assert_allclose(a, b, atol=0.01)
     np.testing.assert_array_equal(found[base, "mask"], found[turned, "mask"])
+
+
+def test_3_class_outputs_carry_the_classes(tmp_path):
+    import SimpleITK as sitk
+
+    hu = np.full((8, 40, 40), -800, dtype=np.int16)
+    hu[3:5, 6:12, 6:12] = 500  # malignant to ClassStandIn
+    hu[3:5, 24:30, 24:30] = 0  # benign
+    source = write_image(hu, Geometry.identity(), tmp_path / "scan.mha")
+    config = SegmentConfig(overlays=2, lung_mask=False, erosion_iterations=0)
+    segment_inputs([source], ClassStandIn(), tmp_path / "out", config, device="cpu",
+                   progress=False)
+    folder = tmp_path / "out" / "scan"
+    with open(folder / "candidates.csv", newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: float(row["row"]))
+    assert len(rows) == 2
+    dense, soft = rows
+    assert float(dense["p_malignant"]) > 0.99 and float(soft["p_malignant"]) < 0.02
+    assert all(float(row["p_nodule"]) == pytest.approx(float(row["mean_probability"]),
+                                                       abs=2e-6) for row in rows)
+    # The mask's candidate voxels carry their class: 2 malignant, 1 benign.
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
+    assert set(np.unique(mask[3:5, 6:12, 6:12]).tolist()) == {2}
+    assert set(np.unique(mask[3:5, 24:30, 24:30]).tolist()) == {1}
+    assert mask.sum() == 2 * 36 * 2 + 2 * 36
+    p_malignant = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "p_malignant.nii.gz")))
+    assert p_malignant[4, 8, 8] > 0.99 and p_malignant[4, 26, 26] < 0.02
+    page = (folder / "report.html").read_text()
+    assert "<th>p nodule</th><th>p malignant</th>" in page
+    document = json.loads((folder / "candidates.json").read_text())
+    assert {round(c["p_malignant"]) for c in document["candidates"]} == {0, 1}
+    # Verdicts of the segmentation, not the classifier's: nothing claims a second stage ran.
+    assert "classifier_seconds" not in document and "segmentation score" not in page
+
+
+def test_1_class_outputs_leave_the_verdicts_empty(tmp_path):
+    hu, _ = sphere_phantom()
+    source = write_image(hu, Geometry.identity(), tmp_path / "scan.mha")
+    segment_inputs([source], DenseStandIn(), tmp_path / "out",
+                   SegmentConfig(overlays=0, lung_mask=False), device="cpu", progress=False)
+    folder = tmp_path / "out" / "scan"
+    with open(folder / "candidates.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # A 1-class U-Net gives no verdicts (its mean_probability is in its own column); the
+    # classifier fills them in lunaseg detect.
+    assert rows and all(row["p_malignant"] == row["p_nodule"] == "" for row in rows)
+    assert not (folder / "p_malignant.nii.gz").exists()
+    page = (folder / "report.html").read_text()
+    assert "p malignant" not in page and "p nodule" not in page

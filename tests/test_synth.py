@@ -282,11 +282,15 @@ def test_dataset_masks_open_with_the_scans_geometry(dataset):
         ct = load_ct(out / f"subset{k % config.subsets}" / f"{uid}.mhd")
         mask = load_ct(outline_mask_path(out, uid), require_ct=False)
         assert mask.hu.shape == ct.hu.shape and mask.geometry.allclose(ct.geometry)
-        rows = [r for r in read_rows(out / "annotations.csv")[1] if r["seriesuid"] == uid]
+        rows = [r for r in read_rows(out / "annotations_with_malignancy.csv")[1]
+                if r["seriesuid"] == uid]
         for row in rows:
             xyz = np.array([float(row[c]) for c in ("coordX", "coordY", "coordZ")])
-            assert mask.hu[tuple(ct.geometry.xyz_to_irc(xyz))] == 1
+            # The mask carries each nodule's class: 2 malignant, 1 benign.
+            assert mask.hu[tuple(ct.geometry.xyz_to_irc(xyz))] == (
+                2 if row["mal_bool"] == "True" else 1)
         assert (mask.hu > 0).any() == bool(rows)
+        assert set(np.unique(mask.hu).tolist()) <= {0, 1, 2}
 
 
 def test_tissue_statistics(phantom):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import lunaseg.train
-from conftest import add_sphere, tiny_volume
+from conftest import add_sphere, class_luna, malignancy_rows, tiny_volume
 from lunaseg.cache import Cache, prepcache
 from lunaseg.checkpoint import load_checkpoint
 from lunaseg.config import (AugmentConfig, CacheConfig, DataConfig, ModelConfig, SegmentConfig,
@@ -26,9 +26,11 @@ from lunaseg.errors import ConfigError, DataError
 from lunaseg.files import write_csv
 from lunaseg.geometry import Geometry
 from lunaseg.inputs import SegmentationSpec
-from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS
+from lunaseg.luna import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, MALIGNANCY_COLUMNS
 from lunaseg.metrics import pixel_counts
 from lunaseg.model import UNetWrapper, build_model, load_model
+from lunaseg.predict import predict_classes
+from lunaseg.roc import roc_auc
 from lunaseg.segment import segment_ct
 from lunaseg.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainResult, _is_better, _set_lr,
                            check_train_config, train)
@@ -54,11 +56,14 @@ def cache_dir(tmp_path_factory) -> Path:
     return _make_cache(tmp_path_factory.mktemp("luna"))
 
 
-def _make_cache(root: Path, shape: tuple[int, int, int] = (16, 64, 64)) -> Path:
+def _make_cache(root: Path, shape: tuple[int, int, int] = (16, 64, 64), *,
+                malignancy: bool = True) -> Path:
     rng = np.random.default_rng(21)
     geometry = Geometry.identity(spacing_xyz=(0.8, 0.8, 2.0))
     nodules = [[(8, 30, 30, 5.0)], [(5, 26, 24, 4.0), (11, 38, 36, 6.0)],
                [(8, 34, 26, 3.5)], [(6, 28, 36, 5.0), (11, 36, 26, 4.5)]]
+    # The 5-6 px ones are malignant, so the three training series hold both classes.
+    malignant = [radius >= 5.0 for series_nodules in nodules for *_, radius in series_nodules]
     annotations, candidates = [], []
     for k, series_nodules in enumerate(nodules):
         uid = f"1.2.840.77.{k + 1}"
@@ -71,6 +76,9 @@ def _make_cache(root: Path, shape: tuple[int, int, int] = (16, 64, 64)) -> Path:
         candidates.append([uid, *geometry.irc_to_xyz(np.array([8.0, 20, 44])).round(4), 0])
         write_image(hu, geometry, root / "subset0" / f"{uid}.mhd")
     write_csv(root / "annotations.csv", ANNOTATION_COLUMNS, annotations)
+    if malignancy:
+        write_csv(root / "annotations_with_malignancy.csv", MALIGNANCY_COLUMNS,
+                  malignancy_rows(annotations, malignant))
     write_csv(root / "candidates.csv", CANDIDATE_COLUMNS, candidates)
     summary = prepcache(root, root / "cache", config=CacheConfig(workers=1, chunk_irc=CHUNK),
                         progress=False)
@@ -387,6 +395,8 @@ BAD_SETTINGS = [
     ("data.min_hu", 1000.0, "min_hu < max_hu"),
     ("data.context_slices", 4, "context_slices"),  # 9 channels for a 7-channel model
     ("model.in_channels", 9, "in_channels"),
+    ("model.n_classes", 2, "n_classes"),
+    ("class_weight", -1.0, "class_weight"),
 ]
 
 
@@ -427,6 +437,14 @@ class _InputRecorder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.low, self.high = min(self.low, x.min().item()), max(self.high, x.max().item())
         return self.model(x)
+
+
+def test_3_classes_without_malignancy_labels_fail_before_the_run_folder_exists(tmp_path):
+    cache_dir = _make_cache(tmp_path / "luna", malignancy=False)  # annotations.csv alone
+    config = _config(epochs=1, model=ModelConfig(n_classes=3))
+    with pytest.raises(DataError, match="0 malignant .*annotations_with_malignancy.csv"):
+        train(config, cache_dir, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_non_default_hu_window_reaches_inference(cache_dir, tmp_path):
@@ -487,10 +505,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, cache_dir: Path, root: Pa
 
 
 @pytest.mark.slow
-def test_ddp_on_cpu_two_ranks(cache_dir, tmp_path):
+@pytest.mark.parametrize("classes", [1, 3])
+def test_ddp_on_cpu_two_ranks(cache_dir, tmp_path, classes):
     import torch.multiprocessing as mp
 
-    config = _config(epochs=2, batch_size=4, epoch_samples=32)
+    config = _config(epochs=2, batch_size=4, epoch_samples=32,
+                     model=ModelConfig(n_classes=classes))
     mp.spawn(_ddp_worker, args=(2, _free_port(), cache_dir, tmp_path, config), nprocs=2,
              join=True)
     results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in (0, 1)]
@@ -509,6 +529,11 @@ def test_ddp_on_cpu_two_ranks(cache_dir, tmp_path):
         assert result["samples_seen"] == 64 and result["epochs_done"] == 2
         assert result["train_samples"] == [32, 32]
         assert not result["group_left_open"]
+    # (iv) the class metrics, summed over ranks, come with a 3-class model only.
+    history = json.loads((tmp_path / "out0" / "metrics.json").read_text())["history"]
+    assert ("pr_malignant/recall" in history[-1]["val"]) == (classes == 3)
+    assert load_checkpoint(tmp_path / "out0" / LAST_CHECKPOINT).model_config["n_classes"] \
+        == classes
 
 
 def test_best_checkpoint_rule():
@@ -537,3 +562,53 @@ def test_cosine_learning_rate_by_hand():
     assert lr_at(2.0) == pytest.approx(0.001)  # past the end (resumed with fewer epochs)
     config.lr_schedule = "constant"
     assert lr_at(0.7) == 0.01
+
+
+# ----------------------------------------------------------------------------- 3 classes
+
+
+@pytest.fixture(scope="module")
+def class_cache(tmp_path_factory) -> Path:
+    """Twelve scans, each with a dense benign and a soft malignant nodule (conftest)."""
+    root = class_luna(tmp_path_factory.mktemp("classes"))
+    summary = prepcache(root, root / "cache", config=CacheConfig(workers=1, chunk_irc=(7, 40, 40)),
+                        progress=False)
+    assert not summary.failed
+    return root / "cache"
+
+
+def _held_out_malignancy(model: UNetWrapper, cache: Cache, uids: list[str]
+                         ) -> tuple[list[float], list[bool]]:
+    """Each held-out nodule's mean p(malignant | nodule) over its labelled voxels, and its
+    class."""
+    scores, labels = [], []
+    for uid in uids:
+        entry = cache[uid]
+        _, malignancy = predict_classes(model, np.asarray(entry.hu), model.spec,
+                                        crop_to_body=False)
+        classes = entry.classes()
+        for value in (1, 2):
+            scores.append(float((1 / (1 + np.exp(-malignancy[classes == value]))).mean()))
+            labels.append(value == 2)
+    return scores, labels
+
+
+@pytest.mark.slow
+def test_a_short_3_class_run_tells_the_classes_apart_on_held_out_nodules(class_cache, tmp_path):
+    config = _config(epochs=8, batch_size=16, epoch_samples=128, negative_crop_fraction=0.25,
+                     model=ModelConfig(n_classes=3))
+    config.data.val_stride = 3
+    result = train(config, class_cache, tmp_path / "run", progress=False)
+    assert result.epochs_done == 8
+    model, checkpoint = load_model(result.checkpoint)
+    assert model.n_classes == 3 and checkpoint.model_config["n_classes"] == 3
+    cache = Cache(class_cache)
+    held_out = split_series(cache.series_uids, config.data)["val"]
+    scores, labels = _held_out_malignancy(model, cache, held_out)
+    assert len(scores) == 8 and sum(labels) == 4
+    # Chance is 0.5; the nodules differ only in what they are made of.
+    auc = roc_auc(labels, scores)
+    assert auc >= 0.9, (auc, scores)
+    last = result.history[-1]
+    assert last["val"]["pr/recall"] > 0.5  # the union is still segmented
+    assert "pr_malignant/recall" in last["train"] and "confusion/accuracy" in last["val"]

@@ -6,6 +6,9 @@ translation column of the matrix, where ``F.affine_grid`` actually reads it.  Dr
 parameters (``draw_transforms``) is kept apart from applying them (:func:`apply_affine`,
 :func:`apply_crop_affine`), so a draw can be logged and replayed.  Both modules take their
 randomness from their own per-device generators, never from torch's global RNG.
+
+A U-Net's label is a mask (bool or float: nodule or not) or, for a 3-class model, integer
+classes (0 background, 1 benign, 2 malignant), which stay integer classes.
 """
 
 from __future__ import annotations
@@ -125,7 +128,10 @@ def apply_affine(
     ``theta`` (N, 2, 3) maps output to input positions in normalised coordinates
     (``F.affine_grid`` convention, ``align_corners=False``).  Outside the image the edge
     value is repeated.  The label is resampled as float with the same grid and returned
-    as bool (> 0.5), so it stays aligned with the input and binary.
+    as bool (> 0.5), so it stays aligned with the input and binary.  Integer class labels
+    are resampled as one channel per nodule class: a pixel is nodule where their sum
+    passes 0.5 (so the nodule mask moves exactly as a bool label would) and takes the
+    class with the larger share (malignant on a tie); they return as uint8 classes.
     """
     if input.dim() != 4:
         raise ValueError(f"input must be (N, C, H, W), got shape {tuple(input.shape)}")
@@ -141,9 +147,29 @@ def apply_affine(
     if label.shape[0] != input.shape[0] or label.shape[-2:] != input.shape[-2:]:
         raise ValueError(f"label shape {tuple(label.shape)} does not match input "
                          f"{tuple(input.shape)}")
+    if _is_classes(label):
+        shares = torch.cat([label == 1, label == 2], dim=1).to(work_dtype)
+        moved = F.grid_sample(shares, grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)
+        nodule = moved.sum(dim=1, keepdim=True) > 0.5
+        malignant = moved[:, 1:2] >= moved[:, 0:1]
+        return out, nodule.to(torch.uint8) * (1 + malignant.to(torch.uint8))
     moved = F.grid_sample(label.to(work_dtype), grid, mode="bilinear", padding_mode="border",
                           align_corners=False)
     return out, moved > 0.5
+
+
+def _is_classes(label: torch.Tensor) -> bool:
+    """Integer (not bool) labels are classes; bool and float ones are masks."""
+    return not label.is_floating_point() and label.dtype != torch.bool
+
+
+def _as_label(label: torch.Tensor | None) -> torch.Tensor | None:
+    """A label as the augmentation returns it untransformed: a mask as bool, classes as
+    uint8."""
+    if label is None or label.dtype == torch.bool:
+        return label
+    return label.to(torch.uint8) if _is_classes(label) else label > 0.5
 
 
 class SegmentationAugmentation(_DeviceRandom):
@@ -206,16 +232,15 @@ class SegmentationAugmentation(_DeviceRandom):
     def forward(
         self, input: torch.Tensor, label: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Augment ``input`` (N, C, H, W) float and ``label`` (N, 1, H, W); label returns bool."""
+        """Augment ``input`` (N, C, H, W) float and ``label`` (N, 1, H, W); a mask label
+        returns bool, a class label uint8 classes."""
         if not self.enabled:
-            if label is not None and label.dtype != torch.bool:
-                label = label > 0.5
-            return input, label
+            return input, _as_label(label)
         if self.spatial:
             theta = self.draw_transforms(input.shape[0], input.device)
             input, label = apply_affine(input, label, theta)
-        elif label is not None and label.dtype != torch.bool:
-            label = label > 0.5
+        else:
+            label = _as_label(label)
         return self.add_noise(input), label
 
 

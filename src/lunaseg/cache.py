@@ -4,9 +4,14 @@ Layout, one folder per series (``<cache>/<series_uid>/``)::
 
     hu.npy           (I, r, c) int16, the CT cropped in-plane to the body's bounding box
     mask.npy         (I, r, ceil(c/8)) uint8, the nodule mask, bit-packed along rows
+    malignant.npy    (I, r, ceil(c/8)) uint8, its malignant voxels, bit-packed the same way
     chunks.npy       (N, *chunk_irc) int16, one training chunk centred on each nodule
-    chunk_masks.npy  (N, *chunk_irc) bool, the mask under each chunk
+    chunk_masks.npy  (N, *chunk_irc) uint8, the class mask under each chunk (0 background,
+                     1 benign, 2 malignant: lunaseg.masks' classes)
     meta.json        geometry, crop, nodules, positive slices, checksums; written last
+
+The class of a nodule voxel is benign or malignant (LUNA's ``mal_bool``), so one cache serves
+1-class models (which see ``mask.npy``) and 3-class ones (which also read ``malignant.npy``).
 
 Only rows and columns that hold nothing but air are cropped away, so nothing a model could
 learn from is lost, and the cache stays smaller than the raw data.  Volumes are stored in the
@@ -41,8 +46,8 @@ from lunaseg.ct import load_ct
 from lunaseg.errors import DataError
 from lunaseg.geometry import Geometry
 from lunaseg.inputs import context_stack
-from lunaseg.luna import find_series, load_candidates, outline_mask_path
-from lunaseg.masks import annotation_mask, body_box, positive_slices
+from lunaseg.luna import BENIGN, MALIGNANT, find_series, load_candidates, outline_mask_path
+from lunaseg.masks import annotation_classes, body_box, classes_by_nearest, positive_slices
 from lunaseg.progress import bar as progress_bar
 
 __all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSummary",
@@ -50,8 +55,10 @@ __all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSu
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-_ARRAYS = ("hu.npy", "mask.npy", "chunks.npy", "chunk_masks.npy")
+# 3: class masks (malignant.npy; chunk masks hold classes).  Older entries are rebuilt by
+# prepcache and refused, in one line, by readers.
+FORMAT_VERSION = 3
+_ARRAYS = ("hu.npy", "mask.npy", "malignant.npy", "chunks.npy", "chunk_masks.npy")
 MAX_LOOKALIKES = 400  # per series: LUNA16's candidates.csv has ~600 per scan, mostly alike
 
 
@@ -133,6 +140,10 @@ class SeriesCache:
         return np.asarray(_open_npy(self.folder / "mask.npy", mmap=True))
 
     @cached_property
+    def _packed_malignant(self) -> np.ndarray:
+        return np.asarray(_open_npy(self.folder / "malignant.npy", mmap=True))
+
+    @cached_property
     def chunks(self) -> np.ndarray:
         """(N, I, R, C) int16 training chunks, one per nodule, in ``nodules`` order."""
         return _open_npy(self.folder / "chunks.npy", mmap=False)
@@ -144,6 +155,8 @@ class SeriesCache:
 
     @cached_property
     def chunk_masks(self) -> np.ndarray:
+        """(N, I, R, C) uint8 class masks under the chunks (0 background, 1 benign,
+        2 malignant); nonzero is the nodule mask."""
         return _open_npy(self.folder / "chunk_masks.npy", mmap=False)
 
     def mask_slice(self, index: int) -> np.ndarray:
@@ -156,31 +169,51 @@ class SeriesCache:
         return np.unpackbits(np.asarray(self._packed_mask), axis=-1,
                              count=self.hu.shape[2]).view(bool)
 
+    def classes_slice(self, index: int) -> np.ndarray:
+        """(r, c) uint8 class mask of one slice: 0 background, 1 benign, 2 malignant."""
+        malignant = np.unpackbits(self._packed_malignant[index], axis=-1,
+                                  count=self.hu.shape[2])
+        return self.mask_slice(index).view(np.uint8) + malignant
+
+    def classes(self) -> np.ndarray:
+        """(I, r, c) uint8 class mask of the whole (cropped) volume."""
+        malignant = np.unpackbits(np.asarray(self._packed_malignant), axis=-1,
+                                  count=self.hu.shape[2])
+        return self.mask().view(np.uint8) + malignant
+
     def context_stack(self, index: int, context_slices: int) -> np.ndarray:
         """(2*context+1, r, c) int16 slices around ``index``; edges repeat the end slices."""
         return context_stack(self.hu, [index], context_slices)[0]
 
     def chunk(self, center_irc: Sequence[int], size_irc: Sequence[int], *,
               fill_hu: int = -1000) -> tuple[np.ndarray, np.ndarray]:
-        """(HU chunk, mask chunk) of ``size_irc`` centred on a full-volume voxel, padded at
-        the edges (slices repeat, rows/columns get ``fill_hu`` and an empty mask)."""
+        """(HU chunk, uint8 class-mask chunk) of ``size_irc`` centred on a full-volume voxel,
+        padded at the edges (slices repeat, rows/columns get ``fill_hu`` and background)."""
         size = np.asarray(size_irc, dtype=np.int64)
         start = np.asarray(center_irc, dtype=np.int64) - size // 2
         start[1:] -= self.crop_rc
         hu = pad_crop(self.hu, start, size, fill_hu)
-        # Unpack only the bytes under the chunk: whole slices would cost 100x more.
+        classes = self._unpack_box(self._packed_mask, start, size)
+        classes += self._unpack_box(self._packed_malignant, start, size)
+        return hu, classes
+
+    def _unpack_box(self, packed: np.ndarray, start: np.ndarray, size: np.ndarray
+                    ) -> np.ndarray:
+        """(size) uint8 bits of a bit-packed (I, r, ceil(c/8)) array in the box at ``start``
+        (cropped coordinates), 0 outside it."""
+        # Unpack only the bytes under the box: whole slices would cost 100x more.
         cols = self.hu.shape[2]
         col_low = min(max(int(start[2]), 0), cols)
         col_high = min(max(int(start[2] + size[2]), 0), cols)
         byte_low, byte_high = col_low // 8, -(-col_high // 8)
-        packed = pad_crop(self._packed_mask, (start[0], start[1], byte_low),
+        packed = pad_crop(packed, (start[0], start[1], byte_low),
                           (size[0], size[1], max(byte_high - byte_low, 1)), 0)
-        bits = np.unpackbits(packed, axis=-1).view(bool)
-        mask = np.zeros(tuple(size), dtype=bool)
+        bits = np.unpackbits(packed, axis=-1)
+        out = np.zeros(tuple(size), dtype=np.uint8)
         offset = col_low - 8 * byte_low
         width = col_high - col_low
-        mask[:, :, col_low - start[2]:col_low - start[2] + width] = bits[:, :, offset:offset + width]
-        return hu, mask
+        out[:, :, col_low - start[2]:col_low - start[2] + width] = bits[:, :, offset:offset + width]
+        return out
 
 
 def _open_npy(path: Path, mmap: bool = True) -> np.ndarray:
@@ -316,13 +349,20 @@ def _crc32(path: Path) -> int:
 
 
 def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:
+    """(I, R, C) uint8 values of an outline mask: 0 background, 1 benign, 2 malignant (an
+    older mask of 0/1 alone holds no class; the caller then takes it from the nodules)."""
     if not path.exists():
         raise DataError(f"{path}: no outline mask (`lunaseg import-lidc` and "
                         f"`lunaseg synth` write them; else use --masks heuristic)")
     outline = load_ct(path, require_ct=False)
     if outline.hu.shape != shape or not outline.geometry.allclose(geometry, atol=1e-3):
         raise DataError(f"{path}: outline mask does not match its CT's size or geometry")
-    return outline.hu > 0
+    values = np.asarray(outline.hu)
+    low, high = int(values.min(initial=0)), int(values.max(initial=0))
+    if low < 0 or high > MALIGNANT:
+        raise DataError(f"{path}: outline mask holds values {low}..{high}; expected 0 "
+                        f"(background), {BENIGN} (benign nodule) or {MALIGNANT} (malignant)")
+    return values.astype(np.uint8)
 
 
 def _build_entry(job: _Job, cache_dir: Path) -> str:
@@ -333,11 +373,16 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
     hu = ct.hu
     shape = hu.shape
     if job.outline_mask is not None:
-        mask = reorientation.to_canonical(
+        classes = reorientation.to_canonical(
             _load_outline_mask(job.outline_mask, stored.shape_irc, stored.geometry))
+        if not (classes == MALIGNANT).any() and any(n[2] for n in job.nodules):
+            # A 0/1 mask (older lunaseg, another tool) beside malignant annotations: each
+            # voxel takes its nearest nodule's class.
+            classes = classes_by_nearest(classes > 0, ct.geometry,
+                                         [(n[0], n[2]) for n in job.nodules])
     else:
-        mask = annotation_mask(hu, ct.geometry, [(n[0], n[1]) for n in job.nodules],
-                               job.mask_config)
+        classes = annotation_classes(hu, ct.geometry, job.nodules, job.mask_config)
+    mask = classes > 0
     row0, row1, col0, col1 = body_box(hu)
     hu_crop = np.ascontiguousarray(hu[:, row0:row1, col0:col1])
     mask_crop = mask[:, row0:row1, col0:col1]
@@ -347,6 +392,8 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
     try:
         np.save(tmp / "hu.npy", hu_crop)
         np.save(tmp / "mask.npy", np.packbits(mask_crop, axis=-1))
+        np.save(tmp / "malignant.npy",
+                np.packbits(classes[:, row0:row1, col0:col1] == MALIGNANT, axis=-1))
         nodules, chunks, chunk_masks = [], [], []
         size = np.asarray(job.chunk_irc)
         for center_xyz, diameter_mm, malignant in job.nodules:
@@ -355,7 +402,7 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
                 continue  # the nodule lies outside this (partial) volume
             start = center_irc - size // 2
             chunks.append(pad_crop(hu, start, size, -1000))
-            chunk_masks.append(pad_crop(mask, start, size, False))
+            chunk_masks.append(pad_crop(classes, start, size, 0))
             nodules.append({"center_xyz": [float(v) for v in center_xyz],
                             "center_irc": [int(v) for v in center_irc],
                             "diameter_mm": float(diameter_mm), "is_malignant": bool(malignant)})
@@ -363,7 +410,7 @@ def _build_entry(job: _Job, cache_dir: Path) -> str:
         np.save(tmp / "chunks.npy",
                 np.stack(chunks) if chunks else np.zeros(chunk_shape, np.int16))
         np.save(tmp / "chunk_masks.npy",
-                np.stack(chunk_masks) if chunk_masks else np.zeros(chunk_shape, bool))
+                np.stack(chunk_masks) if chunk_masks else np.zeros(chunk_shape, np.uint8))
         meta = {
             "format": FORMAT_VERSION,
             "series_uid": job.series_uid,

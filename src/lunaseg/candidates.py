@@ -28,6 +28,14 @@ and a log-compressed logit beyond, so it stays in [0, 1] and in the ranking's or
 float64 sigmoids would round to 1.  ``center_xyz`` = ``Geometry.irc_to_xyz`` of the (continuous)
 centre, right for any direction matrix; ``diameter_mm`` is of the sphere with the
 component's physical volume.
+
+With a 3-class model's malignancy logits (:mod:`lunaseg.predict`) each candidate carries
+the same two verdicts the second stage gives (``p_nodule``, ``p_malignant``, kept as
+log-odds): p(nodule) = 1 - p(background), the mean over its voxels (``mean_probability``),
+and p(malignant | nodule), its voxels' weighted by their p(nodule), i.e. the mean softmax
+p(malignant) divided by the mean p(nodule).  The classifier's verdicts, when it runs
+(:mod:`lunaseg.detect`), replace them, so every table has one column of each.  The ranking
+does not use them: the candidate stage finds nodules, whatever their class.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from lunaseg.config import SegmentConfig
 from lunaseg.errors import ConfigError
@@ -75,11 +84,12 @@ class Candidate:
     slice_span: tuple[int, int]  # first and last slice index (inclusive)
     bbox_irc: tuple[int, int, int, int, int, int]  # low (i, r, c), high (i, r, c), inclusive
     uneroded: bool  # erosion would have erased it; kept as segmented
-    # The second stage's verdicts, as log-odds (they do not saturate as float32 softmax
-    # outputs do); None until a classifier has seen the candidate (lunaseg.detect).
-    nodule_log_odds: float | None = None
-    malignant_log_odds: float | None = None
-    rank_log_odds: float | None = None  # what the judged candidates are ranked by
+    # Verdicts as log-odds (they do not saturate as float32 softmax outputs do): a 3-class
+    # U-Net's own, from its softmax over the component's voxels (label_candidates), or the
+    # second stage's, which replace them (lunaseg.detect); None while no model has given one.
+    nodule_log_odds: float | None = None  # p(nodule)
+    malignant_log_odds: float | None = None  # p(malignant | nodule)
+    rank_log_odds: float | None = None  # what the classifier's judged candidates rank by
 
     @property
     def probability(self) -> float:
@@ -92,13 +102,22 @@ class Candidate:
 
     @property
     def p_nodule(self) -> float | None:
-        """The classifier's probability that this is a nodule (None before it ran)."""
+        """p(nodule): the classifier's verdict once it has run, else a 3-class U-Net's mean
+        p(nodule) = 1 - p(background) over the voxels (None for a 1-class U-Net alone)."""
         return None if self.nodule_log_odds is None else _sigmoid(self.nodule_log_odds)
 
     @property
     def p_malignant(self) -> float | None:
-        """The malignancy model's probability (None before it ran)."""
+        """p(malignant | nodule): the malignancy model's verdict, else a 3-class U-Net's
+        (its voxels' p(malignant | nodule) weighted by their p(nodule)); None without
+        either.  For a 3-class U-Net ``p_nodule * p_malignant`` is the mean softmax
+        p(malignant) over the voxels."""
         return None if self.malignant_log_odds is None else _sigmoid(self.malignant_log_odds)
+
+    @property
+    def judged(self) -> bool:
+        """Whether the second stage (the nodule classifier) has judged and ranked it."""
+        return self.rank_log_odds is not None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -189,7 +208,8 @@ def _components(foreground: np.ndarray, iterations: int, grouping: str,
 
 
 def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndarray,
-                 grouping: str) -> dict[str, np.ndarray]:
+                 grouping: str, malignancy_logits: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
     """Per-label statistics (index k = label k) from the labelled voxels only."""
     flat = np.flatnonzero(labels)
     lab = labels.ravel()[flat]
@@ -211,6 +231,9 @@ def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndar
         "mean_probability": np.bincount(lab, p, minlength=n) / per_voxel,
         "mean_hu": np.bincount(lab, h, minlength=n) / per_voxel,
     }
+    if malignancy_logits is not None:
+        m = malignancy_logits.ravel()[flat].astype(np.float64)
+        stats.update(_class_log_odds(lab, n, z, m))
     # Max / min per label: sort by label once, then reduce each run.
     order = np.argsort(lab, kind="stable")
     sorted_lab = lab[order]
@@ -231,9 +254,31 @@ def _label_stats(labels: np.ndarray, count: int, logits: np.ndarray, hu: np.ndar
     return stats
 
 
+def _log_ratio(lab: np.ndarray, n: int, yes: np.ndarray, no: np.ndarray) -> np.ndarray:
+    """Per label, log(sum of ``yes``) - log(sum of ``no``): the log-odds of a mean
+    probability from the probabilities of both outcomes, which stays finite where the mean
+    itself would round to 1."""
+    tiny = np.finfo(np.float64).tiny
+    return (np.log(np.maximum(np.bincount(lab, yes, minlength=n), tiny))
+            - np.log(np.maximum(np.bincount(lab, no, minlength=n), tiny)))
+
+
+def _class_log_odds(lab: np.ndarray, n: int, nodule_logits: np.ndarray,
+                    malignancy_logits: np.ndarray) -> dict[str, np.ndarray]:
+    """A 3-class model's verdicts per label (float64 voxel logits in, log-odds out): of the
+    mean p(nodule), and of p(malignant | nodule) weighted by each voxel's p(nodule)."""
+    p_nodule, p_background = expit(nodule_logits), expit(-nodule_logits)
+    return {
+        "nodule_log_odds": _log_ratio(lab, n, p_nodule, p_background),
+        "malignant_log_odds": _log_ratio(lab, n, p_nodule * expit(malignancy_logits),
+                                         p_nodule * expit(-malignancy_logits)),
+    }
+
+
 def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
                      config: SegmentConfig | None = None, *, grouping: str = "lunaseg",
-                     lung_mask: np.ndarray | None = None, series_uid: str = ""
+                     lung_mask: np.ndarray | None = None, series_uid: str = "",
+                     malignancy_logits: np.ndarray | None = None
                      ) -> tuple[list[Candidate], np.ndarray]:
     """Candidates (best first) and their (I, R, C) int32 label map: label k + 1 is
     candidate k.  See :func:`extract_candidates` for the arguments."""
@@ -246,6 +291,9 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
     hu = np.asarray(hu)
     if logits.ndim != 3 or logits.shape != hu.shape:
         raise ValueError(f"logits {logits.shape} and hu {hu.shape} must be the same 3D shape")
+    if malignancy_logits is not None and np.shape(malignancy_logits) != logits.shape:
+        raise ValueError(f"malignancy_logits {np.shape(malignancy_logits)} must have the "
+                         f"logits' shape {logits.shape}")
     spacing_irc = geometry.spacing_xyz[::-1].copy()
     labels, count, uneroded = _components(logits > threshold_logit(config.threshold),
                                           config.erosion_iterations, grouping, spacing_irc)
@@ -272,7 +320,8 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
     if count == 0:
         return [], np.zeros(logits.shape, dtype=np.int32)
 
-    stats = _label_stats(labels, count, logits, hu, grouping)
+    stats = _label_stats(labels, count, logits, hu, grouping,
+                         None if malignancy_logits is None else np.asarray(malignancy_logits))
     ids = np.arange(1, count + 1)
     # Rank: the grouping's score, then the other logit, then size (all descending).
     first, second = (("max_logit", "mean_logit") if grouping == "book" else
@@ -304,6 +353,8 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
             slice_span=(int(low[0]), int(high[0])),
             bbox_irc=tuple(int(v) for v in (*low, *high)),
             uneroded=bool(uneroded[label]),
+            nodule_log_odds=_optional(stats, "nodule_log_odds", label),
+            malignant_log_odds=_optional(stats, "malignant_log_odds", label),
         ))
     # Renumber so that label k + 1 is candidates[k].
     lut = np.zeros(count + 1, dtype=np.int32)
@@ -311,16 +362,24 @@ def label_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
     return candidates, lut[labels]
 
 
+def _optional(stats: dict[str, np.ndarray], key: str, label: int) -> float | None:
+    """``stats[key][label]`` as a float, None when the statistic was not computed."""
+    return float(stats[key][label]) if key in stats else None
+
+
 def extract_candidates(logits: np.ndarray, hu: np.ndarray, geometry: Geometry,
                        config: SegmentConfig | None = None, *, grouping: str = "lunaseg",
-                       lung_mask: np.ndarray | None = None,
-                       series_uid: str = "") -> list[Candidate]:
+                       lung_mask: np.ndarray | None = None, series_uid: str = "",
+                       malignancy_logits: np.ndarray | None = None) -> list[Candidate]:
     """Nodule candidates from a logit volume, best first.
 
     logits : (I, R, C) float logits (see :mod:`lunaseg.predict`); hu : (I, R, C) HU of the
     same scan.  ``grouping`` is the model's (``config.grouping``, when set, wins).
     ``lung_mask`` (I, R, C) bool keeps only components touching it; without it,
     ``config.lung_mask`` computes one with :func:`lunaseg.masks.lung_mask`.
+    ``malignancy_logits`` (I, R, C), a 3-class model's logits of p(malignant | nodule), give
+    each candidate its ``p_nodule`` and ``p_malignant`` (see the module docstring).
     """
     return label_candidates(logits, hu, geometry, config, grouping=grouping,
-                            lung_mask=lung_mask, series_uid=series_uid)[0]
+                            lung_mask=lung_mask, series_uid=series_uid,
+                            malignancy_logits=malignancy_logits)[0]

@@ -1,4 +1,5 @@
-"""Epoch metrics of a two-class classifier: the book's TensorBoard tags and ROC AUC.
+"""Epoch metrics of a two-class classifier: the book's TensorBoard tags and ROC AUC
+(:func:`lunaseg.roc.roc_auc`, re-exported here).
 
 Per-sample losses, labels and positive-class probabilities are gathered on their device;
 :meth:`ClassifierMetrics.compute` copies them to the host once per epoch.
@@ -9,37 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lunaseg.roc import roc_auc
+
 __all__ = ["roc_auc", "ClassifierMetrics", "THRESHOLD"]
 
 # A sample counts as predicted positive above this probability (the book's cut).
 THRESHOLD = 0.5
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for bool ``labels``; NaN without both classes.
-
-    The probability that a random positive scores above a random negative, ties counting
-    half (the Mann-Whitney U statistic over average ranks), which equals the trapezoidal area
-    under the ROC curve through every threshold.
-    """
-    labels = np.asarray(labels, dtype=bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    if labels.shape != scores.shape:
-        raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ")
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(labels.size, dtype=np.float64)
-    # Average 1-based rank of every run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], labels.size]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
 
 
 class ClassifierMetrics:

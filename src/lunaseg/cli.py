@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 from lunaseg import __version__
 from lunaseg.config import (AugmentConfig, CacheConfig, ClassifierConfig, ClassifierDataConfig,
                             ClassifierTrainConfig, CropAugmentConfig, DataConfig, LidcConfig,
-                            MaskConfig, SegmentConfig, SynthConfig, TrainConfig, describe)
+                            MaskConfig, ModelConfig, SegmentConfig, SynthConfig, TrainConfig,
+                            describe)
 from lunaseg.errors import ConfigError, LunasegError
 
 log = logging.getLogger("lunaseg")
@@ -79,7 +80,8 @@ def _cmd_prepcache(args: argparse.Namespace) -> int:
 # train options that set a field of TrainConfig (or of its data part): flag -> field.
 _TRAIN_FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "num_workers": "num_workers",
                  "lr": "lr", "lr_schedule": "lr_schedule", "fn_weight": "fn_weight",
-                 "bce_weight": "bce_weight", "validation_cadence": "validation_cadence",
+                 "bce_weight": "bce_weight", "class_weight": "class_weight",
+                 "validation_cadence": "validation_cadence",
                  "best_min_recall": "best_min_recall", "best_by": "best_by", "seed": "seed",
                  "amp": "amp", "device": "device", "comment": "comment"}
 _DATA_FIELDS = {"negative_crops": "negative_crop_fraction",
@@ -87,6 +89,7 @@ _DATA_FIELDS = {"negative_crops": "negative_crop_fraction",
                 "hard_negatives": "hard_negative_fraction", "epoch_samples": "epoch_samples",
                 "val_stride": "val_stride", "test_stride": "test_stride",
                 "full_ct": "full_ct_validation", "crop": "crop_px"}
+_MODEL_FIELDS = {"classes": "n_classes"}
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -98,6 +101,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
              if getattr(args, flag) is not None}
     data = {name: getattr(args, flag) for flag, name in _DATA_FIELDS.items()
             if getattr(args, flag) is not None}
+    model = {name: getattr(args, flag) for flag, name in _MODEL_FIELDS.items()
+             if getattr(args, flag) is not None}
     augment = config.augment
     flags = [name for name in ("flip", "offset", "scale", "rotate", "noise")
              if getattr(args, f"augment_{name}")]
@@ -109,7 +114,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         for name in flags:
             field = "noise_hu" if name == "noise" else name
             setattr(augment, field, getattr(book, field))
-    return replace(config, data=replace(config.data, **data), augment=augment, **given)
+    return replace(config, data=replace(config.data, **data),
+                   model=replace(config.model, **model), augment=augment, **given)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -325,7 +331,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     settings.cache.masks = args.masks
     if args.tta is not None:
         settings.segment.tta = args.tta
-    result = pipeline.run_demo(args.out, settings=settings, progress=not args.quiet)
+    settings.train.model.n_classes = args.classes
+    out = args.out
+    if out is None and args.classes != 1:  # never replace the 1-class demo's folder
+        out = "lunaseg-demo-quick-3class" if args.quick else "lunaseg-demo-3class"
+    result = pipeline.run_demo(out, settings=settings, progress=not args.quiet)
     print(result)
     return 0
 
@@ -388,6 +398,7 @@ def _add_train_options(tr: argparse.ArgumentParser) -> None:
         if name.endswith("fraction"):
             kwargs["metavar"] = "FRACTION"
         _option(tr, "--" + flag.replace("_", "-"), DataConfig, name, **kwargs)
+    _option(tr, "--classes", ModelConfig, "n_classes", default=None, choices=(1, 3))
     augment = tr.add_argument_group("augmentation (default: lunaseg's: "
                                     + ", ".join(f"{f.name} {getattr(AugmentConfig(), f.name)}"
                                                 for f in dataclasses.fields(AugmentConfig))
@@ -435,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "phantoms' true nodule voxels")
     demo.add_argument("--tta", type=int, choices=(1, 2, 4), default=None,
                       help="mirrored views averaged when segmenting (default 4)")
+    demo.add_argument("--classes", type=int, choices=(1, 3), default=1,
+                      help="1: nodule or not (default); 3: background, benign, malignant "
+                           "(chapter exercise 3), into ./lunaseg-demo-3class unless --out")
     demo.set_defaults(func=_cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic LUNA16-layout dataset")

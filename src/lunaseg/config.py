@@ -124,7 +124,8 @@ class ModelConfig:
     """U-Net hyper-parameters; the defaults are the book's (118,271 parameters)."""
 
     in_channels: int = 7
-    n_classes: int = 1
+    n_classes: int = _opt(1, "output classes: 1 (nodule or not, sigmoid: the book's) or 3 "
+                             "(background, benign, malignant, softmax: chapter exercise 3)")
     depth: int = 3
     wf: int = 4  # first layer has 2**wf filters
     padding: bool = True
@@ -182,6 +183,8 @@ class TrainConfig:
     bce_weight: float = _opt(2.0, "weight of a pixel-wise cross-entropy term beside the Dice "
                                   "terms (book: none); it cuts false positives Dice barely "
                                   "penalises")
+    class_weight: float = _opt(1.0, "3-class models: weight of the benign-vs-malignant "
+                                    "cross-entropy on nodule pixels beside the nodule terms")
     validation_cadence: int = _opt(6, "validate at epoch 1, every N epochs and the last")
     best_by: str = _opt("candidates", "what makes checkpoint.best.pt best: 'candidates' "
                                       "(sensitivity within 20 false positives per scan, then "

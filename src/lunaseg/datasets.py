@@ -4,6 +4,9 @@ Training does not go through a DataLoader: every training chunk (a few hundred K
 nodule) is held in one tensor on the training device and each batch is cut from it with one
 gather, so data loading costs microseconds and never starves a GPU.  Validation reads whole
 slices (context stacks) through an ordinary ``Dataset``.
+
+Labels are what a model with ``classes`` outputs learns: the nodule mask (bool) for one, the
+class mask (uint8: 0 background, 1 benign, 2 malignant) for three.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
-from lunaseg.cache import Cache
+from lunaseg.cache import Cache, SeriesCache
 from lunaseg.config import DataConfig, check_at_least, check_fraction
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.inputs import SegmentationSpec, clip_hu, pad_to_multiple
 
 __all__ = ["split_series", "load_splits", "check_data_config", "check_cached_chunks",
            "CropBank", "positive_bank", "negative_bank", "TrainingSampler", "SliceDataset",
-           "SeriesBatchSampler", "validation_items", "rank_share"]
+           "SeriesBatchSampler", "validation_items", "rank_share", "as_labels",
+           "slice_labels", "count_nodule_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +100,30 @@ def check_data_config(config: DataConfig) -> None:
         raise ConfigError("hard_negative_fraction needs negative_crop_fraction > 0")
 
 
+def as_labels(classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """A class mask as a model with ``n_classes`` outputs learns it: the nodule mask (bool)
+    for one class, the classes themselves (uint8) for three."""
+    return classes > 0 if n_classes == 1 else classes.astype(np.uint8, copy=False)
+
+
+def slice_labels(entry: SeriesCache, index: int, n_classes: int) -> np.ndarray:
+    """(r, c) labels of one cached slice for a model with ``n_classes`` outputs (the 1-class
+    mask is read without unpacking the malignant plane)."""
+    return entry.mask_slice(index) if n_classes == 1 else entry.classes_slice(index)
+
+
+def count_nodule_classes(cache: Cache, series_uids: Sequence[str]) -> tuple[int, int]:
+    """(benign, malignant) annotated nodules with a cached chunk in these series."""
+    malignant = [n.is_malignant for uid in series_uids for n in cache[uid].nodules]
+    return len(malignant) - sum(malignant), sum(malignant)
+
+
 # ----------------------------------------------------------------------------- training
 
 
 class CropBank:
-    """Chunks (N, C, S, S) with their centre-slice labels (N, S, S), on one device."""
+    """Chunks (N, C, S, S) with their centre-slice labels (N, S, S: bool masks or uint8
+    classes), on one device."""
 
     def __init__(self, hu: torch.Tensor, label: torch.Tensor):
         if hu.shape[0] != label.shape[0] or hu.shape[-2:] != label.shape[-2:]:
@@ -116,8 +139,8 @@ class CropBank:
 
     def crops(self, index: torch.Tensor, crop_px: int, generator: torch.Generator,
               *, random_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, crop, crop) int16 and (B, 1, crop, crop) bool at random offsets (book: 0..31
-        for 64 out of 96).
+        """(B, C, crop, crop) int16 and (B, 1, crop, crop) labels (the bank's dtype) at random
+        offsets (book: 0..31 for 64 out of 96).
 
         On a CPU each crop is a slice copied row by row (0.6 ms for 32 crops of 7x48x48);
         one gather of every voxel through a flat index took 5 ms, advanced indexing 24 ms.
@@ -187,15 +210,17 @@ def check_cached_chunks(cache: Cache, series_uids: Sequence[str],
     return slices, rows, cols
 
 
-def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) -> CropBank:
-    """One chunk per annotated nodule of the given series (read from the cache)."""
+def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig, *,
+                  classes: int = 1) -> CropBank:
+    """One chunk per annotated nodule of the given series (read from the cache), labelled
+    for a model with ``classes`` outputs."""
     check_cached_chunks(cache, series_uids, config)
     chunks, labels = [], []
     for uid in series_uids:
         entry = cache[uid]
         if len(entry.chunks):
             chunks.append(entry.chunks)
-            labels.append(_chunk_label(entry.chunk_masks))
+            labels.append(as_labels(_chunk_label(entry.chunk_masks), classes))
     if not chunks:
         raise DataError(f"{cache.folder}: the training series hold no annotated nodule")
     return CropBank(torch.from_numpy(np.concatenate(chunks)),
@@ -203,7 +228,7 @@ def positive_bank(cache: Cache, series_uids: Sequence[str], config: DataConfig) 
 
 
 def negative_bank(cache: Cache, series_uids: Sequence[str], size_irc: Sequence[int],
-                  count: int, rng: np.random.Generator) -> CropBank:
+                  count: int, rng: np.random.Generator, *, classes: int = 1) -> CropBank:
     """``count`` chunks away from nodules, so the model also learns what is *not* a nodule.
 
     Half sit on candidate look-alikes (vessels and the like: the hard negatives, where the
@@ -235,12 +260,13 @@ def negative_bank(cache: Cache, series_uids: Sequence[str], size_irc: Sequence[i
         if 0.5 <= draw < 0.75 and not in_lung:
             continue
         chunks.append(hu_chunk)
-        labels.append(mask_chunk[size[0] // 2])
+        labels.append(as_labels(mask_chunk[size[0] // 2], classes))
     if len(chunks) < count:
         log.warning("found only %d of %d negative crops", len(chunks), count)
     if not chunks:
         return CropBank(torch.zeros((0, *size), dtype=torch.int16),
-                        torch.zeros((0, *size[1:]), dtype=torch.bool))
+                        torch.zeros((0, *size[1:]),
+                                    dtype=torch.bool if classes == 1 else torch.uint8))
     return CropBank(torch.from_numpy(np.stack(chunks)), torch.from_numpy(np.stack(labels)))
 
 
@@ -250,6 +276,7 @@ class TrainingSampler:
     for a share of steps, whole slices (chapter exercises 4 and the FP-cutting options).
 
     Each DDP rank passes its ``rank`` / ``world_size`` and draws its own share of samples.
+    Labels are for a model with ``classes`` outputs (see the module docstring).
     """
 
     cache: Cache
@@ -260,11 +287,13 @@ class TrainingSampler:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    classes: int = 1
 
     def __post_init__(self) -> None:
         check_data_config(self.config)
         self.chunk_irc = check_cached_chunks(self.cache, self.series_uids, self.config)
-        self.positives = positive_bank(self.cache, self.series_uids, self.config).to(self.device)
+        self.positives = positive_bank(self.cache, self.series_uids, self.config,
+                                       classes=self.classes).to(self.device)
         fraction = self.config.negative_crop_fraction
         self.negatives: CropBank | None = None
         if fraction > 0:
@@ -272,7 +301,7 @@ class TrainingSampler:
             count = max(16, int(4 * len(self.positives) * fraction / (1 - fraction)))
             rng = np.random.default_rng([self.seed, 1])
             self.negatives = negative_bank(self.cache, self.series_uids, self.chunk_irc,
-                                           count, rng).to(self.device)
+                                           count, rng, classes=self.classes).to(self.device)
         self._static_negatives = self.negatives
         self._slices = [(uid, int(i)) for uid in self.series_uids
                         for i in self.cache[uid].positive_indices]
@@ -291,7 +320,7 @@ class TrainingSampler:
 
     def batches(self, epoch: int, batch_size: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(input (B, C, H, W) float HU clipped, label (B, 1, H, W) bool) for one epoch."""
+        """(input (B, C, H, W) float HU clipped, label (B, 1, H, W)) for one epoch."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed((self.seed * 1_000_003 + epoch * 1009 + self.rank) & 0x7FFF_FFFF)
         rng = np.random.default_rng([self.seed, epoch, self.rank, 2])
@@ -306,8 +335,8 @@ class TrainingSampler:
                             epoch: int) -> int:
         """Re-cut ``hard_negative_fraction`` of the negative pool at the model's false positives.
 
-        ``predict`` maps a (1, C, H, W) float input to (1, 1, H, W) probabilities (call this
-        under ``torch.no_grad``).  Random training slices are segmented; every
+        ``predict`` maps a (1, C, H, W) float input to (1, 1, H, W) nodule probabilities
+        (call this under ``torch.no_grad``).  Random training slices are segmented; every
         false-positive blob (probability > 0.5, no nodule label) becomes a crop centre, so
         the model is shown exactly what it still gets wrong: vessel branches, pleura, the
         diaphragm.  The rest of the pool stays the initial mix.  Deterministic for a given
@@ -353,7 +382,7 @@ class TrainingSampler:
             uid, center = centers[k]
             hu_chunk, mask_chunk = self.cache[uid].chunk(center, size)
             chunks.append(hu_chunk)
-            labels.append(mask_chunk[size[0] // 2])
+            labels.append(as_labels(mask_chunk[size[0] // 2], self.classes))
         keep = torch.from_numpy(rng.choice(len(static), size=len(static) - want,
                                            replace=False)).to(static.hu.device)
         self.negatives = CropBank(
@@ -394,8 +423,8 @@ class TrainingSampler:
                 index = int(rng.integers(entry.hu.shape[0]))
             inputs.append(pad_to_multiple(entry.context_stack(index, self.spec.context_slices),
                                           self.spec.size_multiple, int(self.spec.min_hu)))
-            labels.append(pad_to_multiple(entry.mask_slice(index)[None],
-                                          self.spec.size_multiple, False))
+            labels.append(pad_to_multiple(slice_labels(entry, index, self.classes)[None],
+                                          self.spec.size_multiple, 0))
         hu = torch.from_numpy(np.stack(inputs)).to(self.device)
         label = torch.from_numpy(np.stack(labels)).to(self.device)
         return self._to_input(hu), label
@@ -419,13 +448,16 @@ def validation_items(cache: Cache, series_uids: Sequence[str], *, full_ct: bool
 
 
 class SliceDataset(Dataset):
-    """Whole slices as a model with ``spec`` takes them: ((C, H, W) float32, (1, H, W) bool,
-    series, index), H and W the cached (body-cropped) size padded to the spec's multiple."""
+    """Whole slices as a model with ``spec`` takes them: ((C, H, W) float32, (1, H, W) label
+    for a model with ``classes`` outputs, series, index), H and W the cached (body-cropped)
+    size padded to the spec's multiple."""
 
-    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], spec: SegmentationSpec):
+    def __init__(self, cache: Cache, items: Sequence[tuple[str, int]], spec: SegmentationSpec,
+                 *, classes: int = 1):
         self.cache = cache
         self.items = list(items)
         self.spec = spec
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -435,7 +467,8 @@ class SliceDataset(Dataset):
         entry = self.cache[uid]
         stack = clip_hu(entry.context_stack(index, self.spec.context_slices), self.spec)
         stack = pad_to_multiple(stack, self.spec.size_multiple, self.spec.min_hu)
-        label = pad_to_multiple(entry.mask_slice(index)[None], self.spec.size_multiple, False)
+        label = pad_to_multiple(slice_labels(entry, index, self.classes)[None],
+                                self.spec.size_multiple, 0)
         return torch.from_numpy(stack), torch.from_numpy(label), uid, index
 
 

@@ -85,8 +85,10 @@ def rank_by_classifier(ct: CT, result: SegmentResult, classifier: nn.Module,
     malignant = (candidate_log_odds(malignancy, ct, candidates, batch_size=batch_size,
                                     device=device, amp=amp)
                  if malignancy is not None else [None] * len(candidates))
+    # The classifier's verdicts replace a 3-class U-Net's; without a malignancy model the
+    # U-Net's p(malignant | nodule), if it gave one, stays.
     judged = [replace(c, nodule_log_odds=float(n),
-                      malignant_log_odds=None if m is None else float(m),
+                      malignant_log_odds=c.malignant_log_odds if m is None else float(m),
                       rank_log_odds=ranking_log_odds(c.score, float(n), rank_by))
               for c, n, m in zip(candidates, nodule, malignant)]
     # Stable: equal values keep the candidate stage's order (its rank).

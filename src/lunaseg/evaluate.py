@@ -32,6 +32,13 @@ leaves a choice open, the choice is written down:
   survive if a second stage may only look at this many wrong places per scan".
 * ``FrocResult.by_size()`` splits both sensitivities by nodule diameter, since small nodules
   are where detectors differ; its budget column uses the same threshold as the curve.
+
+For malignancy (chapter exercise 3b): :func:`found_nodule_scores` takes,
+for each nodule, a score of the mark that would be scored for it (its best-ranked hitting
+mark), and :func:`lunaseg.roc.roc_auc` with :func:`lunaseg.roc.roc_auc_interval` rates
+those scores against the nodules' labels, whichever model gave them (a 3-class U-Net or the
+malignancy classifier).  Only found nodules enter: a missed one has no score, as a classifier
+after the candidate stage would never see it.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ __all__ = [
     "LUNA_FP_RATES", "CANDIDATE_FP_BUDGET", "DIAMETER_BANDS_MM", "CAP_RULES",
     "Finding", "Mark", "Matches", "NoduleRecord", "SizeBand", "FrocResult", "size_band_label",
     "findings_by_series", "marks_by_series", "load_findings", "load_marks", "match_marks",
-    "cap_marks", "froc", "write_result_json",
+    "cap_marks", "froc", "write_result_json", "found_nodule_scores",
 ]
 
 log = logging.getLogger(__name__)
@@ -636,6 +643,29 @@ def _add_bootstrap(result: FrocResult, events: _Events, rates: np.ndarray, inter
                                for r, a, b in zip(rates, lo, hi)}
     band_lo, band_hi = np.percentile(values[valid, rates.size:], [2.5, 97.5], axis=0)
     result.band_fps, result.band_lo, result.band_hi = band_fps, band_lo, band_hi
+
+
+# --------------------------------------------------------------------------- malignancy
+
+
+def found_nodule_scores(nodules: Sequence[Finding], marks: Sequence[Mark],
+                        scores: Sequence[float | None]) -> list[float | None]:
+    """Per nodule, ``scores[m]`` of the highest-probability mark m that hits it (the mark the
+    FROC scores it by; the earlier mark on a tie), None when no mark hits it or that mark has
+    no score.  ``scores`` runs parallel to ``marks``."""
+    if len(scores) != len(marks):
+        raise ValueError(f"{len(scores)} scores for {len(marks)} marks")
+    hits = match_marks(nodules, marks).hits
+    probabilities = np.array([m.probability for m in marks], dtype=np.float64)
+    out: list[float | None] = []
+    for n in range(len(nodules)):
+        hitting = np.flatnonzero(hits[:, n])
+        if not hitting.size:
+            out.append(None)
+            continue
+        best = hitting[np.argmax(probabilities[hitting])]  # argmax keeps the first of a tie
+        out.append(None if scores[best] is None else float(scores[best]))
+    return out
 
 
 # --------------------------------------------------------------------------- output

@@ -22,6 +22,7 @@ SUBMISSION_FILE = "submission.csv"
 SEGMENT_CONFIG_FILE = "segment_config.json"
 PROBABILITY_FILE = "probability.nii.gz"
 MASK_FILE = "mask.nii.gz"
+MALIGNANT_FILE = "p_malignant.nii.gz"  # 3-class models only
 CANDIDATES_CSV = "candidates.csv"
 CANDIDATES_JSON = "candidates.json"
 CANDIDATE_VIEWS_DIR = "candidates"

@@ -2,7 +2,8 @@
 
 Each scan becomes ``subset{N}/<series-uid>.mhd`` (int16 HU, geometry from the DICOM), rows in
 ``annotations.csv``, ``annotations_with_malignancy.csv`` and ``annotations_excluded.csv``,
-and a uint8 reader-outline mask at ``masks/<series-uid>.mha``.
+and a uint8 reader-outline mask at ``masks/<series-uid>.mha`` whose values are the nodules'
+classes (1 benign, 2 malignant: ``lunaseg.masks``).
 
 Conventions (the LIDC XML leaves these open; each is a decision, kept in one place):
 
@@ -32,7 +33,9 @@ Conventions (the LIDC XML leaves these open; each is a decision, kept in one pla
   evaluation kit gives such findings a default size).  Point marks that fall inside an
   outlined nodule are dropped: that nodule's row already covers them.
 * The outline mask keeps, for every accepted nodule, the voxels inside the outlines of at least
-  half of the readers who outlined it (the usual 50 % consensus).
+  half of the readers who outlined it (the usual 50 % consensus), labelled with the nodule's
+  class (malignant when its ``mal_bool`` is True); where two nodules' consensus regions
+  overlap, malignant wins.
 * Re-importing a series replaces that series' rows in the CSVs and leaves other rows alone.
 """
 
@@ -442,9 +445,15 @@ class ScanAnnotations:
 
     nodules: list[ConsensusNodule] = field(default_factory=list)
     excluded: list[ExcludedFinding] = field(default_factory=list)
-    # (I, R, C) bool: 50 % outline consensus of the accepted nodules
-    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=bool))
+    # (I, R, C) uint8: 50 % outline consensus of the accepted nodules, each voxel with its
+    # nodule's class (1 benign, 2 malignant), 0 elsewhere
+    classes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.uint8))
     skipped_rois: int = 0
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(I, R, C) bool: the accepted nodules' consensus voxels, whatever their class."""
+        return self.classes > 0
 
 
 def _group(outlines: list[_Outline]) -> list[list[_Outline]]:
@@ -570,15 +579,16 @@ def annotate_scan(reading: LidcXml, geometry: Geometry, shape_irc: tuple[int, in
                 continue
             x, y = roi.points_xy[0]
             points.append((reader, mark.kind, geometry.irc_to_xyz(np.array([index, y, x]))))
-    mask = np.zeros(shape_irc, dtype=bool)
-    result = ScanAnnotations(mask=mask, skipped_rois=skipped)
+    classes = np.zeros(shape_irc, dtype=np.uint8)
+    result = ScanAnnotations(classes=classes, skipped_rois=skipped)
     outlined = []
     for group in _group(outlines):
         nodule, consensus = _summarise(group, geometry, shape_irc)
         outlined.append(nodule)
         if nodule.readers >= min_readers:
             result.nodules.append(nodule)
-            mask.reshape(-1)[consensus] = True
+            flat = classes.reshape(-1)
+            flat[consensus] = np.maximum(flat[consensus], luna.nodule_class(nodule.is_malignant))
         else:
             result.excluded.append(ExcludedFinding(nodule.center_xyz, nodule.diameter_mm,
                                                    "few readers"))
@@ -718,7 +728,7 @@ def _import_scan(xml_path: Path, out_dir: Path, subset: int,
     ct_io.write_image(ct.hu, ct.geometry, ct_path)
     _remove_other_copies(out_dir, reading.series_uid, ct_path)
     mask_path = luna.outline_mask_path(out_dir, reading.series_uid)
-    ct_io.write_image(annotations.mask.astype(np.uint8), ct.geometry, mask_path, compress=True)
+    ct_io.write_image(annotations.classes, ct.geometry, mask_path, compress=True)
     scan = ImportedScan(reading.series_uid, xml_path, ct_path, mask_path,
                         len(annotations.nodules), len(annotations.excluded),
                         annotations.skipped_rois)

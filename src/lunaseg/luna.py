@@ -25,7 +25,8 @@ __all__ = [
     "read_series_list", "expand_series", "annotation_file",
     "ANNOTATION_COLUMNS", "MALIGNANCY_COLUMNS", "CANDIDATE_COLUMNS", "SUBMISSION_COLUMNS",
     "ANNOTATION_FILES", "CANDIDATE_FILES", "EXCLUDED_FILE", "UNKNOWN_DIAMETER_MM",
-    "UNKNOWN_DIAMETER_SCORED_MM",
+    "UNKNOWN_DIAMETER_SCORED_MM", "BACKGROUND", "BENIGN", "MALIGNANT", "CLASS_NAMES",
+    "nodule_class",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,17 @@ UNKNOWN_DIAMETER_SCORED_MM = 10.0
 ANNOTATION_FILES = ("annotations_with_malignancy.csv", "annotations.csv")
 CANDIDATE_FILES = ("candidates_V2.csv", "candidates.csv")
 EXCLUDED_FILE = "annotations_excluded.csv"
+
+# Voxel values of an outline mask (masks/<uid>.mha) and of every class mask lunaseg makes
+# (chapter exercise 3): a 1-class model sees only "nodule", BENIGN or MALIGNANT alike.
+BACKGROUND, BENIGN, MALIGNANT = 0, 1, 2
+CLASS_NAMES = ("background", "benign", "malignant")
+
+
+def nodule_class(is_malignant: bool | None) -> int:
+    """A nodule's class-mask value: MALIGNANT when ``mal_bool`` says so, else BENIGN (a
+    nodule without a malignancy rating counts as benign, as ``mal_bool`` False does)."""
+    return MALIGNANT if is_malignant else BENIGN
 
 
 @dataclass(frozen=True)

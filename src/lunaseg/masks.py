@@ -3,6 +3,9 @@
 Annotations give a centre and a diameter; training needs voxels.  The default is the book's
 heuristic, made edge-safe: grow a radius per axis from the centre while both sides stay
 denser than ``threshold_hu``, fill the box, keep only the dense voxels inside it.
+
+Class masks (chapter exercise 3) label each nodule voxel with its nodule's class, benign
+(LUNA's ``mal_bool`` False) or malignant (True), as :mod:`lunaseg.luna` numbers them.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from scipy import ndimage
 
 from lunaseg.config import MaskConfig
 from lunaseg.geometry import Geometry
+from lunaseg.luna import BENIGN, nodule_class
 
-__all__ = ["nodule_radii_irc", "annotation_mask", "positive_slices", "lung_mask",
-           "resolve_lung_mask", "body_box", "bounding_box"]
+__all__ = ["nodule_radii_irc", "annotation_mask", "annotation_classes", "classes_by_nearest",
+           "positive_slices", "lung_mask", "resolve_lung_mask", "body_box", "bounding_box"]
 
 BODY_HU = -500.0  # anything denser is body, table or bone
 BODY_MARGIN_PX = 8
@@ -63,6 +67,27 @@ def nodule_radii_irc(hu: np.ndarray, center_irc: np.ndarray, config: MaskConfig,
     return np.maximum(radii, 0)
 
 
+def _nodule_boxes(hu: np.ndarray, geometry: Geometry, centers_xyz: Iterable[np.ndarray],
+                  diameters_mm: Iterable[float], config: MaskConfig):
+    """Per nodule, the index of the (i, r, c) box the heuristic grows (clamped to the volume:
+    no negative-index wrap-around) and the dense voxels inside it; None for a centre outside
+    the volume."""
+    shape = np.asarray(hu.shape)
+    spacing_irc = geometry.spacing_xyz[::-1]
+    for center_xyz, diameter_mm in zip(centers_xyz, diameters_mm):
+        center_irc = geometry.xyz_to_irc(np.asarray(center_xyz, dtype=np.float64))
+        if np.any(center_irc < 0) or np.any(center_irc >= shape):
+            yield None
+            continue
+        radii = nodule_radii_irc(hu, center_irc, config, diameter_mm=diameter_mm,
+                                 spacing_irc=spacing_irc)
+        low = np.maximum(center_irc - radii, 0)
+        high = np.minimum(center_irc + radii + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        # Only voxels inside a box can be in the mask, so test the threshold there alone.
+        yield box, hu[box] > config.threshold_hu
+
+
 def annotation_mask(hu: np.ndarray, geometry: Geometry,
                     nodules: Iterable[tuple[np.ndarray, float]],
                     config: MaskConfig | None = None) -> np.ndarray:
@@ -70,22 +95,59 @@ def annotation_mask(hu: np.ndarray, geometry: Geometry,
 
     Centres outside the volume are ignored (a partial slab may hold half a nodule list).
     """
-    config = config or MaskConfig()
-    shape = np.asarray(hu.shape)
-    spacing_irc = geometry.spacing_xyz[::-1]
+    nodules = list(nodules)
     boxes = np.zeros(hu.shape, dtype=bool)  # the union of (box & dense) over nodules
-    for center_xyz, diameter_mm in nodules:
-        center_irc = geometry.xyz_to_irc(np.asarray(center_xyz, dtype=np.float64))
-        if np.any(center_irc < 0) or np.any(center_irc >= shape):
-            continue
-        radii = nodule_radii_irc(hu, center_irc, config, diameter_mm=diameter_mm,
-                                 spacing_irc=spacing_irc)
-        low = np.maximum(center_irc - radii, 0)  # clamped: no negative-index wrap-around
-        high = np.minimum(center_irc + radii + 1, shape)
-        box = tuple(slice(a, b) for a, b in zip(low, high))
-        # Only voxels inside a box can be in the mask, so test the threshold there alone.
-        boxes[box] |= hu[box] > config.threshold_hu
+    for found in _nodule_boxes(hu, geometry, [n[0] for n in nodules], [n[1] for n in nodules],
+                               config or MaskConfig()):
+        if found is not None:
+            box, dense = found
+            boxes[box] |= dense
     return boxes
+
+
+def annotation_classes(hu: np.ndarray, geometry: Geometry,
+                       nodules: Iterable[tuple[np.ndarray, float, bool | None]],
+                       config: MaskConfig | None = None) -> np.ndarray:
+    """(I, R, C) uint8 class mask of nodules given as ``(center_xyz, diameter_mm,
+    is_malignant)``: :func:`annotation_mask`'s voxels, each with its nodule's class.
+
+    Where two nodules' boxes overlap, MALIGNANT wins: a candidate generator must not lose the
+    class that matters more.  ``annotation_classes(...) > 0`` equals :func:`annotation_mask`.
+    """
+    nodules = list(nodules)
+    classes = np.zeros(hu.shape, dtype=np.uint8)
+    found_boxes = _nodule_boxes(hu, geometry, [n[0] for n in nodules], [n[1] for n in nodules],
+                                config or MaskConfig())
+    for nodule, found in zip(nodules, found_boxes):
+        if found is not None:
+            box, dense = found
+            classes[box] = np.maximum(classes[box], dense * np.uint8(nodule_class(nodule[2])))
+    return classes
+
+
+def classes_by_nearest(mask: np.ndarray, geometry: Geometry,
+                       nodules: Sequence[tuple[np.ndarray, bool | None]]) -> np.ndarray:
+    """(I, R, C) uint8 classes of a plain nodule mask: each voxel takes the class of the
+    nearest annotated nodule centre (``(center_xyz, is_malignant)`` pairs), in mm.
+
+    For outline masks that carry no class (lunaseg before class masks wrote 0/1 only); with
+    no nodule listed every voxel is BENIGN, as an unrated nodule is.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    classes = np.zeros(mask.shape, dtype=np.uint8)
+    voxels = np.argwhere(mask)
+    if not len(voxels):
+        return classes
+    if not nodules:
+        classes[mask] = BENIGN
+        return classes
+    centers = np.asarray([n[0] for n in nodules], dtype=np.float64).reshape(-1, 3)
+    labels = np.array([nodule_class(n[1]) for n in nodules], dtype=np.uint8)
+    voxels_xyz = geometry.irc_to_xyz(voxels.astype(np.float64))
+    # Nodules per scan are few (LUNA16: at most a dozen), so a dense distance table is cheap.
+    distance = np.linalg.norm(voxels_xyz[:, None, :] - centers[None, :, :], axis=2)
+    classes[tuple(voxels.T)] = labels[distance.argmin(axis=1)]
+    return classes
 
 
 def body_box(hu: np.ndarray, *, margin_px: int = BODY_MARGIN_PX) -> tuple[int, int, int, int]:

@@ -5,6 +5,9 @@ book's model; its checkpoints therefore load with ``strict=True``.  Conv blocks 
 (3x3 conv -> ReLU -> BatchNorm) x 2, down-sampling is 2x2 average pooling, the up path a
 2x2 stride-2 transposed conv (or bilinear upsampling + 1x1 conv); with the defaults the
 model has exactly the book's 118,271 parameters.
+
+A model has one output class (nodule, sigmoid: the book's) or three (background, benign,
+malignant, softmax: chapter exercise 3, 34 parameters more in the last 1x1 conv).
 """
 
 from __future__ import annotations
@@ -26,12 +29,33 @@ from lunaseg.errors import CheckpointError, ConfigError
 from lunaseg.inputs import SegmentationSpec, reach_px, size_multiple
 
 __all__ = ["UNet", "UNetWrapper", "build_model", "load_model", "save_model",
-           "infer_model_config", "model_spec", "default_spec", "MODEL_KIND"]
+           "infer_model_config", "model_spec", "default_spec", "nodule_probability",
+           "check_classes", "MODEL_KIND", "CLASS_COUNTS"]
 
 log = logging.getLogger(__name__)
 
 MODEL_KIND = "segmentation"
 UP_MODES = ("upconv", "upsample")
+# Output classes a UNetWrapper can have: nodule (sigmoid), or background / benign /
+# malignant (softmax, in lunaseg.luna's class order).
+CLASS_COUNTS = (1, 3)
+
+
+def check_classes(n_classes: object) -> None:
+    """ConfigError unless ``n_classes`` is one of :data:`CLASS_COUNTS`."""
+    if isinstance(n_classes, bool) or n_classes not in CLASS_COUNTS:
+        raise ConfigError(f"model.n_classes must be 1 (nodule) or 3 (background, benign, "
+                          f"malignant), got {n_classes!r}")
+
+
+def nodule_probability(output: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) p(nodule) of a UNetWrapper's probabilities (N, 1 or 3, H, W): the
+    sigmoid output itself, or 1 - p(background) of a 3-class softmax."""
+    if output.shape[1] == 1:
+        return output
+    if output.shape[1] == 3:
+        return 1 - output[:, :1]
+    raise ValueError(f"expected 1 or 3 output channels, got {output.shape[1]}")
 
 
 class _ConvBlock(nn.Module):
@@ -147,7 +171,8 @@ class UNet(nn.Module):
 
 
 class UNetWrapper(nn.Module):
-    """BatchNorm over the input channels -> :class:`UNet` -> sigmoid probabilities.
+    """BatchNorm over the input channels -> :class:`UNet` -> sigmoid probabilities (one class)
+    or softmax probabilities over background, benign and malignant (three).
 
     The input BatchNorm learns the HU scaling, so datasets need no normalisation step.
     ``spec`` says how a CT becomes this model's input (:class:`SegmentationSpec`).
@@ -158,12 +183,14 @@ class UNetWrapper(nn.Module):
         super().__init__()
         self.config = config if config is not None else ModelConfig()
         c = self.config
+        check_classes(c.n_classes)
         self.unet = UNet(c.in_channels, c.n_classes, c.depth, c.wf, c.padding, c.batch_norm,
                          c.up_mode)
         self.input_batchnorm = nn.BatchNorm2d(c.in_channels)
         # What the model's input must be; it travels with the weights in every checkpoint.
         self.spec = spec if spec is not None else default_spec(c)
-        self.final = nn.Sigmoid()
+        # Neither has weights, so the state_dict keys stay the book's.
+        self.final = nn.Sigmoid() if c.n_classes == 1 else nn.Softmax(dim=1)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -175,12 +202,23 @@ class UNetWrapper(nn.Module):
                     # (the book drew biases from a normal centred at -1/sqrt(fan_out)).
                     nn.init.zeros_(module.bias)
 
+    @property
+    def n_classes(self) -> int:
+        return self.config.n_classes
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The U-Net's raw scores, before the sigmoid (they do not saturate)."""
+        """The U-Net's raw scores (N, n_classes, H, W), before the sigmoid or softmax (they
+        do not saturate)."""
         return self.unet(self.input_batchnorm(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final(self.logits(x))
+    def forward(self, x: torch.Tensor, *, return_logits: bool = False) -> torch.Tensor:
+        """Probabilities (N, n_classes, H, W); with ``return_logits`` the raw scores instead.
+
+        Training takes the logits through ``forward`` (not :meth:`logits`) so that a
+        DistributedDataParallel wrapper, which hooks only ``forward``, still syncs gradients.
+        """
+        logits = self.logits(x)
+        return logits if return_logits else self.final(logits)
 
 
 def build_model(config: ModelConfig | None = None,

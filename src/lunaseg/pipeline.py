@@ -465,6 +465,12 @@ class DemoResult:
             lines.append(f"validation (pixels on slices with nodules, epoch {last['epoch']}): "
                          f"recall {val['pr/recall']:.3f}, precision {val['pr/precision']:.3f}, "
                          f"F1 {val['pr/f1_score']:.3f}")
+            if "pr_malignant/recall" in val:
+                lines.append(f"classes (same pixels): recall benign "
+                             f"{val['pr_benign/recall']:.3f}, malignant "
+                             f"{val['pr_malignant/recall']:.3f}; found nodule pixels called "
+                             f"right: benign {val['confusion/benign_as_benign']:.3f}, malignant "
+                             f"{val['confusion/malignant_as_malignant']:.3f}")
         if self.train.best:
             from lunaseg.train import best_reason
 

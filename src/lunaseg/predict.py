@@ -7,6 +7,12 @@ p = 1.0 in float32 to hundreds of blobs, but their logits differ).  The network 
 where it can matter, the in-plane box holding the body or, with a lung mask, the box around
 the lungs; each box is grown by the model's reach and aligned to its pooling grid in the
 full slice's frame, so inside it the output equals what the network gives on whole slices.
+
+A 3-class model (background, benign, malignant) gives two volumes: the logit of p(nodule) =
+1 - p(background), which everything downstream (threshold, views, candidates) reads as it
+reads a 1-class model's logit, and the logit of p(malignant | nodule); their sigmoids
+multiply to the softmax's p(malignant).  Mirrored views combine the nodule logit by the
+spec's rule and the malignancy logit by its mean.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
 from lunaseg.inputs import TTA_RULES, SegmentationSpec, context_indices
+from lunaseg.losses import malignancy_logit, nodule_logit
 from lunaseg.masks import body_box, bounding_box, resolve_lung_mask
 from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import autocast, resolve_device, whole_slice_batch
 
 __all__ = ["TTA_FLIPS", "TTA_RULES", "OUTSIDE_LOGIT", "check_tta", "model_logits",
-           "combine_views", "network_box", "predict_logits", "predict_views", "predict_ct",
-           "resolve_spec", "sigmoid", "LUNG_REGION_MARGIN_MM"]
+           "head_logits", "combine_views", "network_box", "predict_logits", "predict_classes",
+           "predict_views", "predict_ct", "resolve_spec", "sigmoid", "LUNG_REGION_MARGIN_MM"]
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +87,23 @@ def model_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return logits(batch) if callable(logits) else model(batch)
 
 
+def head_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """(N, K, H, W) float32 scores of a batch: K = 1, the nodule logit, for a 1-class model;
+    K = 2, the nodule logit and the malignancy logit, for a 3-class one."""
+    logits = model_logits(model, batch).float()
+    if logits.dim() != 4 or logits.shape[1] not in (1, 3):
+        raise ValueError(f"model output has shape {tuple(logits.shape)}; expected (N, 1, H, W) "
+                         f"or (N, 3, H, W) logits")
+    if logits.shape[1] == 1:
+        return logits
+    return torch.cat([nodule_logit(logits), malignancy_logit(logits)], dim=1)
+
+
 def _views(model: nn.Module, batch: torch.Tensor, tta: int) -> torch.Tensor:
-    """(views, N, 1, H, W) float32: the model's logits over the ``tta`` mirror views of
+    """(views, N, K, H, W) float32: :func:`head_logits` over the ``tta`` mirror views of
     ``batch``, each flipped back."""
-    return torch.stack([(model_logits(model, batch.flip(dims)).flip(dims) if dims
-                         else model_logits(model, batch)).float() for dims in TTA_FLIPS[tta]])
+    return torch.stack([(head_logits(model, batch.flip(dims)).flip(dims) if dims
+                         else head_logits(model, batch)) for dims in TTA_FLIPS[tta]])
 
 
 def combine_views(views, rule: str):
@@ -116,11 +135,27 @@ def predict_logits(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     """Logit of "nodule" for every voxel of a (I, R, C) HU volume, float32.
 
     See :func:`predict_views` for the arguments; the views are combined by ``tta_rule``.
+    A 3-class model gives its logit of p(nodule) (:func:`lunaseg.losses.nodule_logit`).
     """
     check_tta(tta, tta_rule)
     return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
                 tta_rule=tta_rule, batch_size=batch_size, device=device, amp=amp,
-                progress=progress)
+                progress=progress)[0]
+
+
+def predict_classes(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
+                    region: tuple[slice, slice, slice] | None = None,
+                    crop_to_body: bool = True, tta: int = 1, tta_rule: str = "mean",
+                    batch_size: int = 0, device: str | torch.device = "cpu",
+                    amp: bool = False, progress: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(nodule logits, malignancy logits) of a (I, R, C) volume, float32 each, from one
+    pass: the second is the logit of p(malignant | nodule) of a 3-class model (views
+    averaged), None for a 1-class one.  Arguments as :func:`predict_logits`."""
+    check_tta(tta, tta_rule)
+    return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
+                tta_rule=tta_rule, batch_size=batch_size, device=device, amp=amp,
+                progress=progress, with_malignancy=True)
 
 
 def predict_views(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
@@ -137,20 +172,22 @@ def predict_views(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     HU clipped to the spec's window; slices are padded with ``spec.min_hu`` (air) up to the
     spec's size multiple.  ``amp`` turns on bf16 autocast on CUDA; ``batch_size`` 0 picks
     one for the device.  The model is moved to ``device`` (channels_last) and run in eval
-    mode (its mode is restored).
+    mode (its mode is restored).  A 3-class model's views are of its nodule logit.
     """
     check_tta(tta)
     return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
                 tta_rule=None, batch_size=batch_size, device=device, amp=amp,
-                progress=progress)
+                progress=progress)[0]
 
 
 def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
          region: tuple[slice, slice, slice] | None, crop_to_body: bool, tta: int,
          tta_rule: str | None, batch_size: int, device: str | torch.device, amp: bool,
-         progress: bool) -> np.ndarray:
-    """The loop of :func:`predict_logits` and :func:`predict_views` (``tta_rule`` None: keep
-    every view)."""
+         progress: bool, with_malignancy: bool = False
+         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The loop of :func:`predict_logits`, :func:`predict_classes` and :func:`predict_views`
+    (``tta_rule`` None: keep every view): (nodule logits, malignancy logits or None; the
+    latter only ``with_malignancy`` and for a 3-class model)."""
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
@@ -167,8 +204,12 @@ def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     row0, row1, col0, col1 = network_box(inner, (height, width), spec)
     views = 1 if tta_rule is not None else tta
     logits = np.full((views, *hu.shape), OUTSIDE_LOGIT, dtype=np.float32)
+    # Where the network does not look, p(malignant | nodule) is left at an even 0.5: the
+    # nodule logit there already says "no nodule".
+    malignancy = (np.zeros(hu.shape, dtype=np.float32)
+                  if with_malignancy and _n_classes(model) == 3 else None)
     if slices.size == 0 or inner[1] <= inner[0] or inner[3] <= inner[2]:
-        return logits[0] if tta_rule is not None else logits
+        return (logits[0] if tta_rule is not None else logits), malignancy
 
     # Clip once.  Integer HU bounds fit int16 exactly, which halves host memory and the
     # upload to a GPU; each batch becomes float32 on the device.
@@ -189,6 +230,8 @@ def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     keep_c = slice(inner[2] - col0, inner[3] - col0)
     out_t = torch.empty((views, slices.size, inner[1] - inner[0], inner[3] - inner[2]),
                         dtype=torch.float32, device=device)
+    malignancy_t = (torch.empty(out_t.shape[1:], dtype=torch.float32, device=device)
+                    if malignancy is not None else None)
 
     was_training = model.training
     model.to(device)
@@ -210,15 +253,28 @@ def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
                     raise ValueError(f"model output has shape {tuple(output.shape[1:])}; "
                                      f"expected ({stacks.shape[0]}, 1, {volume.shape[1]}, "
                                      f"{volume.shape[2]})")
+                done = slice(start, start + stacks.shape[0])
+                if malignancy_t is not None:
+                    malignancy_t[done] = output[:, :, 1, keep_r, keep_c].mean(dim=0)
+                nodule = output[:, :, 0]
                 if tta_rule is not None:
-                    output = combine_views(output, tta_rule)[None]
-                out_t[:, start:start + stacks.shape[0]] = output[:, :, 0, keep_r, keep_c]
+                    nodule = combine_views(nodule, tta_rule)[None]
+                out_t[:, done] = nodule[:, :, keep_r, keep_c]
                 bar.update(stacks.shape[0])
             bar.close()
     finally:
         model.train(was_training)
     logits[:, slices, inner[0]:inner[1], inner[2]:inner[3]] = out_t.cpu().numpy()
-    return logits[0] if tta_rule is not None else logits
+    if malignancy is not None:
+        malignancy[slices, inner[0]:inner[1], inner[2]:inner[3]] = malignancy_t.cpu().numpy()
+    return (logits[0] if tta_rule is not None else logits), malignancy
+
+
+def _n_classes(model: nn.Module) -> int:
+    """A model's output classes: its config's (lunaseg's U-Net), else 1 (a stand-in that
+    gives one logit)."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "n_classes", 1))
 
 
 def lung_region(lung_mask: np.ndarray, spacing_irc: Sequence[float],
@@ -231,14 +287,16 @@ def lung_region(lung_mask: np.ndarray, spacing_irc: Sequence[float],
 def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
                spec: SegmentationSpec | None = None,
                device: str | torch.device | None = None, progress: bool = False,
-               lung_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+               lung_mask: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Logits of one CT with ``config``'s views, batch and device (views and their rule: the
     spec's where ``config`` leaves them None).
 
     ``spec`` None takes the model's own (:func:`resolve_spec`).  With a lung mask
     (``lung_mask``, or computed when ``config.lung_mask``) only candidates touching it are
     kept, so the network runs only on the box around it grown :data:`LUNG_REGION_MARGIN_MM`
-    (not on neck, abdomen or chest wall).  Returns (logits, the lung mask or None).
+    (not on neck, abdomen or chest wall).  Returns (nodule logits, the lung mask or None,
+    the malignancy logits of a 3-class model or None).
     """
     config = config or SegmentConfig()
     spec = resolve_spec(model, spec)
@@ -251,10 +309,13 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
         if region is None:
             log.warning("%s: no lung found, so the lung mask keeps no candidate",
                         ct.series_uid)
-            return np.full(ct.hu.shape, OUTSIDE_LOGIT, dtype=np.float32), lung_mask
+            malignancy = (np.zeros(ct.hu.shape, dtype=np.float32)
+                          if _n_classes(model) == 3 else None)
+            return (np.full(ct.hu.shape, OUTSIDE_LOGIT, dtype=np.float32), lung_mask,
+                    malignancy)
     tta = spec.tta if config.tta is None else config.tta
     tta_rule = config.tta_rule or spec.tta_rule
-    logits = predict_logits(model, ct.hu, spec, region=region, tta=tta,
-                            tta_rule=tta_rule, batch_size=config.batch_size,
-                            device=device, amp=config.amp, progress=progress)
-    return logits, lung_mask
+    logits, malignancy = predict_classes(model, ct.hu, spec, region=region, tta=tta,
+                                         tta_rule=tta_rule, batch_size=config.batch_size,
+                                         device=device, amp=config.amp, progress=progress)
+    return logits, lung_mask, malignancy

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from lunaseg.evaluate import FrocResult
 
 __all__ = [
-    "window_gray", "overlay_rgb", "with_legend", "mask_overlay_rgb", "overlay_png",
-    "candidate_png", "OVERLAY_LEGEND",
+    "window_gray", "overlay_rgb", "class_overlay_rgb", "with_legend", "mask_overlay_rgb",
+    "overlay_png", "candidate_png", "OVERLAY_LEGEND", "CLASS_OVERLAY_LEGEND",
+    "CLASS_LEGEND_ITEMS",
     "html_report", "MontageScan", "render_montage", "scans_from_dataset", "plot_froc",
     "COLOR_FALSE_POSITIVE", "COLOR_FALSE_NEGATIVE", "COLOR_TRUE_POSITIVE",
 ]
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 COLOR_FALSE_POSITIVE = (1.0, 0.0, 0.0)
 COLOR_FALSE_NEGATIVE = (1.0, 0.5, 0.0)
 COLOR_TRUE_POSITIVE = (0.0, 1.0, 0.0)
+# 3-class images add: malignant pixels found as malignant blue (benign ones found as benign
+# keep the green), and nodule pixels found with the wrong class yellow.
+COLOR_MALIGNANT = (0.2, 0.45, 1.0)
+COLOR_WRONG_CLASS = (1.0, 1.0, 0.0)
 # Candidate overlays: the candidate itself in yellow, other candidates in cyan.
 _COLOR_CANDIDATE = np.array([1.0, 0.85, 0.0])
 _COLOR_OTHER = np.array([0.0, 0.8, 1.0])
@@ -89,17 +94,62 @@ OVERLAY_LEGEND = ("green: nodule pixels found (true positive), orange: nodule pi
                   "positive)")
 
 
-def with_legend(rgb: np.ndarray) -> np.ndarray:
-    """An overlay from :func:`overlay_rgb` with a strip beneath it naming its colours."""
+def class_overlay_rgb(hu_slice: np.ndarray, pred_classes: np.ndarray,
+                      label_classes: np.ndarray, *,
+                      window_hu: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
+    """A 3-class prediction vs its label on a CT slice, as the training images show it.
+
+    hu_slice : (H, W) HU; pred_classes, label_classes : (H, W) int classes (0 background,
+    1 benign, 2 malignant).  Returns (H, W, 3) uint8 like :func:`overlay_rgb`: benign pixels
+    found as benign green, malignant found as malignant blue, nodule pixels found with the
+    other class yellow, missed nodule pixels orange, pixels marked outside any nodule red
+    (:data:`CLASS_LEGEND_ITEMS`).  Drawn with the label as prediction it shows the classes.
+    """
+    hu_slice = np.asarray(hu_slice)
+    if hu_slice.ndim != 2:
+        raise ValueError(f"hu_slice must be 2D (H, W), got shape {hu_slice.shape}")
+    pred = np.asarray(pred_classes).astype(np.int64)
+    label = np.asarray(label_classes).astype(np.int64)
+    _check_same_shape(hu_slice, pred_classes=pred, label_classes=label)
+    rgb = np.repeat(window_gray(hu_slice, window_hu)[..., None] * 0.5, 3, axis=2)
+    found = (pred > 0) & (label > 0)
+    for where, color in (((pred > 0) & (label == 0), COLOR_FALSE_POSITIVE),
+                         ((pred == 0) & (label > 0), COLOR_FALSE_NEGATIVE),
+                         (found & (pred == 1) & (label == 1), COLOR_TRUE_POSITIVE),
+                         (found & (pred == 2) & (label == 2), COLOR_MALIGNANT),
+                         (found & (pred != label), COLOR_WRONG_CLASS)):
+        rgb[where] += 0.5 * np.asarray(color, dtype=np.float32)
+    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# What each colour of overlay_rgb and class_overlay_rgb means, in the legend strip.
+OVERLAY_LEGEND_ITEMS = ((COLOR_TRUE_POSITIVE, "found"), (COLOR_FALSE_NEGATIVE, "missed"),
+                        (COLOR_FALSE_POSITIVE, "false positive"))
+CLASS_LEGEND_ITEMS = ((COLOR_TRUE_POSITIVE, "benign"), (COLOR_MALIGNANT, "malignant"),
+                      (COLOR_WRONG_CLASS, "wrong class"), (COLOR_FALSE_NEGATIVE, "missed"),
+                      (COLOR_FALSE_POSITIVE, "false positive"))
+CLASS_OVERLAY_LEGEND = ("green: benign nodule pixels found as benign, blue: malignant nodule "
+                        "pixels found as malignant, yellow: nodule pixels found but given the "
+                        "other class, orange: nodule pixels missed (false negative), red: "
+                        "pixels marked outside any nodule (false positive); the label images "
+                        "show benign nodules green and malignant ones blue")
+
+
+def with_legend(rgb: np.ndarray,
+                items: Sequence[tuple[tuple[float, float, float], str]] | None = None
+                ) -> np.ndarray:
+    """An overlay with a strip beneath it naming its colours: ``items`` (colour, text)
+    pairs, by default those of :func:`overlay_rgb`."""
     from PIL import Image, ImageDraw
 
+    items = OVERLAY_LEGEND_ITEMS if items is None else items
     strip_px = 14
-    canvas = Image.new("RGB", (max(rgb.shape[1], 330), rgb.shape[0] + strip_px), "black")
+    canvas = Image.new("RGB", (max(rgb.shape[1], 110 * len(items)), rgb.shape[0] + strip_px),
+                       "black")
     canvas.paste(Image.fromarray(rgb), (0, 0))
     draw = ImageDraw.Draw(canvas)
     x = 2
-    for color, text in ((COLOR_TRUE_POSITIVE, "found"), (COLOR_FALSE_NEGATIVE, "missed"),
-                        (COLOR_FALSE_POSITIVE, "false positive")):
+    for color, text in items:
         fill = tuple(int(255 * c) for c in color)
         draw.rectangle((x, rgb.shape[0] + 3, x + 8, rgb.shape[0] + 11), fill=fill)
         draw.text((x + 11, rgb.shape[0] + 1), text, fill=(230, 230, 230))

@@ -1,6 +1,12 @@
 """``lunaseg segment``: one CT, or many, to probabilities, candidates and the files a person
 or a scorer reads (volumes with the input's geometry, candidate tables, views, an HTML
-report per scan, a LUNA16 submission)."""
+report per scan, a LUNA16 submission).
+
+A 3-class model's outputs add its classes: each candidate's p(nodule) and p(malignant |
+nodule) in the ``p_nodule`` and ``p_malignant`` columns of candidates.csv, candidates.json
+and the report (the columns ``lunaseg detect`` fills with the classifier's verdicts, which
+replace the U-Net's), a p(malignant) volume, and a mask whose candidate voxels carry their
+class (1 benign, 2 malignant: the likelier of the two at that voxel)."""
 
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ CANDIDATE_CSV_COLUMNS = (
     "rank", "seriesuid", "coordX", "coordY", "coordZ", "probability", "max_logit",
     "mean_logit", "max_probability", "mean_probability", "diameter_mm", "volume_mm3",
     "voxels", "index", "row", "col", "first_slice", "last_slice", "mean_hu", "uneroded",
+    # The verdicts on each candidate (empty where no model gave one): a 3-class U-Net's, or
+    # the classifier's in lunaseg detect; appended, so earlier columns keep their places.
     "p_nodule", "p_malignant",
 )
 # The HTML report's table stops here: a model that marks most of the lung (untrained, or
@@ -76,16 +84,30 @@ class SegmentResult:
     settings: SegmentConfig  # with the model's choices filled in for its None fields
     device: str = "cpu"
     classify_seconds: float = 0.0  # the second stage's share of ``seconds`` (lunaseg.detect)
+    # (I, R, C) float32 logits of p(malignant | nodule) of a 3-class model, else None
+    malignancy_logits: np.ndarray | None = None
 
     @property
     def prob(self) -> np.ndarray:
-        """(I, R, C) float32 probabilities."""
+        """(I, R, C) float32 probabilities of "nodule"."""
         return sigmoid(self.logits).astype(np.float32, copy=False)
 
     @property
+    def malignant_prob(self) -> np.ndarray | None:
+        """(I, R, C) float32 p(malignant) of a 3-class model (None for a 1-class one)."""
+        if self.malignancy_logits is None:
+            return None
+        return (sigmoid(self.logits) * sigmoid(self.malignancy_logits)).astype(np.float32,
+                                                                               copy=False)
+
+    @property
     def mask(self) -> np.ndarray:
-        """(I, R, C) uint8: 1 on every candidate's voxels."""
-        return (self.labels > 0).astype(np.uint8)
+        """(I, R, C) uint8: 1 on every candidate's voxels; for a 3-class model each voxel's
+        class instead (1 benign, 2 malignant)."""
+        mask = (self.labels > 0).astype(np.uint8)
+        if self.malignancy_logits is not None:
+            mask += (mask > 0) & (self.malignancy_logits > 0)
+        return mask
 
 
 def resolved_config(config: SegmentConfig, spec: SegmentationSpec) -> SegmentConfig:
@@ -115,15 +137,19 @@ def segment_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     canonical, reorientation = ct.canonical()
     if lung_mask is not None:
         lung_mask = reorientation.to_canonical(np.asarray(lung_mask, dtype=bool))
-    logits, lung_mask = predict_ct(model, canonical, config, spec=spec, device=device,
-                                   progress=progress, lung_mask=lung_mask)
+    logits, lung_mask, malignancy = predict_ct(model, canonical, config, spec=spec,
+                                               device=device, progress=progress,
+                                               lung_mask=lung_mask)
     candidates, labels = label_candidates(logits, canonical.hu, canonical.geometry, config,
-                                          lung_mask=lung_mask, series_uid=ct.series_uid)
+                                          lung_mask=lung_mask, series_uid=ct.series_uid,
+                                          malignancy_logits=malignancy)
     if not reorientation.is_identity:
         logits, labels = reorientation.from_canonical(logits), reorientation.from_canonical(labels)
+        if malignancy is not None:
+            malignancy = reorientation.from_canonical(malignancy)
         candidates = [_in_input_grid(c, reorientation) for c in candidates]
     return SegmentResult(logits, labels, candidates, time.perf_counter() - start, spec,
-                         config, device=str(device))
+                         config, device=str(device), malignancy_logits=malignancy)
 
 
 def _in_input_grid(candidate: Candidate, reorientation: Reorientation) -> Candidate:
@@ -209,6 +235,14 @@ def _optional(p: float | None) -> str:
     return "" if p is None else f"{p:.6f}"
 
 
+def _verdict_columns(candidates: Sequence[Candidate]) -> list[str]:
+    """The report's columns of verdicts the candidates carry: p_nodule, then p_malignant
+    when a malignancy model (or a 3-class U-Net) gave one."""
+    if not candidates or candidates[0].p_nodule is None:
+        return []
+    return ["p_nodule"] + (["p_malignant"] if candidates[0].p_malignant is not None else [])
+
+
 def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                 config: SegmentConfig, settings: dict[str, Any],
                 nodules: Sequence[Finding] | None) -> None:
@@ -217,6 +251,9 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         write_image(result.prob.astype(np.float32, copy=False), ct.geometry,
                     folder / layout.PROBABILITY_FILE, compress=True)
         write_image(result.mask, ct.geometry, folder / layout.MASK_FILE, compress=True)
+        malignant = result.malignant_prob
+        if malignant is not None:
+            write_image(malignant, ct.geometry, folder / layout.MALIGNANT_FILE, compress=True)
     write_csv(folder / layout.CANDIDATES_CSV, CANDIDATE_CSV_COLUMNS,
               (_candidate_row(c) for c in result.candidates))
     scan_info = {
@@ -229,7 +266,7 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         "device": result.device,
         "candidates": len(result.candidates),
     }
-    judged = bool(result.candidates) and result.candidates[0].p_nodule is not None
+    judged = bool(result.candidates) and result.candidates[0].judged
     if judged:
         scan_info["classifier_seconds"] = round(result.classify_seconds, 3)
         scan_info[f"p_nodule >= {NODULE_THRESHOLD}"] = sum(
@@ -253,7 +290,9 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
         verdict = "" if candidate.p_nodule is None else f"p(nodule)={candidate.p_nodule:.3f}  "
         if candidate.p_malignant is not None:
             verdict += f"p(malignant)={candidate.p_malignant:.3f}  "
-        title = (f"#{candidate.rank}  {verdict or f'p={candidate.probability:.3f}  '}"
+        # A judged candidate's p is the classifier's, which its p(nodule) already says.
+        score = "" if candidate.judged else f"p={candidate.probability:.3f}  "
+        title = (f"#{candidate.rank}  {score}{verdict}"
                  f"d={candidate.diameter_mm:.1f} mm  xyz=({candidate.center_xyz[0]:.1f}, "
                  f"{candidate.center_xyz[1]:.1f}, {candidate.center_xyz[2]:.1f})")
         thumbnails.append(candidate_png(ct.hu, result.labels, candidate.rank + 1,
@@ -262,9 +301,12 @@ def _write_scan(ct: CT, source: ScanSource, result: SegmentResult, folder: Path,
                                         spacing_irc=spacing_irc, title=title))
     columns = ["rank", "probability", "diameter_mm", "voxels", "center_xyz", "center_irc",
                "slice_span", "mean_hu"]
+    verdicts = _verdict_columns(result.candidates)
     if judged:
-        columns[1:2] = ["p_nodule"] + (["p_malignant"] if result.candidates[0].p_malignant
-                                       is not None else []) + ["segmentation_score"]
+        columns[1:2] = verdicts + ["segmentation_score"]
+    elif verdicts:
+        # A 3-class U-Net's two questions beside its score: is it a nodule, is it malignant.
+        columns[2:2] = verdicts
     if nodules is not None:
         columns.insert(2, "annotated_nodule")
     rows = []

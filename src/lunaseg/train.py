@@ -1,5 +1,8 @@
 """Training the U-Net: Adam on Dice + weighted false-negative Dice, TensorBoard, checkpoints.
 
+A 3-class model (background, benign, malignant) trains on the same samples with class labels
+and :func:`lunaseg.losses.class_segmentation_loss`; its metrics and pictures add the classes.
+
 One process trains on the CPU or one GPU; under ``torchrun`` every rank trains on its own
 share of samples with DistributedDataParallel, metrics are summed over ranks and rank 0
 alone logs and saves.  A checkpoint is written after every epoch (so a killed run resumes
@@ -26,15 +29,16 @@ from lunaseg.cache import Cache
 from lunaseg.checkpoint import load_checkpoint
 from lunaseg.config import TrainConfig, check_at_least, check_fraction, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
-                              check_cached_chunks, check_data_config, load_splits, rank_share,
-                              validation_items)
+                              check_cached_chunks, check_data_config, count_nodule_classes,
+                              load_splits, rank_share, slice_labels, validation_items)
 from lunaseg.errors import CheckpointError, ConfigError, DataError
 from lunaseg.evaluate import CANDIDATE_FP_BUDGET
 from lunaseg.files import copy_atomic, write_bytes_atomic, write_json_atomic
 from lunaseg.inputs import SegmentationSpec, clip_hu, pad_to_multiple
-from lunaseg.losses import segmentation_loss
-from lunaseg.metrics import SegmentationMetrics, blob_counts, pixel_counts
-from lunaseg.model import build_model, default_spec, save_model
+from lunaseg.losses import class_segmentation_loss, segmentation_loss
+from lunaseg.metrics import (SegmentationMetrics, blob_counts, class_pixel_counts, pixel_counts,
+                             predicted_classes)
+from lunaseg.model import build_model, check_classes, default_spec, nodule_probability, save_model
 from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import (autocast, capture_rng_state, resolve_device, restore_rng_state,
                              whole_slice_batch)
@@ -121,12 +125,33 @@ def training_spec(config: TrainConfig) -> SegmentationSpec:
 def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
                   config: TrainConfig, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample losses (N,) and the model's probabilities (N, n_classes, H, W)."""
+    if config.model.n_classes == 1:
+        with autocast(device, config.amp):
+            pred = model(input)
+        pred = pred.float()
+        loss = segmentation_loss(pred, label, config.fn_weight, bce_weight=config.bce_weight,
+                                 reduction="none")
+        return loss, pred
+    # 3 classes: the loss takes logits (a saturated softmax loses the small probabilities),
+    # through forward so that DDP syncs the gradients.
     with autocast(device, config.amp):
-        pred = model(input)
-    pred = pred.float()
-    loss = segmentation_loss(pred, label, config.fn_weight, bce_weight=config.bce_weight,
-                             reduction="none")
-    return loss, pred
+        logits = model(input, return_logits=True)
+    logits = logits.float()
+    loss = class_segmentation_loss(logits, label, config.fn_weight,
+                                   bce_weight=config.bce_weight,
+                                   class_weight=config.class_weight, reduction="none")
+    return loss, torch.softmax(logits, dim=1)
+
+
+def _pixel_counts(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The pixel counts SegmentationMetrics takes for a model with pred's classes."""
+    return pixel_counts(pred, label) if pred.shape[1] == 1 else class_pixel_counts(pred, label)
+
+
+def _blob_counts(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Blob counts of the nodule vs background decision, whatever the classes."""
+    return blob_counts(nodule_probability(pred), label > 0)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, progress: float) -> None:
@@ -149,7 +174,8 @@ def _mine_hard_negatives(model: nn.Module, sampler: TrainingSampler, config: Tra
 
     def predict(input: torch.Tensor) -> torch.Tensor:
         with autocast(device, config.amp):
-            return model(input.contiguous(memory_format=torch.channels_last)).float()
+            output = model(input.contiguous(memory_format=torch.channels_last)).float()
+        return nodule_probability(output)
 
     # no_grad, not inference_mode: the new crops are tensors that training keeps using.
     with torch.no_grad():
@@ -162,12 +188,13 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
     """Loss and pixel counts of ``model`` on whole slices (validation or test split), with
     the input its spec asks for."""
 
-    dataset = SliceDataset(cache, items, model.spec)
+    classes = config.model.n_classes
+    dataset = SliceDataset(cache, items, model.spec, classes=classes)
     sampler = SeriesBatchSampler(items, whole_slice_batch(device, batch_size))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=config.num_workers,
                                          pin_memory=device.type == "cuda")
-    metrics = SegmentationMetrics(device)
+    metrics = SegmentationMetrics(device, classes=classes)
     model.eval()
     with torch.inference_mode():
         for input, label, _, _ in progress_bar(loader, enabled=progress, desc="validate",
@@ -176,7 +203,7 @@ def evaluate_slices(model: nn.Module, cache: Cache, items: list[tuple[str, int]]
             label = label.to(device, non_blocking=True)
             input = input.contiguous(memory_format=torch.channels_last)
             loss, pred = _forward_loss(model, input, label, config, device)
-            metrics.update(loss, pixel_counts(pred, label), blob_counts(pred, label))
+            metrics.update(loss, _pixel_counts(pred, label), _blob_counts(pred, label))
     return metrics
 
 
@@ -212,12 +239,18 @@ class _Logger:
         """Prediction overlays for the first 12 series x 6 evenly spaced slices of a split."""
         if not self.enabled or not uids:
             return
-        from lunaseg.report import OVERLAY_LEGEND, overlay_rgb, with_legend
+        from lunaseg.report import (CLASS_LEGEND_ITEMS, CLASS_OVERLAY_LEGEND, OVERLAY_LEGEND,
+                                    class_overlay_rgb, overlay_rgb, with_legend)
 
+        classes = config.model.n_classes
         writer = self.writer(split)
         if not self._legend_logged:
-            writer.add_text("legend", OVERLAY_LEGEND, samples_seen)
+            writer.add_text("legend", OVERLAY_LEGEND if classes == 1 else CLASS_OVERLAY_LEGEND,
+                            samples_seen)
             self._legend_logged = True
+        # One class: the book's colours; three: a colour per class and one for the confusion.
+        draw = overlay_rgb if classes == 1 else class_overlay_rgb
+        legend = None if classes == 1 else CLASS_LEGEND_ITEMS
         model.eval()
         spec = model.spec
         for k, uid in enumerate(sorted(uids)[:IMAGE_SERIES]):
@@ -233,20 +266,23 @@ class _Logger:
             with torch.inference_mode(), autocast(device, config.amp):
                 pred = torch.cat([model(input[i:i + step]).float()
                                   for i in range(0, len(input), step)])
-            pred = pred[:, 0].cpu().numpy() > 0.5
+            if classes == 1:
+                pred = pred[:, 0].cpu().numpy() > 0.5
+            else:
+                pred = predicted_classes(pred)[:, 0].cpu().numpy()
             height, width = entry.hu.shape[1:]
             for j, index in enumerate(indices):
-                label = entry.mask_slice(index)
-                rgb = overlay_rgb(entry.hu[index], pred[j, :height, :width], label)
+                label = slice_labels(entry, index, classes)
+                rgb = draw(entry.hu[index], pred[j, :height, :width], label)
                 writer.add_image(f"{split}/{k}_prediction_{j}", rgb, samples_seen,
                                  dataformats="HWC")
                 name = f"epoch{epoch:03d}_{split}_{k:02d}_slice{int(index):03d}.png"
-                write_bytes_atomic(_png_bytes(with_legend(rgb)), self.image_dir / name)
+                write_bytes_atomic(_png_bytes(with_legend(rgb, legend)), self.image_dir / name)
                 key = f"{split}/{k}/{j}"
                 if key not in self._labels_logged:
                     self._labels_logged.add(key)
                     writer.add_image(f"{split}/{k}_label_{j}",
-                                     overlay_rgb(entry.hu[index], label, label), samples_seen,
+                                     draw(entry.hu[index], label, label), samples_seen,
                                      dataformats="HWC")
         writer.flush()
 
@@ -292,18 +328,19 @@ def _validate_candidates(model: nn.Module, cache: Cache, uids: list[str], device
                          dist_info: _Dist) -> dict:
     """Candidate metrics of the validation scans, each rank segmenting its share."""
     mine = uids[dist_info.rank::dist_info.world_size]
-    findings, marks, counts = candidate_marks(model, cache, mine, device)
+    findings, marks, counts, malignancy = candidate_marks(model, cache, mine, device)
     if dist_info.world_size > 1:
         import torch.distributed as dist
 
         gathered: list = [None] * dist_info.world_size
-        dist.all_gather_object(gathered, (findings, marks, counts))
-        findings, marks, counts = {}, {}, []
-        for part_findings, part_marks, part_counts in gathered:
+        dist.all_gather_object(gathered, (findings, marks, counts, malignancy))
+        findings, marks, counts, malignancy = {}, {}, [], {}
+        for part_findings, part_marks, part_counts, part_malignancy in gathered:
             findings.update(part_findings)
             marks.update(part_marks)
             counts += part_counts
-    return score_candidates(findings, marks, counts)
+            malignancy.update(part_malignancy)
+    return score_candidates(findings, marks, counts, malignancy)
 
 
 def check_train_config(config: TrainConfig) -> None:
@@ -322,7 +359,8 @@ def check_train_config(config: TrainConfig) -> None:
                           f"{config.lr_schedule!r}")
     # Checked under either schedule: a value outside [0, 1] is a mistake either way.
     check_fraction(config, "lr_final_fraction")
-    for name in ("fn_weight", "bce_weight"):
+    check_classes(config.model.n_classes)
+    for name in ("fn_weight", "bce_weight", "class_weight"):
         weight = getattr(config, name)
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
@@ -432,6 +470,13 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
               for name, uids in saved_splits.items()}
     if not splits["train"]:
         raise DataError(f"{cache.folder}: no series left for training after the split")
+    if config.model.n_classes == 3:
+        benign, malignant = count_nodule_classes(cache, splits["train"])
+        if not (benign and malignant):
+            raise DataError(f"{cache.folder}: a 3-class model needs benign and malignant "
+                            f"nodules to learn from; the training series hold {benign} benign "
+                            f"and {malignant} malignant (malignancy comes from "
+                            f"annotations_with_malignancy.csv: is it in the data folder?)")
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_orphans(out_dir)
@@ -459,7 +504,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
 
     sampler = TrainingSampler(cache, splits["train"], config.data, device, model.spec,
                               seed=config.seed, rank=dist_info.rank,
-                              world_size=dist_info.world_size)
+                              world_size=dist_info.world_size, classes=config.model.n_classes)
     augment = SegmentationAugmentation(config.augment, seed=config.seed)
     logger = _Logger(tb_dir, out_dir, dist_info.is_main)
     val_items = validation_items(cache, splits["val"], full_ct=config.data.full_ct_validation)
@@ -490,7 +535,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                          mined, len(sampler.negatives) if sampler.negatives else 0)
             epoch_start_samples = samples_seen
             model.train()
-            metrics = SegmentationMetrics(device)
+            metrics = SegmentationMetrics(device, classes=config.model.n_classes)
             started = time.perf_counter()
             bar = progress_bar(sampler.batches(epoch, config.batch_size), total=steps_per_epoch,
                                enabled=progress and dist_info.is_main,
@@ -503,7 +548,7 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
                 loss, pred = _forward_loss(train_model, input, label, config, device)
                 loss.mean().backward()
                 optimizer.step()
-                metrics.update(loss.detach(), pixel_counts(pred.detach(), label))
+                metrics.update(loss.detach(), _pixel_counts(pred.detach(), label))
                 samples_seen += input.shape[0] * dist_info.world_size
                 total_steps += 1
                 rate = bar.n * config.batch_size * dist_info.world_size / max(
@@ -601,6 +646,10 @@ def _summary_line(record: dict) -> str:
             m = record[split]
             part = (f"{split} loss {m['loss/all']:.4f} recall {m['pr/recall']:.3f} "
                     f"precision {m['pr/precision']:.3f} fp {m['percent_all/fp']:.0f}%")
+            if "pr_malignant/recall" in m:
+                part += (f", recall benign {m['pr_benign/recall']:.3f} malignant "
+                         f"{m['pr_malignant/recall']:.3f}, found pixels' class balanced "
+                         f"accuracy {m['confusion/balanced_accuracy']:.3f}")
             if "blobs/recall" in m:
                 part += (f", nodule blobs found {m['blobs/recall']:.3f}, "
                          f"{m['blobs/fp_per_slice']:.1f} FP blobs per slice")
@@ -609,5 +658,7 @@ def _summary_line(record: dict) -> str:
                          f"{m['cand/sensitivity_at_budget']:.3f} within "
                          f"{CANDIDATE_FP_BUDGET:g} FP per scan, CPM {m['cand/cpm']:.3f}, "
                          f"{m['cand/per_scan']:.1f} per scan")
+                if "cand/malignancy_auc" in m:
+                    part += f", malignancy AUC {m['cand/malignancy_auc']:.3f} on those found"
             parts.append(part)
     return "; ".join(parts)

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 # Not a LUNA16 file: the annotation columns plus what each nodule is, for breakdowns of misses.
 PHANTOM_NODULES_FILE = "phantom_nodules.csv"
 # Bumped whenever the same seed starts giving different files (2: true nodule masks and
-# phantom_nodules.csv added; 3: LUNA16's diameters), so a saved dataset from an older
-# generator is not reused.
-PHANTOM_VERSION = 3
+# phantom_nodules.csv added; 3: LUNA16's diameters; 4: the masks carry each nodule's class,
+# the scans are unchanged), so a saved dataset from an older generator is not reused.
+PHANTOM_VERSION = 4
 PHANTOM_NODULE_COLUMNS = ANNOTATION_COLUMNS + ("kind", "location", "shape")
 
 
@@ -90,13 +90,14 @@ class _ScanRows:
 
 
 def _write_scan(job: _ScanJob) -> _ScanRows:
-    """Build one phantom, write its image and nodule mask, return its CSV rows."""
+    """Build one phantom, write its image and class mask (1 benign, 2 malignant), return
+    its CSV rows."""
     rng = np.random.default_rng(job.seed)
     phantom = make_phantom(job.shape_irc, rng=rng, with_nodules=job.with_nodules,
                            max_nodules=job.max_nodules)
     uid = phantom.series_uid
     write_image(phantom.hu, phantom.geometry, job.out_dir / job.subset / f"{uid}.mhd")
-    write_image(phantom.nodule_mask.astype(np.uint8), phantom.geometry,
+    write_image(phantom.nodule_classes, phantom.geometry,
                 outline_mask_path(job.out_dir, uid), compress=True)
     rows = _ScanRows(uid, [], [], [], [], [])
     for nodule in phantom.nodules:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lunaseg.luna import nodule_class
 from lunaseg.synth.anatomy import _Anatomy, _CoarseLung
 from lunaseg.synth.tubes import _Tubes
 from lunaseg.synth.vessels import _Vessels
@@ -217,15 +218,16 @@ class _NodulePlacer:
         ratings = np.clip(np.rint(latent + rng.normal(0, 0.7, readers)), 1, 5).astype(int)
         return [int(v) for v in ratings]
 
-    def nodule_tubes(self) -> list[tuple[str, _Tubes, float, bool]]:
+    def nodule_tubes(self) -> list[tuple[str, _Tubes, float, int]]:
         """Each nodule as tubes (spheres = zero-length tubes) with a blend mode, a HU level and
-        whether it belongs to an annotated nodule (the truth mask); then the pleural bumps,
-        whose centres go to ``bump_centers``."""
+        its class in the truth mask (0: not annotated, else benign or malignant, as
+        :func:`lunaseg.masks.nodule_class` says); then the pleural bumps, whose centres go to
+        ``bump_centers``."""
         rng = self.rng
         out = []
         for spec in self.nodule_specs:
             c, r, kind, shape = spec["center"], spec["radius"], spec["kind"], spec["shape"]
-            annotated = spec["annotated"]
+            annotated = _truth_class(spec)
             # Never thinner than most of a voxel, so a tiny nodule still shows its centre.
             r_draw = max(r, 0.45 * float(self.spacing.max()))
             centers, radii = [c], [r_draw]
@@ -266,9 +268,15 @@ class _NodulePlacer:
             rad = rng.uniform(1.5, 3.5)
             self.bump_centers.append(center)
             out.append(("blend", _Tubes(center[None], center[None], np.array([rad]),
-                                        np.array([rad])), rng.uniform(0, 40), False))
+                                        np.array([rad])), rng.uniform(0, 40), 0))
         return out
 
-    def annotated_centers(self) -> list[np.ndarray]:
-        """Local (z, y, x) mm centres of the annotated nodules."""
-        return [spec["center"] for spec in self.nodule_specs if spec["annotated"]]
+    def annotated_centers(self) -> list[tuple[np.ndarray, int]]:
+        """Local (z, y, x) mm centres of the annotated nodules, with their truth classes."""
+        return [(spec["center"], _truth_class(spec)) for spec in self.nodule_specs
+                if spec["annotated"]]
+
+
+def _truth_class(spec: dict) -> int:
+    """A placed nodule's value in the truth mask: 0 unless annotated, else its class."""
+    return nodule_class(spec["record"].is_malignant) if spec["annotated"] else 0

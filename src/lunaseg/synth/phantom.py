@@ -32,8 +32,14 @@ class Phantom:
     nodules: list[SynthNodule]
     excluded: list[SynthNodule]  # nodules < 3 mm: present in the image, never annotated
     lookalike_xyz: np.ndarray  # (M, 3) float64 mm: vessel cuts, bifurcations, airway walls...
-    # (I, R, C) bool: voxels at least half inside an annotated nodule (spicules included).
-    nodule_mask: np.ndarray | None = None
+    # (I, R, C) uint8: voxels at least half inside an annotated nodule (spicules included),
+    # each with its nodule's class (lunaseg.masks: 1 benign, 2 malignant), 0 elsewhere.
+    nodule_classes: np.ndarray | None = None
+
+    @property
+    def nodule_mask(self) -> np.ndarray | None:
+        """(I, R, C) bool: the annotated nodules' voxels, whatever their class."""
+        return None if self.nodule_classes is None else self.nodule_classes > 0
 
     def to_ct(self) -> CT:
         """The image part as a ``lunaseg.ct.CT``."""
@@ -112,12 +118,12 @@ def _build_phantom(shape: tuple[int, int, int], spacing_xyz: np.ndarray, uid: st
     tissue = _TissueMaps(anat, rng)
     bones = _Bones(anat, tissue, rng)
     nodule_tubes = placer.nodule_tubes()  # after the 2D maps, before the texture and noise
-    hu, nodule_mask = _render_volume(anat, tissue, bones, vessels, nodule_tubes,
+    hu, nodule_classes = _render_volume(anat, tissue, bones, vessels, nodule_tubes,
                                      placer.annotated_centers(), rng)
     lookalike = to_xyz(_lookalikes(anat, vessels, placer.bump_centers, rng))
     return Phantom(hu=hu, geometry=geometry, series_uid=uid, nodules=placer.nodules,
                    excluded=placer.excluded, lookalike_xyz=lookalike.reshape(-1, 3),
-                   nodule_mask=nodule_mask)
+                   nodule_classes=nodule_classes)
 
 
 def _to_xyz(origin_xyz: np.ndarray, local_zyx: np.ndarray) -> np.ndarray:

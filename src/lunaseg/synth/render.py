@@ -226,13 +226,15 @@ class _Bones:
 
 
 def _render_volume(anat: _Anatomy, tissue: _TissueMaps, bones: _Bones, vessels: _Vessels,
-                   nodule_tubes: list[tuple[str, _Tubes, float, bool]],
-                   nodule_centers: list[np.ndarray],
+                   nodule_tubes: list[tuple[str, _Tubes, float, int]],
+                   nodule_centers: list[tuple[np.ndarray, int]],
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The image, (I, R, C) int16 HU, and the truth mask of the annotated nodules (bool).
+    """The image, (I, R, C) int16 HU, and the truth class mask of the annotated nodules
+    ((I, R, C) uint8: 0 elsewhere, else each nodule's class).
 
     ``nodule_tubes`` are what ``_NodulePlacer.nodule_tubes`` returns, ``nodule_centers`` the
-    annotated nodules' local centres; the lung texture and the scanner noise are drawn here.
+    annotated nodules' local centres with their classes; the lung texture and the scanner
+    noise are drawn here.
     """
     a, s = anat, anat.scale
     shape, spacing = anat.shape, anat.spacing
@@ -244,7 +246,7 @@ def _render_volume(anat: _Anatomy, tissue: _TissueMaps, bones: _Bones, vessels: 
     lumens = _TubeRaster(vessels.lumens, shape, spacing, splat_below_mm=0.0)
     nodules = [(mode, _TubeRaster(t, shape, spacing, splat_below_mm=0.0), hu, annotated)
                for mode, t, hu, annotated in nodule_tubes]
-    nodule_mask = np.zeros(shape, bool)
+    nodule_mask = np.zeros(shape, np.uint8)
     flat_mask = nodule_mask.reshape(-1)
     # Low-frequency lung texture on a coarse grid, interpolated per slab.
     step = 7.0 * s
@@ -264,11 +266,11 @@ def _render_volume(anat: _Anatomy, tissue: _TissueMaps, bones: _Bones, vessels: 
         _blend_sparse(flat_slab, soft.render_sparse(k0, k1), a.muscle_hu)
         _blend_sparse(flat_slab, walls.render_sparse(k0, k1), a.muscle_hu - 20)
         _blend_sparse(flat_slab, lumens.render_sparse(k0, k1), AIR_HU)
-        for mode, raster, hu, annotated in nodules:
+        for mode, raster, hu, truth_class in nodules:
             index, occupancy = raster.render_sparse(k0, k1)
             _blend_sparse(flat_slab, (index, occupancy), hu, only_denser=mode == "max")
-            if annotated:
-                flat_mask[index[occupancy >= 0.5] + k0 * rows * cols] = True
+            if truth_class:
+                flat_mask[index[occupancy >= 0.5] + k0 * rows * cols] = truth_class
         bones.paint(slab, z)
         _psf(slab, psf_weight)
         for i in range(k1 - k0):
@@ -276,9 +278,9 @@ def _render_volume(anat: _Anatomy, tissue: _TissueMaps, bones: _Bones, vessels: 
         np.clip(np.rint(slab), HU_MIN, HU_MAX, out=slab)
         out[k0:k1] = slab
     # A nodule narrower than a voxel may fill none by half; its centre voxel still counts.
-    for center in nodule_centers:
+    for center, truth_class in nodule_centers:
         voxel = np.rint(center / spacing).astype(int)
-        nodule_mask[tuple(np.clip(voxel, 0, np.asarray(shape) - 1))] = True
+        nodule_mask[tuple(np.clip(voxel, 0, np.asarray(shape) - 1))] = truth_class
     return out, nodule_mask
 
 
