@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +45,7 @@ from lunaseg.inputs import ClassifierSpec
 from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import (autocast, capture_rng_state, crop_batch, resolve_device,
                              restore_rng_state)
+from lunaseg.train import TrainResult
 
 __all__ = ["ClassifierTrainResult", "ClassifierSamples", "train_classifier",
            "check_classifier_train_config", "classifier_splits", "classifier_samples",
@@ -56,18 +57,9 @@ MALIGNANCY_CLASSES = ("benign", "malignant")
 
 
 @dataclass
-class ClassifierTrainResult:
-    """Where a classifier run left its outputs and how its validations went."""
-
-    out_dir: Path
-    tb_dir: Path
-    checkpoint: Path
-    best_checkpoint: Path | None
-    history: list[dict] = field(default_factory=list)
-    best: dict | None = None
-    epochs_done: int = 0
-    samples_seen: int = 0
-    interrupted: bool = False
+class ClassifierTrainResult(TrainResult):
+    """Where a classifier run left its outputs and how its validations went (the fields
+    of a U-Net run's)."""
 
 
 @dataclass
