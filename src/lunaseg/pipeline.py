@@ -73,7 +73,9 @@ class EvaluationReport:
             lines.append(f"seconds per scan (read -> candidates -> files): "
                          f"{self.seconds_per_scan:.2f}")
         for miss in self.misses:
-            lines.append(f"missed: {miss['series_uid']} at ({miss['center_xyz'][0]:.1f}, "
+            # A nodule the classifier rejects is still among the marks, low in the ranking.
+            what = "rejected" if miss.get("stage") == "classifier" else "missed"
+            lines.append(f"{what}: {miss['series_uid']} at ({miss['center_xyz'][0]:.1f}, "
                          f"{miss['center_xyz'][1]:.1f}, {miss['center_xyz'][2]:.1f}), "
                          f"{miss['diameter_mm']:.1f} mm: {miss['reason']}")
         lines.append(f"results: {self.out_dir / layout.FROC_JSON}, "
