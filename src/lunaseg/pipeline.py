@@ -90,10 +90,11 @@ def _by_size_line(result) -> str:
                         for b in result.by_size()))
 
 
-def _write_outputs(result, out_dir: Path, misses: list[dict], title: str) -> None:
+def _write_outputs(result, out_dir: Path, misses: list[dict], title: str,
+                   compare=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_result_json(result, out_dir / layout.FROC_JSON)
-    plot_froc(result, out_dir / layout.FROC_PNG, title=title)
+    plot_froc(result, out_dir / layout.FROC_PNG, title=title, compare=compare)
     write_json_atomic(misses, out_dir / layout.MISSES_JSON)
 
 
@@ -389,7 +390,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
             [json.loads((o.folder / layout.CANDIDATES_JSON).read_text())
              .get("classifier_seconds", 0.0) for o in outputs]))
         write_result_json(alone, out_dir / CANDIDATE_STAGE_FROC_JSON)
-    _write_outputs(result, out_dir, misses, f"{model_path.name} on the {split} split")
+    title = f"{model_path.name}{' + classifier' if classifier else ''} on the {split} split"
+    _write_outputs(result, out_dir, misses, title, compare=alone)
     return report
 
 

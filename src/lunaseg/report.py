@@ -556,8 +556,10 @@ def _take(items: Iterable, count: int) -> Iterable:
 
 
 def plot_froc(result: "FrocResult", path_png: str | os.PathLike, *,
-              title: str | None = None) -> Path:
-    """Draw the FROC curve (log FP/scan, CI band, operating points, CPM in the legend) to a PNG.
+              title: str | None = None, compare: "FrocResult | None" = None,
+              compare_label: str = "candidate stage alone") -> Path:
+    """Draw the FROC curve (log FP/scan, CI band, operating points, CPM in the legend) to a PNG,
+    with ``compare`` (e.g. the candidate stage under a classifier) dashed beside it.
 
     Uses Figure + FigureCanvasAgg directly: no pyplot global state, no display needed.
     """
@@ -586,6 +588,14 @@ def plot_froc(result: "FrocResult", path_png: str | os.PathLike, *,
               drawstyle="steps-post" if result.interpolation == "step" else "default")
     axes.plot(rates, [result.sensitivities_at[float(r)] for r in rates], "o",
               color="tab:blue", markersize=4)
+    if compare is not None:
+        keep = (compare.fps_per_scan > left) & (compare.fps_per_scan < right)
+        ends = compare.curve_at([left, right])
+        axes.plot(np.concatenate([[left], compare.fps_per_scan[keep], [right]]),
+                  np.concatenate([[ends[0]], compare.sensitivity[keep], [ends[1]]]),
+                  color="tab:gray", linestyle="--", linewidth=1.2,
+                  label=f"{compare_label}: CPM = {compare.cpm:.3f}",
+                  drawstyle="steps-post" if compare.interpolation == "step" else "default")
     axes.set_xscale("log")
     axes.set_xlim(left, right)
     axes.set_ylim(0.0, 1.02)
