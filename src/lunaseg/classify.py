@@ -17,8 +17,7 @@ from torch import nn
 
 from lunaseg.cache import pad_crop
 from lunaseg.ct import CT
-from lunaseg.errors import ConfigError
-from lunaseg.inputs import ClassifierSpec
+from lunaseg.inputs import ClassifierSpec, carried_spec
 from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import autocast, crop_batch, resolve_device
 
@@ -34,12 +33,7 @@ FILL_HU = -1000
 
 def resolve_classifier_spec(model: nn.Module, spec: ClassifierSpec | None) -> ClassifierSpec:
     """``spec``, else the one the model carries (lunaseg's classifier has its checkpoint's)."""
-    if spec is not None:
-        return spec
-    carried = getattr(model, "spec", None)
-    if not isinstance(carried, ClassifierSpec):
-        raise ConfigError(f"{type(model).__name__} carries no classifier input spec; pass spec=")
-    return carried
+    return carried_spec(model, spec, ClassifierSpec, "classifier input spec")
 
 
 def candidate_centers_irc(candidates: Sequence[Any] | np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from lunaseg.errors import ConfigError
 __all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "TTA_RULES", "SegmentationSpec",
            "ClassifierSpec",
            "context_indices", "context_stack", "pad_to_multiple", "clip_hu", "size_multiple",
-           "reach_px"]
+           "reach_px", "carried_spec"]
 
 # The voxel order every model sees: array axes (col, row, index) pointing to the patient's
 # Left, Posterior and Superior, i.e. an identity direction matrix, as LUNA16 stores its scans.
@@ -138,6 +138,17 @@ class ClassifierSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "ClassifierSpec":
         return _spec_from_dict(cls, data)
+
+
+def carried_spec(model: Any, spec: Any, kind: type, what: str = "input spec") -> Any:
+    """``spec``, else the ``kind`` of spec ``model`` carries (lunaseg's models have their
+    checkpoint's); a ConfigError when it carries none."""
+    if spec is not None:
+        return spec
+    carried = getattr(model, "spec", None)
+    if not isinstance(carried, kind):
+        raise ConfigError(f"{type(model).__name__} carries no {what}; pass spec=")
+    return carried
 
 
 def context_indices(n_slices: int, slice_indices: Sequence[int] | np.ndarray,

@@ -27,7 +27,7 @@ from torch import nn
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
-from lunaseg.inputs import TTA_RULES, SegmentationSpec, context_indices
+from lunaseg.inputs import TTA_RULES, SegmentationSpec, carried_spec, context_indices
 from lunaseg.losses import malignancy_logit, nodule_logit
 from lunaseg.masks import body_box, bounding_box, resolve_lung_mask
 from lunaseg.progress import bar as progress_bar
@@ -67,12 +67,7 @@ def check_tta(tta: int, rule: str = "mean") -> None:
 
 def resolve_spec(model: nn.Module, spec: SegmentationSpec | None) -> SegmentationSpec:
     """``spec``, else the one the model carries (lunaseg's U-Net has it from its checkpoint)."""
-    if spec is not None:
-        return spec
-    carried = getattr(model, "spec", None)
-    if not isinstance(carried, SegmentationSpec):
-        raise ConfigError(f"{type(model).__name__} carries no input spec; pass spec=")
-    return carried
+    return carried_spec(model, spec, SegmentationSpec)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
