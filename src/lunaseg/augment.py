@@ -59,6 +59,24 @@ class _DeviceRandom(nn.Module):
         if generator is not None:
             self._generators[self._device_key(generator.device)] = generator
 
+    def _draw_flip_scale(self, n: int, dims: int, device: torch.device | str,
+                         generator: torch.Generator | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, dims, dims) flip-and-scale matrices, and the uniforms the caller's rotation
+        (N,) and offset (N, dims, in [-1, 1]) use.  Every uniform is drawn in one order
+        whichever options are on, so switching one does not change the others' draws."""
+        g = generator if generator is not None else self.generator(device)
+        flip_u = torch.rand(n, dims, device=device, generator=g)
+        scale_u = torch.rand(n, dims, device=device, generator=g) * 2 - 1
+        angle_u = torch.rand(n, device=device, generator=g)
+        offset_u = torch.rand(n, dims, device=device, generator=g) * 2 - 1
+        diagonal = torch.ones(n, dims, device=device)
+        if self.config.flip:
+            diagonal = torch.where(flip_u < 0.5, -diagonal, diagonal)
+        if self.config.scale > 0:
+            diagonal = diagonal * (1 + self.config.scale * scale_u)
+        return torch.diag_embed(diagonal), angle_u, offset_u
+
     @property
     def spatial(self) -> bool:
         """Whether any geometric option is on."""
@@ -204,19 +222,8 @@ class SegmentationAugmentation(_DeviceRandom):
         The same random numbers are drawn whichever options are on, so switching one
         option does not change what the others draw.
         """
-        g = generator if generator is not None else self.generator(device)
         c = self.config
-        flip_u = torch.rand(n, 2, device=device, generator=g)
-        scale_u = torch.rand(n, 2, device=device, generator=g) * 2 - 1
-        angle_u = torch.rand(n, device=device, generator=g)
-        offset_u = torch.rand(n, 2, device=device, generator=g) * 2 - 1
-
-        diagonal = torch.ones(n, 2, device=device)
-        if c.flip:
-            diagonal = torch.where(flip_u < 0.5, -diagonal, diagonal)
-        if c.scale > 0:
-            diagonal = diagonal * (1 + c.scale * scale_u)
-        linear = torch.diag_embed(diagonal)
+        linear, angle_u, offset_u = self._draw_flip_scale(n, 2, device, generator)
         if c.rotate:
             angle = angle_u * (2 * math.pi)
             cos, sin = torch.cos(angle), torch.sin(angle)
@@ -344,19 +351,9 @@ class CropAugmentation(_DeviceRandom):
         The same random numbers are drawn whichever options are on, so switching one
         option does not change what the others draw.
         """
-        g = generator if generator is not None else self.generator(device)
         c = self.config
-        flip_u = torch.rand(n, 3, device=device, generator=g)
-        scale_u = torch.rand(n, 3, device=device, generator=g) * 2 - 1
-        angle_u = torch.rand(n, device=device, generator=g)
-        offset_u = torch.rand(n, 3, device=device, generator=g) * 2 - 1
-
-        diagonal = torch.ones(n, 3, device=device)
-        if c.flip:
-            diagonal = torch.where(flip_u < 0.5, -diagonal, diagonal)
-        if c.scale > 0:
-            diagonal = diagonal * (1 + c.scale * scale_u)
-        linear = torch.diag_embed(diagonal)  # acts on voxel offsets from the centre
+        # The linear part acts on voxel offsets from the centre.
+        linear, angle_u, offset_u = self._draw_flip_scale(n, 3, device, generator)
         if c.rotate:
             angle = angle_u * (2 * math.pi)
             cos, sin = torch.cos(angle), torch.sin(angle)

@@ -265,10 +265,14 @@ def _why_missed(nodule, scan: _ScanVolumes, threshold: float, max_marks: int) ->
 CANDIDATE_STAGE_FROC_JSON = "froc_candidates.json"
 
 
-def _read_candidates(folder: Path) -> list[dict]:
+def _read_candidates(folder: Path) -> dict:
+    """A scan's candidates.json: its ``candidates`` and, after detect, ``classifier_seconds``."""
     try:
-        return json.loads((folder / layout.CANDIDATES_JSON).read_text())["candidates"]
-    except (OSError, ValueError, KeyError) as error:
+        document = json.loads((folder / layout.CANDIDATES_JSON).read_text())
+        if not isinstance(document, dict) or "candidates" not in document:
+            raise ValueError("no candidates list")
+        return document
+    except (OSError, ValueError) as error:
         raise DataError(f"{folder / layout.CANDIDATES_JSON}: unreadable ({error})") from None
 
 
@@ -350,11 +354,15 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                   fp_budget=fp_budget)
     folders = {o.series_uid: o.folder for o in outputs}
     misses, scans = [], {}
-    alone, rankings = None, {}
+    alone, rankings, classifier_seconds = None, {}, None
     if classifier is not None:
         from lunaseg.detect import RANKINGS, ranking_log_odds
 
-        judged = {o.series_uid: _read_candidates(o.folder) for o in outputs}
+        documents = {o.series_uid: _read_candidates(o.folder) for o in outputs}
+        judged = {uid: document["candidates"] for uid, document in documents.items()}
+        if documents:
+            classifier_seconds = float(np.mean([d.get("classifier_seconds", 0.0)
+                                                for d in documents.values()]))
 
         def reranked(key) -> object:
             marks = {uid: [Mark(c["center_xyz"], score_probability(key(c)))
@@ -384,11 +392,9 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike,
                        "reason": reason})
     seconds = float(np.mean([o.seconds for o in outputs])) if outputs else None
     report = EvaluationReport(out_dir, result, misses, seconds, candidates_alone=alone,
+                              classifier_seconds_per_scan=classifier_seconds,
                               ranking_cpms=rankings, ranked_by=rank_by)
-    if classifier is not None and outputs:
-        report.classifier_seconds_per_scan = float(np.mean(
-            [json.loads((o.folder / layout.CANDIDATES_JSON).read_text())
-             .get("classifier_seconds", 0.0) for o in outputs]))
+    if alone is not None:
         write_result_json(alone, out_dir / CANDIDATE_STAGE_FROC_JSON)
     title = f"{model_path.name}{' + classifier' if classifier else ''} on the {split} split"
     _write_outputs(result, out_dir, misses, title, compare=alone)
