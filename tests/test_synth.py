@@ -341,3 +341,111 @@ def test_bad_arguments_are_config_errors(tmp_path):
         synthesize_dataset(tmp_path, SynthConfig(series=1, workers=-1), progress=False)
     with pytest.raises(ConfigError, match="seed must be >= 0"):
         synthesize_dataset(tmp_path, SynthConfig(series=1, seed=-5), progress=False)
+
+
+def _anatomy(seed: int, shape=(40, 160, 160), spacing_irc=(2.5, 2.2, 2.2)):
+    from lunaseg.synth.anatomy import _Anatomy
+
+    return _Anatomy(np.random.default_rng(seed), shape, spacing_irc)
+
+
+def test_heart_lies_between_the_lungs():
+    anat = _anatomy(3)
+    z, y, x = anat.heart_c
+    assert not anat.lung_at(z, y, x)  # the heart's centre is mediastinum
+    right = anat.x_mid - np.linspace(0.3, 0.9, 12) * anat.a_cav
+    left = anat.x_mid + np.linspace(0.3, 0.9, 12) * anat.a_cav
+    assert anat.lung_at(z, y, right).any() and anat.lung_at(z, y, left).any()
+    assert anat.heart_c[2] > anat.x_mid  # on the patient's left
+
+
+def test_fat_lies_under_the_skin_and_muscle_under_the_fat():
+    from lunaseg.synth.render import _TissueMaps
+
+    anat = _anatomy(4)
+    tissue = _TissueMaps(anat, np.random.default_rng(0))
+    row = int(round(anat.cy / anat.spacing[1]))
+    line = tissue.wall2d[row]  # left to right through the body's widest part
+    first = int(np.argmax(line > -500))  # the skin
+    inward = line[first + 1: first + 1 + int(40 * anat.scale / anat.spacing[2])]
+    fat = np.isclose(inward, anat.fat_hu)
+    assert fat[:2].all()  # fat right under the skin
+    assert np.isclose(inward, anat.muscle_hu).any()  # then muscle
+    assert np.argmax(np.isclose(inward, anat.muscle_hu)) > np.argmax(fat)
+
+
+def test_vessel_trees_grow_from_the_hilum_without_gaps():
+    from lunaseg.synth.anatomy import _CoarseLung, _lung_points
+    from lunaseg.synth.tubes import _grow_tree
+
+    anat = _anatomy(5)
+    rng = np.random.default_rng(1)
+    points = _lung_points(anat, 400, 0.0, rng)
+    points = points[points[:, 2] > anat.x_mid]
+    root = anat.hilum(1)
+    tubes, forks = _grow_tree(root, points, 0.3, rng)
+    assert len(forks) > 20
+    ends = {tuple(p) for p in tubes.p1} | {tuple(root)}
+    assert all(tuple(p) in ends for p in tubes.p0)  # every branch starts where another ends
+    widest = np.argmax(tubes.r0)
+    assert np.allclose(tubes.p0[widest], root)  # the trunk is the widest vessel
+    assert _CoarseLung(anat).mask.any()
+
+
+def test_scapulae_lie_on_the_back_ribs_in_the_upper_chest():
+    from lunaseg.synth.render import _Bones, _TissueMaps
+
+    anat = _anatomy(6, shape=(90, 160, 160), spacing_irc=(3.0, 2.2, 2.2))
+    rng = np.random.default_rng(0)
+    tissue = _TissueMaps(anat, rng)
+    bones = _Bones(anat, tissue, rng)
+    rows, cols = np.nonzero(bones.scapula)
+    assert len(rows) > 20
+    y_mm, x_mm = rows * anat.spacing[1], cols * anat.spacing[2]
+    assert (y_mm > anat.cy_cav).all()  # behind the cavity's centre
+    assert (x_mm < anat.x_mid).any() and (x_mm > anat.x_mid).any()  # one on each side
+    assert (tissue.out_mm2d[bones.scapula] > anat.rib_depth).all()  # outside the ribs
+    hu = np.zeros((2, 160, 160), np.float32)
+    bones.paint(hu, np.array([anat.scap_z0 - 5.0, anat.scap_z0 + 5.0]))
+    below, above = hu[0][bones.scapula], hu[1][bones.scapula]
+    assert (below == 0).mean() > 0.9  # under its tip only a rib may cross the blade
+    assert (above > 100).all() and (above > 800).mean() > 0.3  # marrow inside a cortex
+
+
+def test_breasts_and_stomach_gas_where_a_patient_has_them():
+    from lunaseg.synth.render import _TissueMaps
+
+    anat = _anatomy(11, shape=(90, 160, 160), spacing_irc=(3.0, 2.2, 2.2))  # has both, and
+    assert anat.z_base > 0  # the volume reaches below the diaphragm
+    assert anat.breast_r > 0 and anat.stomach_gas_mm > 0
+    tissue = _TissueMaps(anat, np.random.default_rng(0))
+    y = np.arange(anat.shape[1])[:, None] * anat.spacing[1]
+    x = np.arange(anat.shape[2])[None, :] * anat.spacing[2]
+    outside_body = anat.q_body(y, x) >= 1.0
+    added = outside_body & (tissue.wall2d > -500) & (y < anat.cy)
+    assert added.sum() * anat.spacing[1] * anat.spacing[2] > 200  # mm^2 in front of the chest
+    below = np.arange(anat.shape[0]) * anat.spacing[0]
+    texture = np.zeros((12, 12, 12), np.float32)
+    slab = tissue.tissue_slab(below, texture, 30.0)
+    body = anat.q_body(y, x)[None] < 0.9
+    under_dome = below[:, None, None] < tissue.dia2d[None]
+    assert ((slab < -900) & body & under_dome).any()  # gas inside the abdomen
+
+
+def test_phantom_statistics_near_real_ct(phantom):
+    """ct_stats-style figures of a small phantom inside wide bounds around real CT's."""
+    hu = phantom.hu
+    body = np.zeros(hu.shape, bool)
+    for i in range(hu.shape[0]):
+        lab, n = ndimage.label(hu[i] > -500)
+        sizes = np.bincount(lab.ravel())[1:]
+        body[i] = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
+    lungs = ndimage.binary_opening(body & (hu < -400), iterations=2)
+    lungs = np.stack([ndimage.binary_fill_holes(s) for s in lungs])
+    assert 0.08 < lungs.mean() < 0.26  # real 0.14-0.18
+    assert 0.010 < (hu[lungs] > -500).mean() < 0.06  # real 0.017-0.037
+    assert -900 < np.median(hu[lungs]) < -840  # real -880..-865
+    bone = body & (hu >= 300)
+    assert 350 < np.median(hu[bone]) < 650  # real 411-506
+    soft = body & ~lungs & (hu > -200) & (hu < 200)
+    assert -110 < np.median(hu[soft]) < 40  # real -74..3: fat and muscle both present

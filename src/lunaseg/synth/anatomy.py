@@ -48,8 +48,8 @@ class _Anatomy:
         self.body_power = rng.uniform(2.2, 2.8)
         self.body_wobble = _harmonics(rng, range(2, 6), 0.025)
         # Thoracic cavity (inside the ribs), shifted forward: the back wall is thicker.
-        self.a_cav = self.a_body * rng.uniform(0.80, 0.87)
-        self.b_cav = self.b_body * rng.uniform(0.74, 0.82)
+        self.a_cav = self.a_body * rng.uniform(0.74, 0.82)
+        self.b_cav = self.b_body * rng.uniform(0.70, 0.78)
         self.cy_cav = self.cy - self.b_body * rng.uniform(0.04, 0.09)
         self.cav_power = rng.uniform(2.0, 2.4)
         self.cav_wobble = _harmonics(rng, range(2, 5), 0.015)
@@ -70,13 +70,13 @@ class _Anatomy:
         self.dome_left_drop = rng.uniform(0.0, 0.25) * self.dome_mm
         # Mediastinum: a band between the lungs, width (half, mm) against depth t in [0, 1].
         self.med_t = np.array([-0.2, 0.0, 0.12, 0.3, 0.55, 0.8, 1.0, 1.2])
-        self.med_w = np.array([3, 4, 7, 20, 22, 15, 18, 30]) * s * rng.uniform(0.85, 1.15)
+        self.med_w = np.array([3, 4, 8, 22, 25, 17, 20, 32]) * s * rng.uniform(1.0, 1.35)
         # Heart: an ellipsoid on the left of the midline resting on the diaphragm.
         self.heart_c = np.array([self.z_base + self.dome_mm + 0.17 * self.lung_len,
                                  self.y_ant + 0.42 * 2 * self.b_cav,
                                  self.x_mid + rng.uniform(0.12, 0.22) * self.a_cav])
-        self.heart_r = np.array([0.2 * self.lung_len, 0.30 * 2 * self.b_cav,
-                                 rng.uniform(0.40, 0.48) * self.a_cav])
+        self.heart_r = np.array([0.21 * self.lung_len, 0.32 * 2 * self.b_cav,
+                                 rng.uniform(0.44, 0.54) * self.a_cav])
         self.heart_fat_mm = rng.uniform(2.5, 6) * s
         # Spine: vertebral body bulging into the back of the cavity.
         self.vb_r = rng.uniform(16, 20) * s
@@ -92,11 +92,21 @@ class _Anatomy:
         # Tissues.
         contrast = rng.random() < 0.35
         self.blood_hu = rng.uniform(150, 320) if contrast else rng.uniform(32, 50)
-        self.fat_hu = rng.uniform(-115, -85)
-        self.muscle_hu = rng.uniform(35, 55)
+        self.fat_hu = rng.uniform(-108, -80)
+        self.muscle_hu = rng.uniform(42, 62)
         self.lung_hu = rng.uniform(-920, -895)
         self.lung_gradient_hu = rng.uniform(20, 70)
         self.lung_texture_hu = rng.uniform(6, 14)
+        # Generator 5: what real chests have around the lungs and below them.
+        self.breast_r = rng.uniform(28, 60) * s if rng.random() < 0.45 else 0.0
+        self.breast_dx = rng.uniform(0.42, 0.58) * self.a_body
+        start = rng.uniform(0.10, 0.22)  # angle from the spine, as a fraction of pi
+        self.scap_away = np.array([start, start + rng.uniform(0.12, 0.22)])
+        self.scap_out_mm = rng.uniform(9, 20) * s  # outside the cavity wall, over the ribs
+        self.scap_mm = rng.uniform(2.5, 4.5) * s  # blade thickness
+        self.scap_z0 = self.z_top - rng.uniform(0.40, 0.60) * self.lung_len  # its lower tip
+        self.stomach_gas_mm = rng.uniform(12, 35) * s if rng.random() < 0.6 else 0.0
+        self.organ_contrast_hu = rng.uniform(35, 70) if contrast else 0.0
 
     # ----- closed-form organ tests (broadcasting arrays of local mm) -----
 

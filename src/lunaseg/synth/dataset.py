@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 PHANTOM_NODULES_FILE = "phantom_nodules.csv"
 # Bumped whenever the same seed starts giving different files (2: true nodule masks and
 # phantom_nodules.csv added; 3: LUNA16's diameters; 4: the masks carry each nodule's class,
-# the scans are unchanged), so a saved dataset from an older generator is not reused.
-PHANTOM_VERSION = 4
+# the scans are unchanged; 5: the anatomy real CT's false positives come from -- smaller
+# lungs, a wider heart and mediastinum, breasts, scapulae, stomach gas, uneven marrow,
+# denser small vessels, smooth or sharp noise grain and streaks), so a saved dataset from an
+# older generator is not reused.
+PHANTOM_VERSION = 5
 PHANTOM_NODULE_COLUMNS = ANNOTATION_COLUMNS + ("kind", "location", "shape")
 
 

@@ -83,6 +83,14 @@ class _TissueMaps:
         wall[body & (depth < 1.5 * s)] = 20.0  # skin
         cavity_wall = (out_mm > 0) & (out_mm < 1.5 * s)  # extrapleural fat line
         wall[body & cavity_wall] = a.fat_hu + 20
+        if a.breast_r:  # fat with glandular strands, in front of the chest wall
+            gland = _smooth_field(rng, (rows, cols), 4.0) > 0.5
+            for side in (-1, 1):
+                ey = (y - (a.cy - 0.8 * a.b_body)) / (0.7 * a.breast_r)
+                ex = (x - (a.cx + side * a.breast_dx)) / a.breast_r
+                breast = (ex ** 2 + ey ** 2 < 1.0) & ~body & (y < a.cy)
+                wall[breast] = a.fat_hu
+                wall[breast & gland] = 25.0
         # Scanner table: two thin curved shells below the body with foam between them.
         body_bottom = a.cy + a.b_body
         table_top = body_bottom + rng.uniform(1, 6) * s - 0.0008 / s * (x - a.cx) ** 2
@@ -108,8 +116,12 @@ class _TissueMaps:
                           + ((x - a.heart_c[2]) / grown[2]) ** 2).astype(np.float32)
         self.dependent = (a.lung_gradient_hu * _smoothstep(a.depth_t(self.y)) ** 1.5
                           ).astype(np.float32)[:, None]
-        self.liver2d = np.where(x < a.x_mid + 25 * s, rng.uniform(50, 65), rng.uniform(35, 50)
-                                ).astype(np.float32) + np.zeros((rows, cols), np.float32)
+        self.liver2d = (np.where(x < a.x_mid + 25 * s, rng.uniform(50, 65), rng.uniform(35, 50))
+                        + a.organ_contrast_hu).astype(np.float32) + np.zeros((rows, cols),
+                                                                              np.float32)
+        # Gas in the stomach's fundus, under the left dome of the diaphragm.
+        self.gas2d = ((((x - (a.x_mid + 0.45 * a.a_cav)) / (0.24 * a.a_cav)) ** 2
+                       + ((y - (a.cy_cav - 0.15 * a.b_cav)) / (0.32 * a.b_cav)) ** 2) < 1.0)
 
     def tissue_slab(self, z: np.ndarray, texture: np.ndarray, step: float) -> np.ndarray:
         """Slices at local ``z`` mm without vessels or bones; ``texture`` is the lung's, on a
@@ -122,6 +134,9 @@ class _TissueMaps:
         slab[cavity] = a.fat_hu + 15  # mediastinal fat by default
         below = cavity & (zz < self.dia2d[None])
         slab[below] = np.broadcast_to(self.liver2d, slab.shape)[below]
+        if a.stomach_gas_mm:
+            gas = below & self.gas2d[None] & (zz > self.dia2d[None] - a.stomach_gas_mm)
+            slab[gas] = AIR_HU + 15
         hz = ((z - a.heart_c[0]) / a.heart_r[0]) ** 2
         heart = cavity & (self.heart_e2d[None] < (1.0 - hz)[:, None, None])
         slab[heart] = a.blood_hu if a.blood_hu < 100 else 45.0
@@ -154,7 +169,7 @@ class _Bones:
         y, x, out_mm = tissue.y[:, None], tissue.x[None, :], tissue.out_mm2d
         a, s = anat, anat.scale
         # Ribs: a band just outside the cavity; angle from the back sets how far a rib drops.
-        phi = np.arctan2(x - a.x_mid, -(y - a.cy_cav))  # 0 = straight back
+        phi = np.arctan2(x - a.x_mid, y - a.cy_cav)  # 0 = straight back (rows run to the back)
         away = np.abs(phi) / np.pi  # 0 at the spine, 1 at the sternum
         band = (out_mm > 1.0 * s) & (out_mm < 1.0 * s + a.rib_depth) & (away > 0.06) & (
             away < 0.86)
@@ -163,8 +178,17 @@ class _Bones:
         drop = (1 - np.cos(np.pi * away.ravel()[self.rib_idx])) / 2
         self.rib_drop = a.rib_drop * drop
         self.rib_cartilage = away.ravel()[self.rib_idx] > 0.74
-        self.cortex_hu = rng.uniform(950, 1350)
-        self.marrow_hu = rng.uniform(230, 380)
+        self.cortex_hu = rng.uniform(900, 1150)
+        self.marrow_hu = rng.uniform(300, 450)
+        # Cancellous bone is uneven: marrow varies by about +-90 HU within a bone.
+        marrow = self.marrow_hu + 90 * _smooth_field(rng, out_mm.shape, 1.5)
+        self.marrow2d = marrow.astype(np.float32)
+        # Scapulae: thin blades lying on the back ribs in the upper chest.
+        blade = np.abs(out_mm - a.rib_depth - a.scap_out_mm) < a.scap_mm / 2
+        blade &= (away > a.scap_away[0]) & (away < a.scap_away[1]) & (a.q_body(y, x) < 0.97)
+        self.scapula = blade
+        self.scapula_marrow = blade & (np.abs(out_mm - a.rib_depth - a.scap_out_mm)
+                                       < a.scap_mm / 2 - 0.9 * s)
         # Sternum: front midline, just outside the cavity.
         sy = a.y_ant - 7 * s
         st = ((x - a.x_mid) / (15 * s)) ** 4 + ((y - sy) / (6 * s)) ** 4
@@ -178,7 +202,7 @@ class _Bones:
         canal_y = a.vb_y + a.vb_r + 8 * s
         r_canal = np.sqrt(dx ** 2 + (y - canal_y) ** 2)
         self.vb_body = r_vb < a.vb_r
-        self.vb_cortex = self.vb_body & (r_vb > a.vb_r - 1.3 * s)
+        self.vb_cortex = self.vb_body & (r_vb > a.vb_r - 1.0 * s)
         self.canal = r_canal < 7.5 * s
         self.arch = (r_canal >= 7.5 * s) & (r_canal < 12.5 * s) & (y > a.vb_y + 0.6 * a.vb_r)
         self.spinous = (np.abs(dx) < 3.0 * s) & (y > canal_y + 10 * s) & (y < canal_y + 30 * s)
@@ -199,8 +223,8 @@ class _Bones:
         vert = (v - k) * a.rib_pitch / (a.rib_height / 2)
         e = self.rib_u[None, :] ** 2 + vert ** 2
         bone = (e < 1.0) & (k >= 0) & (k <= 11)
-        cortex = e > 0.62
-        hu = np.where(cortex, self.cortex_hu, self.marrow_hu)
+        cortex = e > 0.8
+        hu = np.where(cortex, self.cortex_hu, self.marrow2d.ravel()[self.rib_idx][None, :])
         hu = np.where(self.rib_cartilage[None, :], 130.0, hu).astype(np.float32)
         cur = flat[:, self.rib_idx]
         flat[:, self.rib_idx] = np.where(bone, hu, cur)
@@ -209,12 +233,15 @@ class _Bones:
             zi = z[i]
             if self.sternum_z[0] < zi < self.sternum_z[1]:
                 sl[self.sternum_bone] = self.cortex_hu
-                sl[self.sternum_marrow] = self.marrow_hu
+                sl[self.sternum_marrow] = self.marrow2d[self.sternum_marrow]
+            if zi > a.scap_z0:
+                sl[self.scapula] = self.cortex_hu
+                sl[self.scapula_marrow] = self.marrow2d[self.scapula_marrow]
             phase = ((zi - a.vert_phase) % a.vert_pitch) / a.vert_pitch
             if phase < 0.18:
                 sl[self.vb_body] = self.disc_hu
             else:
-                sl[self.vb_body] = self.marrow_hu
+                sl[self.vb_body] = self.marrow2d[self.vb_body]
                 sl[self.vb_cortex] = self.cortex_hu
             if 0.25 < phase < 0.85:
                 sl[self.arch] = self.cortex_hu
@@ -252,8 +279,14 @@ def _render_volume(anat: _Anatomy, tissue: _TissueMaps, bones: _Bones, vessels: 
     step = 7.0 * s
     coarse_shape = tuple(int(e // step) + 3 for e in a.extent)
     texture = _smooth_field(rng, coarse_shape, 1.0)
-    noise = _NoiseTiles(rng, rows, cols, sigma_px=rng.uniform(0.6, 0.9))
+    # Reconstruction kernels: smooth (soft-tissue) or sharp (lung) noise grain; and in some
+    # scans the streaks of photon starvation, running left-right through shoulders and spine.
+    smooth_kernel = rng.random() < 0.5
+    grain_px = rng.uniform(0.9, 1.5) if smooth_kernel else rng.uniform(0.55, 0.85)
+    noise = _NoiseTiles(rng, rows, cols, sigma_px=(grain_px, grain_px))
     noise_hu = float(np.exp(rng.uniform(np.log(15), np.log(55))))
+    streak_hu = noise_hu * rng.uniform(0.3, 0.8) if rng.random() < 0.35 else 0.0
+    streaks = _NoiseTiles(rng, rows, cols, sigma_px=(0.7, 14.0)) if streak_hu else None
     psf_weight = np.float32(rng.uniform(0.05, 0.12))
     out = np.empty(shape, np.int16)
     z_mm = np.arange(n) * spacing[0]
@@ -275,6 +308,8 @@ def _render_volume(anat: _Anatomy, tissue: _TissueMaps, bones: _Bones, vessels: 
         _psf(slab, psf_weight)
         for i in range(k1 - k0):
             slab[i] += noise_hu * noise.draw(rng)
+            if streaks is not None:
+                slab[i] += streak_hu * streaks.draw(rng)
         np.clip(np.rint(slab), HU_MIN, HU_MAX, out=slab)
         out[k0:k1] = slab
     # A nodule narrower than a voxel may fill none by half; its centre voxel still counts.
@@ -319,11 +354,11 @@ class _NoiseTiles:
     eight planes shifted at random are indistinguishable from fresh noise for any detector.
     """
 
-    def __init__(self, rng: np.random.Generator, rows: int, cols: int, sigma_px: float,
-                 count: int = 8, pad: int = 64) -> None:
+    def __init__(self, rng: np.random.Generator, rows: int, cols: int,
+                 sigma_px: tuple[float, float], count: int = 8, pad: int = 64) -> None:
         tiles = rng.standard_normal((count, rows + pad, cols + pad)).astype(np.float32)
-        for axis in (1, 2):
-            ndimage.gaussian_filter1d(tiles, sigma_px, axis=axis, output=tiles, mode="wrap")
+        for axis, sigma in zip((1, 2), sigma_px):  # (rows, columns): unequal makes streaks
+            ndimage.gaussian_filter1d(tiles, sigma, axis=axis, output=tiles, mode="wrap")
         # Scale so the 5x5 local standard deviation (what a reader perceives) is one.
         mean = ndimage.uniform_filter(tiles[0], 5)
         local = np.sqrt(np.maximum(ndimage.uniform_filter(tiles[0] ** 2, 5) - mean ** 2, 0))

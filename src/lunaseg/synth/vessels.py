@@ -34,7 +34,7 @@ def _build_vessels(anat: _Anatomy, lung: _CoarseLung, rng: np.random.Generator) 
     """Grow the vessel trees of both lungs, the bronchi beside them and the central tubes."""
     a, s = anat, anat.scale
     zmax = a.extent[0]
-    lung_points_per_ml = rng.uniform(2.5, 3.5)  # terminal vessels per tree per cm^3
+    lung_points_per_ml = rng.uniform(3.0, 4.2)  # terminal vessels per tree per cm^3
     blood, walls, lumens, forks = [], [], [], []
     bronchus_points: list[np.ndarray] = []
     lung_vol_ml = lung.mask.sum() * lung.step ** 3 / 1000.0
@@ -52,7 +52,7 @@ def _build_vessels(anat: _Anatomy, lung: _CoarseLung, rng: np.random.Generator) 
             if tree == "vein":
                 root[1] += 8 * s
             # A law a bit steeper than Murray's keeps mid-sized vessels visible far out.
-            tubes, fork = _grow_tree(root, pts, rng.uniform(0.26, 0.33) * s ** 0.5, rng,
+            tubes, fork = _grow_tree(root, pts, rng.uniform(0.24, 0.30) * s ** 0.5, rng,
                                      exponent=0.35)
             blood.append(tubes)
             blood.append(_twigs(a, pts, tubes.r0.min(), rng))
@@ -105,11 +105,11 @@ def _build_vessels(anat: _Anatomy, lung: _CoarseLung, rng: np.random.Generator) 
 
 def _twigs(anat: _Anatomy, tips: np.ndarray, r_tip_mm: float,
            rng: np.random.Generator) -> _Tubes:
-    """Two short thin branches from every tree tip: the tree below the modelled level.
+    """Three short thin branches from every tree tip: the tree below the modelled level.
 
     On CT these sub-millimetre vessels are the many one-pixel dense specks of the lung.
     """
-    start = np.repeat(tips, 2, axis=0)
+    start = np.repeat(tips, 3, axis=0)
     direction = rng.normal(size=start.shape)
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     end = start + direction * rng.uniform(2.0, 5.0, (len(start), 1)) * anat.scale
