@@ -5,7 +5,8 @@ Real scans come from ../shared/data (DICOM folders beside the repository, read w
 lunaseg.ct.load_ct); they are skipped with a message when absent.  Phantoms are generated on
 the fly from --seed.  Everything is shown in the same lung window (-1000..400 HU), and a few
 numbers per scan (lung HU percentiles, dense share of lung, dense blobs per slice, noise) are
-printed to compare beside the pictures.  The PNG goes to --out (never into the repository).
+printed to compare beside the pictures.  The PNG goes to --out (outside the repository, or
+docs/ for the README's figure).
 
     python scripts/compare_realism.py --out /tmp/realism.png --seed 3 --phantoms 3
     python scripts/compare_realism.py --montage /tmp/montage.png --shape 48,192,192
@@ -78,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write a montage of the phantoms with nodules circled here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if REPO in args.out.resolve().parents or (args.montage and REPO in
-                                              args.montage.resolve().parents):
-        parser.error("write pictures outside the repository (pictures are never committed)")
+    for picture in (args.out, args.montage):
+        # Only docs/ keeps pictures (the README's realism figure); the real slices in it are
+        # TCIA data under CC BY 3.0, credited in the README.
+        if picture and REPO in picture.resolve().parents and (
+                picture.resolve().parent != REPO / "docs"):
+            parser.error(f"write pictures to docs/ or outside the repository, not {picture}")
 
     import matplotlib
 
@@ -113,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'scan':<34}" + "".join(f"{key:>22}" for key in lung_numbers(panels[0][1])))
     for name, hu in panels:
         print(f"{name:<34}" + "".join(f"{v:>22}" for v in lung_numbers(hu).values()))
-    fig = Figure(figsize=(5 * len(panels), 5.4))
+    # Real scans on the top row, phantoms below, so each column compares one pair.
+    n_real = len(panels) - len(phantoms)
+    cols = max(n_real, len(phantoms), 1)
+    rows = int(n_real > 0) + int(len(phantoms) > 0)
+    fig = Figure(figsize=(4 * cols, 4.3 * rows))
     FigureCanvasAgg(fig)
     for k, (name, hu) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        slot = k + 1 if k < n_real or not n_real else cols + k - n_real + 1
+        ax = fig.add_subplot(rows, cols, slot)
         ax.imshow(hu[hu.shape[0] // 2], cmap="gray", vmin=-1000, vmax=400)
         ax.set_title(name, fontsize=9)
         ax.axis("off")

@@ -485,8 +485,11 @@ class DemoResult:
             from lunaseg.train import best_reason
 
             lines.append(f"best checkpoint: {best_reason(self.train.best, self.settings.train)}")
+        alone = self.evaluation.candidates_alone if self.evaluation is not None else None
         if self.evaluation is not None:
-            r = self.evaluation.froc
+            # With a second stage the evaluation ranks by it; the candidate stage's own
+            # figures are those of its ranking alone.
+            r = alone if alone is not None else self.evaluation.froc
             lines.append(f"candidates of {self.evaluated.name if self.evaluated else 'the model'} "
                          f"on {r.n_scans} validation scans ({r.n_nodules} nodules): "
                          f"sensitivity {r.candidate_sensitivity:.3f} with "
@@ -500,13 +503,13 @@ class DemoResult:
             if stage is not None and stage.best:
                 lines.append(f"{name}: validation AUC {stage.best['auc']:.3f} (epoch "
                              f"{stage.best['epoch']}), {stage.best_checkpoint}")
-        alone = self.evaluation.candidates_alone if self.evaluation is not None else None
         if alone is not None:
             r = self.evaluation.froc
             lines.append(f"CPM of the candidate stage alone {alone.cpm:.3f} (at 1 FP per scan "
                          f"{alone.sensitivities_at[1.0]:.3f}); end to end, ranked by "
                          f"{self.evaluation.ranked_by}, {r.cpm:.3f} "
-                         f"({r.sensitivities_at[1.0]:.3f})")
+                         f"({r.sensitivities_at[1.0]:.3f}), {r.sensitivity_at_budget:.3f} at "
+                         f"<= {r.fp_budget:g} false positives per scan")
         lines += [f"data:        {self.data_dir}",
                   f"checkpoints: {self.train.checkpoint}"
                   + (f", {self.train.best_checkpoint}" if self.train.best_checkpoint else ""),
