@@ -229,7 +229,8 @@ def _variants(model_path: Path, sets: list, segment) -> int:
             excluded.update(load_findings(data / EXCLUDED_FILE, excluded=True))
         for uid, path in sorted(find_series(data).items()):
             ct = load_ct(path, uid)
-            views = predict_views(model, ct.hu, model.spec, tta=4, device=segment.device)
+            views = predict_views(model, ct.hu, model.spec, tta=4, device=segment.device,
+                                  spacing_rc=ct.geometry.spacing_xyz[1::-1])
             lungs = lung_mask(ct.hu, spacing_irc=ct.geometry.spacing_xyz[::-1])
             combined = {"consensus": combine_views(views, "consensus"),
                         "mean": combine_views(views, "mean"), "one view": views[0]}

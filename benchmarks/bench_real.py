@@ -113,18 +113,24 @@ def main(argv: list[str] | None = None) -> int:
                                 else f"{s.name}: cands" for s in scans)
             print(f"| setting | {header} | s |")
             print("|" + " --- |" * (len(scans) + 2))
-            started = time.perf_counter()
-            rows = []
-            for scan in scans:
-                result = segment_ct(model, scan.ct, SegmentConfig(overlays=0), device="cpu")
-                rows.append(_mark(scan, score(scan, result.candidates, result.labels)))
-            seconds = (time.perf_counter() - started) / len(scans)
-            print(f"| `segment` defaults | {' | '.join(map(_cell, rows))} | {seconds:.1f} |")
+            settings = [("`segment` defaults", SegmentConfig(overlays=0))]
+            if model.spec.pixel_mm is not None:  # what resampling to its pixels changes
+                settings.append(("`segment --native-pixels`",
+                                 SegmentConfig(overlays=0, resample=False)))
+            for label, config in settings:
+                started = time.perf_counter()
+                rows = []
+                for scan in scans:
+                    result = segment_ct(model, scan.ct, config, device="cpu")
+                    rows.append(_mark(scan, score(scan, result.candidates, result.labels)))
+                seconds = (time.perf_counter() - started) / len(scans)
+                print(f"| {label} | {' | '.join(map(_cell, rows))} | {seconds:.1f} |")
             if args.variants == "none":
                 continue
             # Every view once per scan (on the body box, as segment runs without a lung
             # mask); inside the lungs' box that is what segment computes with one.
-            cached = [(scan, predict_views(model, scan.ct.hu, model.spec, tta=4),
+            cached = [(scan, predict_views(model, scan.ct.hu, model.spec, tta=4,
+                                           spacing_rc=scan.ct.geometry.spacing_xyz[1::-1]),
                        lung_mask(scan.ct.hu, spacing_irc=scan.ct.geometry.spacing_xyz[::-1]))
                       for scan in scans]
             for grouping in ("lunaseg", "book"):

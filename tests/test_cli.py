@@ -58,8 +58,9 @@ def test_segment(run_folders, tmp_path):
     seg = tmp_path / "seg"
     assert main(["-q", "segment", str(run_folders["data"]), "--model",
                  str(run_folders["run"] / "checkpoint.best.pt"), "--out", str(seg),
-                 "--overlays", "2", "--tta", "2", "--device", "cpu"]) == 0
-    assert json.loads((seg / "segment_config.json").read_text())["tta"] == 2
+                 "--overlays", "2", "--tta", "2", "--native-pixels", "--device", "cpu"]) == 0
+    saved = json.loads((seg / "segment_config.json").read_text())
+    assert saved["tta"] == 2 and saved["resample"] is False
     with open(seg / "submission.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert rows and set(rows[0]) == {"seriesuid", "coordX", "coordY", "coordZ", "probability"}

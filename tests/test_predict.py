@@ -195,3 +195,64 @@ def test_malignancy_views_are_averaged():
     np.testing.assert_allclose(one[0, 0], np.arange(12))
     # The mirrored view's ramp, flipped back, runs 11..0: the mean is flat at 5.5.
     np.testing.assert_allclose(two, 5.5)
+
+
+# --------------------------------------------------------------------------- training pixels
+
+
+class ScaleSensitive(nn.Module):
+    """Logit +10 on pixels of a bright disc no wider than 4 pixels, -10 elsewhere: a network
+    that has learnt one scale (a disc twice as wide in pixels is no longer its object)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x[:, 3:4] > 0).float()
+        width = torch.nn.functional.avg_pool2d(bright, 9, stride=1, padding=4) * 81
+        return torch.where((bright > 0) & (width <= 16), 10.0, -10.0)
+
+
+def test_resample_only_beyond_the_tolerance():
+    from lunaseg.inputs import RESAMPLE_TOLERANCE, resample_pixel_mm
+
+    spec = SegmentationSpec(pixel_mm=1.4)
+    assert resample_pixel_mm(spec, (1.4 * (1 + RESAMPLE_TOLERANCE * 0.9),) * 2) is None
+    assert resample_pixel_mm(spec, (0.7, 0.7)) == 1.4
+    assert resample_pixel_mm(spec, (1.4, 2.0)) == 1.4  # either axis
+    assert resample_pixel_mm(SegmentationSpec(), (0.7, 0.7)) is None  # the book's: never
+    assert resample_pixel_mm(spec, None) is None
+    with pytest.raises(ConfigError, match="pixel_mm"):
+        SegmentationSpec(pixel_mm=0.0).check()
+
+
+def test_resize_slices_keeps_positions_and_shapes():
+    from lunaseg.predict import resize_slices
+
+    volume = np.zeros((2, 3, 60, 80), np.float32)
+    volume[..., 30:34, 50:54] = 1.0  # a square centred at (31.5, 51.5)
+    small = resize_slices(volume, (30, 40))
+    assert small.shape == (2, 3, 30, 40) and small.dtype == np.float32
+    rows, cols = np.nonzero(small[0, 0] > 0.25)
+    # Pixel edges line up: centre c on the fine grid is (c + 0.5) / 2 - 0.5 on the coarse.
+    assert abs(rows.mean() - 15.5) < 0.6 and abs(cols.mean() - 25.5) < 0.6
+    back = resize_slices(small, (60, 80))
+    assert back.shape == volume.shape
+    assert np.unravel_index(np.argmax(back[1, 2]), (60, 80))[0] in range(29, 35)
+    assert resize_slices(volume, (60, 80)) is not None  # same size: a float32 copy
+    np.testing.assert_array_equal(resize_slices(volume, (60, 80)), volume)
+
+
+def test_a_scan_at_finer_pixels_reaches_the_network_at_its_training_pixels():
+    """A 6 mm disc is 4 px at the model's 1.5 mm but 8.6 px at 0.7 mm: resampled, the
+    network sees its object; fed natively, it does not. The output stays on the scan's grid."""
+    yy, xx = np.mgrid[:96, :96]
+    disc = ((yy - 40.0) ** 2 + (xx - 60.0) ** 2 < (3.0 / 0.7) ** 2)
+    hu = np.where(disc[None], 50, -900).repeat(7, axis=0).astype(np.int16)
+    spec = SegmentationSpec(pixel_mm=1.5)
+    native = predict_logits(ScaleSensitive(), hu, spec)
+    fed = predict_logits(ScaleSensitive(), hu, spec, spacing_rc=(0.7, 0.7))
+    assert native.shape == fed.shape == hu.shape
+    assert (native[3][disc] < 0).all()  # too wide at the scan's own pixels
+    inside = fed[3] > 0
+    assert inside[40, 60] and inside[disc].mean() > 0.3 and inside[~disc].mean() < 0.01
+    region = (slice(0, 7), slice(20, 70), slice(30, 90))  # a region scales with the pixels
+    cropped = predict_logits(ScaleSensitive(), hu, spec, region=region, spacing_rc=(0.7, 0.7))
+    assert cropped[3, 40, 60] > 0 and cropped[3, 5, 5] == OUTSIDE_LOGIT

@@ -452,7 +452,13 @@ def test_a_non_default_hu_window_reaches_inference(cache_dir, tmp_path):
     config.data.min_hu, config.data.max_hu = -600.0, 250.0
     result = train(config, cache_dir, tmp_path / "run", progress=False)
     model, checkpoint = load_model(result.checkpoint)
-    assert model.spec == SegmentationSpec(min_hu=-600.0, max_hu=250.0)
+    # The spec also carries the training scans' pixels, which segment brings other scans to.
+    splits = json.loads((result.out_dir / "splits.json").read_text())
+    pixels = [float(np.mean(Cache(cache_dir)[uid].geometry.spacing_xyz[:2]))
+              for uid in splits["train"]]
+    assert model.spec.pixel_mm == pytest.approx(float(np.median(pixels)), abs=1e-4)
+    assert model.spec == SegmentationSpec(min_hu=-600.0, max_hu=250.0,
+                                          pixel_mm=model.spec.pixel_mm)
     assert checkpoint.spec["min_hu"] == -600.0
     hu = np.full((9, 40, 40), -1000, dtype=np.int16)
     hu[:, 10:30, 10:30] = 900  # far outside the window on both sides

@@ -207,6 +207,7 @@ def _segment_config(args: argparse.Namespace) -> SegmentConfig:
     return SegmentConfig(threshold=args.threshold, batch_size=args.batch_size,
                          erosion_iterations=args.erosion, min_voxels=args.min_voxels,
                          grouping=args.grouping, lung_mask=not args.no_lung_mask,
+                         resample=not args.native_pixels,
                          overlays=args.overlays, write_volumes=not args.no_volumes,
                          amp=args.amp, tta=args.tta, tta_rule=args.tta_rule,
                          device=args.device)
@@ -354,6 +355,9 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-lung-mask", action="store_true",
                        help="keep candidates anywhere, not only those touching the lungs "
                             "(for an input that is not a whole chest)")
+    group.add_argument("--native-pixels", action="store_true",
+                       help="feed the network the scan's own pixels even where they differ "
+                            "from those it was trained at (default: resample to them)")
     _option(group, "--tta", SegmentConfig, "tta", type=int, choices=(1, 2, 4))
     _option(group, "--tta-rule", SegmentConfig, "tta_rule", type=str, choices=TTA_RULES)
     out = parser.add_argument_group("outputs and speed")

@@ -225,6 +225,8 @@ class SegmentConfig:
     min_voxels: int = _opt(1, "drop components smaller than this")
     lung_mask: bool = _opt(True, "keep only candidates touching a lung mask computed from HU; "
                                  "the network then runs only around the lungs")
+    resample: bool = _opt(True, "feed the network a scan's slices resampled to the pixel "
+                                "spacing it was trained at, when they differ by more than 15 %")
     max_candidates: int = _opt(LUNA16_MAX_MARKS, "marks per scan in the submission CSV")
     overlays: int = _opt(100, "PNG views for the top N candidates of each scan (0 = none)")
     write_volumes: bool = _opt(True, "write probability.nii.gz and mask.nii.gz per scan")

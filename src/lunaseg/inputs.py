@@ -16,10 +16,16 @@ import numpy as np
 
 from lunaseg.errors import ConfigError
 
-__all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "TTA_RULES", "SegmentationSpec",
+__all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "TTA_RULES", "RESAMPLE_TOLERANCE",
+           "SegmentationSpec", "resample_pixel_mm",
            "ClassifierSpec",
            "context_indices", "context_stack", "pad_to_multiple", "clip_hu", "size_multiple",
            "reach_px", "carried_spec"]
+
+# A scan's pixels may differ this much (relative) from the model's training pixels before
+# segment resamples it: a network trained at one scale reads vessels at twice that scale as
+# nodules (docs/results.md), but the spread of its own training scans it has learnt.
+RESAMPLE_TOLERANCE = 0.15
 
 # The voxel order every model sees: array axes (col, row, index) pointing to the patient's
 # Left, Posterior and Superior, i.e. an identity direction matrix, as LUNA16 stores its scans.
@@ -70,7 +76,10 @@ class SegmentationSpec:
     height and width padded to a multiple of ``size_multiple`` (an input pixel reaches
     output pixels ``reach_px`` away), voxels in ``orientation`` order; ``tta`` mirrored
     views, the ``tta_rule`` that combines them and the candidate ``grouping`` it was
-    validated with (what ``segment`` uses unless told otherwise)."""
+    validated with (what ``segment`` uses unless told otherwise); ``pixel_mm`` the in-plane
+    pixel spacing of its training scans (median), to which ``segment`` resamples a scan whose
+    pixels are more than :data:`RESAMPLE_TOLERANCE` finer or coarser (None: never, as for the
+    book's model, trained on LUNA16's own pixels)."""
 
     min_hu: float = -1000.0
     max_hu: float = 1000.0
@@ -81,6 +90,7 @@ class SegmentationSpec:
     tta: int = 4
     tta_rule: str = "mean"
     grouping: str = "lunaseg"
+    pixel_mm: float | None = None
 
     @property
     def channels(self) -> int:
@@ -101,6 +111,8 @@ class SegmentationSpec:
         if self.grouping not in GROUPINGS:
             raise ConfigError(f"input spec: grouping must be one of {', '.join(GROUPINGS)}, "
                               f"got {self.grouping!r}")
+        if self.pixel_mm is not None and not self.pixel_mm > 0:
+            raise ConfigError(f"input spec: pixel_mm must be positive, got {self.pixel_mm}")
         if self.reach_px < 0 or self.reach_px % self.size_multiple:
             raise ConfigError(f"input spec: reach_px must be a multiple of size_multiple, "
                               f"got {self.reach_px}")
@@ -149,6 +161,18 @@ def carried_spec(model: Any, spec: Any, kind: type, what: str = "input spec") ->
     if not isinstance(carried, kind):
         raise ConfigError(f"{type(model).__name__} carries no {what}; pass spec=")
     return carried
+
+
+def resample_pixel_mm(spec: SegmentationSpec, spacing_rc: Sequence[float] | None
+                      ) -> float | None:
+    """The in-plane pixel (mm) a scan of ``spacing_rc`` (row, column mm) must be resampled to
+    for ``spec``'s model, or None when it is fed as it is."""
+    if spec.pixel_mm is None or spacing_rc is None:
+        return None
+    ratios = np.asarray(spacing_rc, dtype=np.float64) / spec.pixel_mm
+    if np.all(np.abs(ratios - 1.0) <= RESAMPLE_TOLERANCE):
+        return None
+    return float(spec.pixel_mm)
 
 
 def context_indices(n_slices: int, slice_indices: Sequence[int] | np.ndarray,

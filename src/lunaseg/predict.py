@@ -27,7 +27,8 @@ from torch import nn
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
-from lunaseg.inputs import TTA_RULES, SegmentationSpec, carried_spec, context_indices
+from lunaseg.inputs import (TTA_RULES, SegmentationSpec, carried_spec, context_indices,
+                            resample_pixel_mm)
 from lunaseg.losses import malignancy_logit, nodule_logit
 from lunaseg.masks import body_box, bounding_box, resolve_lung_mask
 from lunaseg.progress import bar as progress_bar
@@ -110,6 +111,30 @@ def combine_views(views, rule: str):
             np.mean(views, axis=0, dtype=np.float32))
 
 
+def resize_slices(volume: np.ndarray, size_rc: Sequence[int]) -> np.ndarray:
+    """Every slice of a (..., R, C) array resized to ``size_rc``, bilinear, pixel edges kept
+    aligned (antialiased when shrinking), float32: how a scan reaches the pixels its model
+    was trained at, and the network's output comes back."""
+    shape = volume.shape
+    if tuple(shape[-2:]) == tuple(size_rc):
+        return np.asarray(volume, dtype=np.float32)
+    flat = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).reshape(
+        -1, 1, *shape[-2:])
+    shrink = size_rc[0] < shape[-2] or size_rc[1] < shape[-1]
+    out = torch.cat([torch.nn.functional.interpolate(
+        part, size=tuple(size_rc), mode="bilinear", align_corners=False, antialias=shrink)
+        for part in flat.split(64)])  # a few slices at a time: bounded memory
+    return out.reshape(*shape[:-2], *size_rc).numpy()
+
+
+def _scaled_slice(part: slice, size: int, new_size: int) -> slice:
+    """``part`` of an axis of ``size`` pixels, on the same axis resized to ``new_size``
+    (grown to whole pixels)."""
+    start, stop, _ = part.indices(size)
+    return slice(int(np.floor(start * new_size / size)),
+                 min(new_size, int(np.ceil(stop * new_size / size))))
+
+
 def network_box(box: tuple[int, int, int, int], shape_rc: tuple[int, int],
                 spec: SegmentationSpec) -> tuple[int, int, int, int]:
     """The in-plane box (row0, row1, col0, col1) the network must see so that its output in
@@ -126,7 +151,8 @@ def predict_logits(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
                    region: tuple[slice, slice, slice] | None = None, crop_to_body: bool = True,
                    tta: int = 1, tta_rule: str = "mean", batch_size: int = 0,
                    device: str | torch.device = "cpu", amp: bool = False,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, spacing_rc: Sequence[float] | None = None
+                   ) -> np.ndarray:
     """Logit of "nodule" for every voxel of a (I, R, C) HU volume, float32.
 
     See :func:`predict_views` for the arguments; the views are combined by ``tta_rule``.
@@ -135,14 +161,15 @@ def predict_logits(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     check_tta(tta, tta_rule)
     return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
                 tta_rule=tta_rule, batch_size=batch_size, device=device, amp=amp,
-                progress=progress)[0]
+                progress=progress, spacing_rc=spacing_rc)[0]
 
 
 def predict_classes(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
                     region: tuple[slice, slice, slice] | None = None,
                     crop_to_body: bool = True, tta: int = 1, tta_rule: str = "mean",
                     batch_size: int = 0, device: str | torch.device = "cpu",
-                    amp: bool = False, progress: bool = False
+                    amp: bool = False, progress: bool = False,
+                    spacing_rc: Sequence[float] | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """(nodule logits, malignancy logits) of a (I, R, C) volume, float32 each, from one
     pass: the second is the logit of p(malignant | nodule) of a 3-class model (views
@@ -150,13 +177,14 @@ def predict_classes(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     check_tta(tta, tta_rule)
     return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
                 tta_rule=tta_rule, batch_size=batch_size, device=device, amp=amp,
-                progress=progress, with_malignancy=True)
+                progress=progress, with_malignancy=True, spacing_rc=spacing_rc)
 
 
 def predict_views(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
                   region: tuple[slice, slice, slice] | None = None, crop_to_body: bool = True,
                   tta: int = 4, batch_size: int = 0, device: str | torch.device = "cpu",
-                  amp: bool = False, progress: bool = False) -> np.ndarray:
+                  amp: bool = False, progress: bool = False,
+                  spacing_rc: Sequence[float] | None = None) -> np.ndarray:
     """(views, I, R, C) float32 logits of each of ``tta`` mirror views, each flipped back
     (for comparing ways of combining them; :func:`predict_logits` combines as it goes).
 
@@ -167,18 +195,22 @@ def predict_views(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     HU clipped to the spec's window; slices are padded with ``spec.min_hu`` (air) up to the
     spec's size multiple.  ``amp`` turns on bf16 autocast on CUDA; ``batch_size`` 0 picks
     one for the device.  The model is moved to ``device`` (channels_last) and run in eval
-    mode (its mode is restored).  A 3-class model's views are of its nodule logit.
+    mode (its mode is restored).  A 3-class model's views are of its nodule logit.  With
+    the scan's in-plane ``spacing_rc`` (mm) and a spec that carries its training pixels, the
+    network sees the slices resampled to those pixels where :func:`resample_pixel_mm` says
+    so, and its output comes back on the scan's own grid.
     """
     check_tta(tta)
     return _run(model, hu, spec, region=region, crop_to_body=crop_to_body, tta=tta,
                 tta_rule=None, batch_size=batch_size, device=device, amp=amp,
-                progress=progress)[0]
+                progress=progress, spacing_rc=spacing_rc)[0]
 
 
 def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
          region: tuple[slice, slice, slice] | None, crop_to_body: bool, tta: int,
          tta_rule: str | None, batch_size: int, device: str | torch.device, amp: bool,
-         progress: bool, with_malignancy: bool = False
+         progress: bool, with_malignancy: bool = False,
+         spacing_rc: Sequence[float] | None = None
          ) -> tuple[np.ndarray, np.ndarray | None]:
     """The loop of :func:`predict_logits`, :func:`predict_classes` and :func:`predict_views`
     (``tta_rule`` None: keep every view): (nodule logits, malignancy logits or None; the
@@ -186,6 +218,21 @@ def _run(model: nn.Module, hu: np.ndarray, spec: SegmentationSpec, *,
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"hu must be a 3D (I, R, C) array, got shape {hu.shape}")
+    pixel_mm = resample_pixel_mm(spec, spacing_rc)
+    if pixel_mm is not None:
+        size_rc = tuple(max(1, int(round(n * float(mm) / pixel_mm)))
+                        for n, mm in zip(hu.shape[1:], spacing_rc))
+        small = resize_slices(hu, size_rc)
+        if small.dtype != hu.dtype and hu.dtype.kind in "iu":
+            small = np.rint(small).astype(hu.dtype)
+        if region is not None:
+            region = (region[0], *(_scaled_slice(part, n, m) for part, n, m in
+                                   zip(region[1:], hu.shape[1:], size_rc)))
+        outputs = _run(model, small, spec, region=region, crop_to_body=crop_to_body, tta=tta,
+                       tta_rule=tta_rule, batch_size=batch_size, device=device, amp=amp,
+                       progress=progress, with_malignancy=with_malignancy)
+        return tuple(None if out is None else resize_slices(out, hu.shape[1:])
+                     for out in outputs)  # type: ignore[return-value]
     spec.check()
     device = resolve_device(device)
     batch_size = whole_slice_batch(device, batch_size)
@@ -312,5 +359,7 @@ def predict_ct(model: nn.Module, ct: CT, config: SegmentConfig | None = None, *,
     tta_rule = config.tta_rule or spec.tta_rule
     logits, malignancy = predict_classes(model, ct.hu, spec, region=region, tta=tta,
                                          tta_rule=tta_rule, batch_size=config.batch_size,
-                                         device=device, amp=config.amp, progress=progress)
+                                         device=device, amp=config.amp, progress=progress,
+                                         spacing_rc=spacing_irc[1:] if config.resample
+                                         else None)
     return logits, lung_mask, malignancy

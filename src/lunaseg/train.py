@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -116,10 +117,18 @@ def _broadcast_buffers(model: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def training_spec(config: TrainConfig) -> SegmentationSpec:
-    """The input spec of the models a run trains: its HU window, context and U-Net depth."""
+def training_spec(config: TrainConfig, pixel_mm: float | None = None) -> SegmentationSpec:
+    """The input spec of the models a run trains: its HU window, context and U-Net depth,
+    and the in-plane pixel spacing of its training scans."""
     return default_spec(config.model, min_hu=config.data.min_hu, max_hu=config.data.max_hu,
-                        context_slices=config.data.context_slices)
+                        context_slices=config.data.context_slices, pixel_mm=pixel_mm)
+
+
+def median_pixel_mm(cache: Cache, series_uids: Sequence[str]) -> float:
+    """The median in-plane pixel spacing (mm) of ``series_uids``: the scale the network
+    learns, so ``segment`` can bring other scans to it."""
+    pixels = [float(np.mean(cache[uid].geometry.spacing_xyz[:2])) for uid in series_uids]
+    return round(float(np.median(pixels)), 4)
 
 
 def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,
@@ -483,7 +492,8 @@ def _train(config: TrainConfig, cache_dir: str | os.PathLike, out_dir: str | os.
         write_json_atomic(saved_splits, out_dir / layout.SPLITS_FILE)
         write_json_atomic(to_dict(config), out_dir / layout.RUN_CONFIG_FILE)
 
-    model = build_model(config.model, training_spec(config)).to(device)
+    spec = training_spec(config, median_pixel_mm(cache, splits["train"]))
+    model = build_model(config.model, spec).to(device)
     # channels_last: faster convolutions on GPUs and (by ~40%) with oneDNN on CPUs too.
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
