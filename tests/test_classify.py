@@ -74,3 +74,27 @@ def test_book_classifier_finds_the_lidc_nodule_in_its_crop():
     beside = ct.xyz_to_irc(np.array([56.208 - 40.0, 86.343, -115.868]))
     p = classify_candidates(model, ct, np.stack([nodule, beside]))
     assert p[0] > 0.9 and p[1] < 0.5
+
+
+def test_crops_cover_the_millimetres_of_training_at_other_pixels():
+    """A 12 mm disc fills the same share of a crop at 0.7 mm pixels as at the spec's 1.4."""
+    from lunaseg.classify import cut_scaled_crops
+
+    spec = ClassifierSpec(crop_irc=(4, 16, 16), pixel_mm=1.4)
+
+    def disc_scan(pixel_mm: float) -> np.ndarray:
+        n = int(round(60 * 1.4 / pixel_mm))
+        yy, xx = np.mgrid[:n, :n] * pixel_mm
+        disc = (yy - n * pixel_mm / 2) ** 2 + (xx - n * pixel_mm / 2) ** 2 < 6.0 ** 2
+        return np.where(disc[None], 40, -900).repeat(8, axis=0).astype(np.int16)
+
+    coarse, fine = disc_scan(1.4), disc_scan(0.7)
+    crop_coarse = cut_scaled_crops(coarse, np.array([[4, 30, 30]]), spec, (1.4, 1.4))
+    crop_fine = cut_scaled_crops(fine, np.array([[4, 60, 60]]), spec, (0.7, 0.7))
+    assert crop_coarse.shape == crop_fine.shape == (1, 4, 16, 16)
+    share_coarse = (crop_coarse[0, 2] > -430).mean()
+    share_fine = (crop_fine[0, 2] > -430).mean()
+    assert abs(share_fine - share_coarse) < 0.05 and 0.18 < share_coarse < 0.28  # pi 36 / 22.4^2
+    unscaled = cut_scaled_crops(fine, np.array([[4, 60, 60]]), ClassifierSpec(crop_irc=(4, 16, 16)),
+                                (0.7, 0.7))
+    assert (unscaled[0, 2] > -430).mean() > 0.8  # without pixel_mm: the disc nearly fills it

@@ -11,7 +11,7 @@ import torch
 
 from conftest import DenseStandIn, spheres_and_tubes
 from lunaseg import layout
-from lunaseg.cache import Cache, prepcache
+from lunaseg.cache import Cache, median_pixel_mm, prepcache
 from lunaseg.checkpoint import load_checkpoint
 from lunaseg.classifier import load_classifier
 from lunaseg.cli import main
@@ -66,6 +66,8 @@ def test_short_training_tells_nodules_from_vessels(data_dir, tmp_path):
     assert last["samples"] > 26  # the segmentation negatives are in it
     model, checkpoint = load_classifier(result.best_checkpoint)
     assert model.spec.crop_irc == (8, 16, 16) and checkpoint.model_kind == "classifier"
+    train_uids = json.loads((out / layout.SPLITS_FILE).read_text())["train"]
+    assert model.spec.pixel_mm == median_pixel_mm(Cache(data_dir / "cache"), train_uids) > 0
     assert (out / layout.SEGMENTATION_CANDIDATES_FILE).exists()
     metrics = json.loads((out / layout.METRICS_FILE).read_text())
     assert metrics["best"]["epoch"] == result.best["epoch"]

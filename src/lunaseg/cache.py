@@ -51,7 +51,7 @@ from lunaseg.masks import annotation_classes, body_box, classes_by_nearest, posi
 from lunaseg.progress import bar as progress_bar
 
 __all__ = ["CacheEntryNodule", "SeriesCache", "Cache", "prepcache", "PrepcacheSummary",
-           "pad_crop", "FORMAT_VERSION"]
+           "pad_crop", "median_pixel_mm", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,13 @@ def _crc32(path: Path) -> int:
         while block := handle.read(1 << 24):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+def median_pixel_mm(cache: Cache, series_uids: Sequence[str]) -> float:
+    """The median in-plane pixel spacing (mm) of cached ``series_uids``: the scale a model
+    trained on them learns, which inference brings other scans to."""
+    pixels = [float(np.mean(cache[uid].geometry.spacing_xyz[:2])) for uid in series_uids]
+    return round(float(np.median(pixels)), 4)
 
 
 def _load_outline_mask(path: Path, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:

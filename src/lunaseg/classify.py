@@ -17,11 +17,12 @@ from torch import nn
 
 from lunaseg.cache import pad_crop
 from lunaseg.ct import CT
-from lunaseg.inputs import ClassifierSpec, carried_spec
+from lunaseg.inputs import ClassifierSpec, carried_spec, resample_pixel_mm, resize_slices
 from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import autocast, crop_batch, resolve_device
 
-__all__ = ["candidate_centers_irc", "cut_crops", "crops_to_input", "classify_crops",
+__all__ = ["candidate_centers_irc", "cut_crops", "cut_scaled_crops", "crops_to_input",
+           "classify_crops",
            "crop_logits", "log_odds", "candidate_log_odds", "classify_candidates",
            "resolve_classifier_spec", "FILL_HU"]
 
@@ -137,9 +138,24 @@ def candidate_log_odds(model: nn.Module, ct: CT, candidates: Sequence[Any], *,
         return np.zeros(0, dtype=np.float64)
     centers = np.asarray([canonical.xyz_to_irc_float(np.asarray(c.center_xyz))
                           for c in candidates])
-    crops = cut_crops(canonical.hu, np.rint(centers).astype(np.int64), spec.crop_irc)
+    crops = cut_scaled_crops(canonical.hu, np.rint(centers).astype(np.int64), spec,
+                             canonical.geometry.spacing_xyz[1::-1])
     return log_odds(crop_logits(model, crops, spec=spec, batch_size=batch_size,
                                 device=device, amp=amp))
+
+
+def cut_scaled_crops(hu: np.ndarray, centers_irc: np.ndarray, spec: ClassifierSpec,
+                     spacing_rc: Sequence[float]) -> np.ndarray:
+    """The spec's crops around ``centers_irc``, covering the millimetres they covered in
+    training: on a scan whose pixels differ from the spec's ``pixel_mm`` (beyond the
+    tolerance of :func:`lunaseg.inputs.resample_pixel_mm`) they are cut wider or narrower
+    and resized to the spec's size."""
+    pixel_mm = resample_pixel_mm(spec, spacing_rc)
+    if pixel_mm is None:
+        return cut_crops(hu, centers_irc, spec.crop_irc)
+    size = (spec.crop_irc[0], *(max(1, int(round(n * pixel_mm / float(mm))))
+                                for n, mm in zip(spec.crop_irc[1:], spacing_rc)))
+    return resize_slices(cut_crops(hu, centers_irc, size), spec.crop_irc[1:])
 
 
 def classify_candidates(model: nn.Module, ct: CT, candidates: Sequence[Any] | np.ndarray, *,
@@ -151,10 +167,11 @@ def classify_candidates(model: nn.Module, ct: CT, candidates: Sequence[Any] | np
 
     ``candidates``: :class:`lunaseg.candidates.Candidate` objects (or anything with a
     ``center_irc``) or an (N, 3) array of (index, row, col) voxels of ``ct``.  The crops are
-    cut from ``ct.hu`` in its array order; other arguments: :func:`classify_crops`.
+    cut from ``ct.hu`` in its array order (:func:`cut_scaled_crops`); other arguments:
+    :func:`classify_crops`.
     """
     spec = resolve_classifier_spec(model, spec)
     centers = candidate_centers_irc(candidates)
-    crops = cut_crops(ct.hu, centers, spec.crop_irc)
+    crops = cut_scaled_crops(ct.hu, centers, spec, ct.geometry.spacing_xyz[1::-1])
     return classify_crops(model, crops, spec=spec, batch_size=batch_size, device=device,
                           amp=amp, progress=progress)[:, -1].copy()

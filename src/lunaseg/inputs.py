@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from lunaseg.errors import ConfigError
 
 __all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "TTA_RULES", "RESAMPLE_TOLERANCE",
-           "SegmentationSpec", "resample_pixel_mm",
+           "SegmentationSpec", "resample_pixel_mm", "resize_slices",
            "ClassifierSpec",
            "context_indices", "context_stack", "pad_to_multiple", "clip_hu", "size_multiple",
            "reach_px", "carried_spec"]
@@ -128,12 +129,15 @@ class SegmentationSpec:
 @dataclass(frozen=True)
 class ClassifierSpec:
     """What a candidate classifier takes: one (index, row, col) crop of ``crop_irc`` voxels
-    centred on the candidate, HU clipped to [min_hu, max_hu], in ``orientation`` order."""
+    centred on the candidate, HU clipped to [min_hu, max_hu], in ``orientation`` order;
+    ``pixel_mm`` as for :class:`SegmentationSpec` (crops of a scan with other pixels are cut
+    wider or narrower and resized to it)."""
 
     min_hu: float = -1000.0
     max_hu: float = 1000.0
     crop_irc: tuple[int, int, int] = (32, 48, 48)
     orientation: str = CANONICAL_ORIENTATION
+    pixel_mm: float | None = None
 
     def check(self) -> None:
         if not self.max_hu > self.min_hu:
@@ -141,6 +145,8 @@ class ClassifierSpec:
                               f"{self.max_hu}")
         if len(self.crop_irc) != 3 or min(self.crop_irc) < 1:
             raise ConfigError(f"input spec: crop_irc must be 3 sizes >= 1, got {self.crop_irc}")
+        if self.pixel_mm is not None and not self.pixel_mm > 0:
+            raise ConfigError(f"input spec: pixel_mm must be positive, got {self.pixel_mm}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -163,16 +169,32 @@ def carried_spec(model: Any, spec: Any, kind: type, what: str = "input spec") ->
     return carried
 
 
-def resample_pixel_mm(spec: SegmentationSpec, spacing_rc: Sequence[float] | None
-                      ) -> float | None:
+def resample_pixel_mm(spec: Any, spacing_rc: Sequence[float] | None) -> float | None:
     """The in-plane pixel (mm) a scan of ``spacing_rc`` (row, column mm) must be resampled to
-    for ``spec``'s model, or None when it is fed as it is."""
+    for the model of ``spec`` (a segmentation or classifier spec), or None when it is fed as
+    it is."""
     if spec.pixel_mm is None or spacing_rc is None:
         return None
     ratios = np.asarray(spacing_rc, dtype=np.float64) / spec.pixel_mm
     if np.all(np.abs(ratios - 1.0) <= RESAMPLE_TOLERANCE):
         return None
     return float(spec.pixel_mm)
+
+
+def resize_slices(volume: np.ndarray, size_rc: Sequence[int]) -> np.ndarray:
+    """Every slice of a (..., R, C) array resized to ``size_rc``, bilinear, pixel edges kept
+    aligned (antialiased when shrinking), float32: how a scan reaches the pixels its model
+    was trained at, and the network's output comes back."""
+    shape = volume.shape
+    if tuple(shape[-2:]) == tuple(size_rc):
+        return np.asarray(volume, dtype=np.float32)
+    flat = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).reshape(
+        -1, 1, *shape[-2:])
+    shrink = size_rc[0] < shape[-2] or size_rc[1] < shape[-1]
+    out = torch.cat([torch.nn.functional.interpolate(
+        part, size=tuple(size_rc), mode="bilinear", align_corners=False, antialias=shrink)
+        for part in flat.split(64)])  # a few slices at a time: bounded memory
+    return out.reshape(*shape[:-2], *size_rc).numpy()
 
 
 def context_indices(n_slices: int, slice_indices: Sequence[int] | np.ndarray,

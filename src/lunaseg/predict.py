@@ -28,7 +28,7 @@ from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
 from lunaseg.inputs import (TTA_RULES, SegmentationSpec, carried_spec, context_indices,
-                            resample_pixel_mm)
+                            resample_pixel_mm, resize_slices)
 from lunaseg.losses import malignancy_logit, nodule_logit
 from lunaseg.masks import body_box, bounding_box, resolve_lung_mask
 from lunaseg.progress import bar as progress_bar
@@ -109,22 +109,6 @@ def combine_views(views, rule: str):
         return views.amin(dim=0) if rule == "consensus" else views.mean(dim=0)
     return (np.min(views, axis=0) if rule == "consensus" else
             np.mean(views, axis=0, dtype=np.float32))
-
-
-def resize_slices(volume: np.ndarray, size_rc: Sequence[int]) -> np.ndarray:
-    """Every slice of a (..., R, C) array resized to ``size_rc``, bilinear, pixel edges kept
-    aligned (antialiased when shrinking), float32: how a scan reaches the pixels its model
-    was trained at, and the network's output comes back."""
-    shape = volume.shape
-    if tuple(shape[-2:]) == tuple(size_rc):
-        return np.asarray(volume, dtype=np.float32)
-    flat = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).reshape(
-        -1, 1, *shape[-2:])
-    shrink = size_rc[0] < shape[-2] or size_rc[1] < shape[-1]
-    out = torch.cat([torch.nn.functional.interpolate(
-        part, size=tuple(size_rc), mode="bilinear", align_corners=False, antialias=shrink)
-        for part in flat.split(64)])  # a few slices at a time: bounded memory
-    return out.reshape(*shape[:-2], *size_rc).numpy()
 
 
 def _scaled_slice(part: slice, size: int, new_size: int) -> slice:

@@ -18,7 +18,6 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 
 from lunaseg import layout
 from lunaseg.augment import SegmentationAugmentation
-from lunaseg.cache import Cache
+from lunaseg.cache import Cache, median_pixel_mm
 from lunaseg.checkpoint import load_checkpoint
 from lunaseg.config import TrainConfig, check_at_least, check_fraction, from_dict, to_dict
 from lunaseg.datasets import (SeriesBatchSampler, SliceDataset, TrainingSampler,
@@ -122,13 +121,6 @@ def training_spec(config: TrainConfig, pixel_mm: float | None = None) -> Segment
     and the in-plane pixel spacing of its training scans."""
     return default_spec(config.model, min_hu=config.data.min_hu, max_hu=config.data.max_hu,
                         context_slices=config.data.context_slices, pixel_mm=pixel_mm)
-
-
-def median_pixel_mm(cache: Cache, series_uids: Sequence[str]) -> float:
-    """The median in-plane pixel spacing (mm) of ``series_uids``: the scale the network
-    learns, so ``segment`` can bring other scans to it."""
-    pixels = [float(np.mean(cache[uid].geometry.spacing_xyz[:2])) for uid in series_uids]
-    return round(float(np.median(pixels)), 4)
 
 
 def _forward_loss(model: nn.Module, input: torch.Tensor, label: torch.Tensor,

@@ -26,7 +26,7 @@ from torch import nn
 
 from lunaseg import layout
 from lunaseg.augment import CropAugmentation
-from lunaseg.cache import Cache
+from lunaseg.cache import Cache, median_pixel_mm
 from lunaseg.checkpoint import Checkpoint, load_checkpoint
 from lunaseg.classifier import (NoduleClassifier, build_classifier, check_classifier_config,
                                 finetune_layers, init_layer, load_classifier, save_classifier)
@@ -392,6 +392,8 @@ def train_classifier(config: ClassifierTrainConfig, cache_dir: str | os.PathLike
     splits = classifier_splits(cache, out_dir, config, sources)
     if not splits["train"]:
         raise DataError(f"{cache.folder}: no series left for training after the split")
+    if config.task == "nodule" and checkpoint is None:  # the scale its crops teach
+        model.spec = replace(model.spec, pixel_mm=median_pixel_mm(cache, splits["train"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(splits, out_dir / layout.SPLITS_FILE)
     write_json_atomic(to_dict(config), out_dir / layout.RUN_CONFIG_FILE)
