@@ -125,12 +125,14 @@ def crop_logits(model: nn.Module, crops: np.ndarray | torch.Tensor, *,
 
 def candidate_log_odds(model: nn.Module, ct: CT, candidates: Sequence[Any], *,
                        spec: ClassifierSpec | None = None, batch_size: int = 0,
-                       device: str | torch.device | None = None, amp: bool = False) -> np.ndarray:
+                       device: str | torch.device | None = None, amp: bool = False,
+                       resample: bool = True) -> np.ndarray:
     """(N,) float64 log-odds of the model's last class for candidates found on ``ct``.
 
     Crops are cut from the scan in the spec's voxel order (the canonical one every cache
     entry has), whatever order ``ct`` is stored in: each candidate's patient position
-    finds its voxel there.
+    finds its voxel there; with ``resample`` they cover the millimetres of the model's
+    training (:func:`cut_scaled_crops`), else the spec's voxels at the scan's own pixels.
     """
     spec = resolve_classifier_spec(model, spec)
     canonical, _ = ct.canonical()
@@ -139,13 +141,13 @@ def candidate_log_odds(model: nn.Module, ct: CT, candidates: Sequence[Any], *,
     centers = np.asarray([canonical.xyz_to_irc_float(np.asarray(c.center_xyz))
                           for c in candidates])
     crops = cut_scaled_crops(canonical.hu, np.rint(centers).astype(np.int64), spec,
-                             canonical.geometry.spacing_xyz[1::-1])
+                             canonical.geometry.spacing_xyz[1::-1] if resample else None)
     return log_odds(crop_logits(model, crops, spec=spec, batch_size=batch_size,
                                 device=device, amp=amp))
 
 
 def cut_scaled_crops(hu: np.ndarray, centers_irc: np.ndarray, spec: ClassifierSpec,
-                     spacing_rc: Sequence[float]) -> np.ndarray:
+                     spacing_rc: Sequence[float] | None) -> np.ndarray:
     """The spec's crops around ``centers_irc``, covering the millimetres they covered in
     training: on a scan whose pixels differ from the spec's ``pixel_mm`` (beyond the
     tolerance of :func:`lunaseg.inputs.resample_pixel_mm`) they are cut wider or narrower

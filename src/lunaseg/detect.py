@@ -80,10 +80,11 @@ def rank_by_classifier(ct: CT, result: SegmentResult, classifier: nn.Module,
     ranking_log_odds(0.0, 0.0, rank_by)  # a bad name fails before any work
     start = time.perf_counter()
     candidates = result.candidates
+    resample = result.settings.resample  # --native-pixels feeds both stages native pixels
     nodule = candidate_log_odds(classifier, ct, candidates, batch_size=batch_size,
-                                device=device, amp=amp)
+                                device=device, amp=amp, resample=resample)
     malignant = (candidate_log_odds(malignancy, ct, candidates, batch_size=batch_size,
-                                    device=device, amp=amp)
+                                    device=device, amp=amp, resample=resample)
                  if malignancy is not None else [None] * len(candidates))
     # The classifier's verdicts replace a 3-class U-Net's; without a malignancy model the
     # U-Net's p(malignant | nodule), if it gave one, stays.

@@ -23,9 +23,9 @@ __all__ = ["CANONICAL_ORIENTATION", "GROUPINGS", "TTA_RULES", "RESAMPLE_TOLERANC
            "context_indices", "context_stack", "pad_to_multiple", "clip_hu", "size_multiple",
            "reach_px", "carried_spec"]
 
-# A scan's pixels may differ this much (relative) from the model's training pixels before
-# segment resamples it: a network trained at one scale reads vessels at twice that scale as
-# nodules (docs/results.md), but the spread of its own training scans it has learnt.
+# How far (relative) a scan's pixels may differ from the model's training pixels before
+# segment resamples it: a network trained at one scale reads vessels shown twice as wide as
+# nodules (docs/results.md), while a spread like its own training scans' it has learnt.
 RESAMPLE_TOLERANCE = 0.15
 
 # The voxel order every model sees: array axes (col, row, index) pointing to the patient's

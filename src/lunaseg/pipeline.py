@@ -493,7 +493,7 @@ class DemoResult:
             lines.append(f"candidates of {self.evaluated.name if self.evaluated else 'the model'} "
                          f"on {r.n_scans} validation scans ({r.n_nodules} nodules): "
                          f"sensitivity {r.candidate_sensitivity:.3f} with "
-                         f"{r.candidates_per_scan:.1f} marks per scan, "
+                         f"{r.candidates_per_scan:.1f} candidates per scan, "
                          f"{r.sensitivity_at_budget:.3f} at <= {r.fp_budget:g} false positives "
                          f"per scan; CPM {r.cpm:.3f}")
             if r.nodules:
