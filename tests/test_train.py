@@ -554,6 +554,16 @@ def test_best_checkpoint_rule():
     assert _is_better({"pr/recall": 0.97, "pr/f1_score": 0.03}, high_recall)
 
 
+def test_a_tie_in_sensitivity_goes_to_the_higher_cpm_though_the_best_is_stored_rounded():
+    from lunaseg.train import _rounded
+
+    sensitivity = 27 / 33  # 0.8181818..., stored as 0.818182
+    best = _rounded({"cand/sensitivity_at_budget": sensitivity, "cand/cpm": 0.511})
+    later = {"cand/sensitivity_at_budget": sensitivity, "cand/cpm": 0.563}
+    assert _is_better(later, best, by="candidates")
+    assert not _is_better({**later, "cand/cpm": 0.5}, best, by="candidates")
+
+
 def test_cosine_learning_rate_by_hand():
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
     config = TrainConfig(lr=0.01, lr_schedule="cosine", lr_final_fraction=0.1)

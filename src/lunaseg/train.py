@@ -322,7 +322,7 @@ def _is_better(metrics: dict, best: dict | None, min_recall: float | None = None
             return (1, m["pr/f1_score"], m["pr/recall"])
         return (0, m["pr/recall"], m["pr/f1_score"])
 
-    return key(metrics) > key(best)
+    return key(_rounded(metrics)) > key(best)  # the best is stored rounded: compare alike
 
 
 def _validate_candidates(model: nn.Module, cache: Cache, uids: list[str], device: torch.device,

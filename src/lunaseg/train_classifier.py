@@ -446,9 +446,9 @@ def train_classifier(config: ClassifierTrainConfig, cache_dir: str | os.PathLike
                                                   progress=progress).compute()
                 writers.scalars("val", val_metrics, samples_seen)
                 record["val"] = _rounded(val_metrics)
-                if math.isfinite(val_metrics["auc"]) and (
-                        best is None or val_metrics["auc"] > best["auc"]):
-                    best = {**_rounded(val_metrics), "epoch": epoch}
+                if math.isfinite(val_metrics["auc"]) and (  # rounded alike, as stored
+                        best is None or record["val"]["auc"] > best["auc"]):
+                    best = {**record["val"], "epoch": epoch}
             history.append(record)
             log.info("epoch %d: %s", epoch, "; ".join(
                 _line(split, record[key]) for split, key in (("train", "train"), ("val", "val"))
