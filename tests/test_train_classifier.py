@@ -97,6 +97,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(data_dir, tmp_path):
     a, b = _state(whole.checkpoint), _state(resumed.checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["val"]["auc"] for h in resumed.history] == [h["val"]["auc"] for h in whole.history]
+    assert load_checkpoint(resumed.checkpoint).spec == load_checkpoint(whole.checkpoint).spec
     other = train_classifier(_config(**{**changes, "seed": 6, "epochs": 1}), data_dir / "cache",
                              tmp_path / "c", progress=False)
     assert any(not torch.equal(v, _state(other.checkpoint)[k])

@@ -392,7 +392,7 @@ def train_classifier(config: ClassifierTrainConfig, cache_dir: str | os.PathLike
     splits = classifier_splits(cache, out_dir, config, sources)
     if not splits["train"]:
         raise DataError(f"{cache.folder}: no series left for training after the split")
-    if config.task == "nodule" and checkpoint is None:  # the scale its crops teach
+    if config.task == "nodule":  # the scale its crops teach (a resumed run: the same splits)
         model.spec = replace(model.spec, pixel_mm=median_pixel_mm(cache, splits["train"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(splits, out_dir / layout.SPLITS_FILE)
