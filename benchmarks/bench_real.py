@@ -17,6 +17,7 @@ them outlined it inside the slab, which cuts it).
     python benchmarks/bench_real.py                                  # the book's model
     python benchmarks/bench_real.py --model lunaseg-demo/run/checkpoint.pt --model book
     python benchmarks/bench_real.py --shared /path/to/shared --variants none
+    python benchmarks/bench_real.py --model CKPT --amp --variants none  # bf16, one view
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint to measure, or 'book' (default: book); repeatable")
     parser.add_argument("--variants", choices=("all", "none"), default="all",
                         help="also grouping and views one change at a time (default all)")
+    parser.add_argument("--amp", action="store_true",
+                        help="also segment with one view, in bf16 autocast (a CPU with bf16 "
+                             "units), and both: what precision and views cost and change")
     args = parser.parse_args(argv)
     if not (args.shared / "data").is_dir():
         sys.exit(f"bench_real: {args.shared}/data not found (pass --shared)")
@@ -117,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             if model.spec.pixel_mm is not None:  # what resampling to its pixels changes
                 settings.append(("`segment --native-pixels`",
                                  SegmentConfig(overlays=0, resample=False)))
+            if args.amp:
+                settings += [("`segment --tta 1`", SegmentConfig(overlays=0, tta=1)),
+                             ("`segment --amp` (bf16)", SegmentConfig(overlays=0, amp=True)),
+                             ("`segment --amp --tta 1`",
+                              SegmentConfig(overlays=0, amp=True, tta=1))]
             for label, config in settings:
                 started = time.perf_counter()
                 rows = []

@@ -21,6 +21,7 @@ the synthetic one.  Usage::
     python benchmarks/bench_segment.py --slices 32 --device cpu --book
     python benchmarks/bench_segment.py --compile      # torch.compile the model (CUDA)
     python benchmarks/bench_segment.py --tta 1,4      # also with 4 mirrored views per slice
+    python benchmarks/bench_segment.py --amp --device cpu  # bf16 on a CPU with bf16 units
     python benchmarks/bench_segment.py --lung-mask    # only around the lungs (--lung-mask)
     python benchmarks/bench_segment.py --model CKPT --input CT --tta 1,4 --device cpu
 """
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=SegmentConfig().batch_size)
     parser.add_argument("--no-amp", action="store_true", help="no bf16/channels_last on CUDA")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast on a CPU with bf16 units too (CUDA has it unless "
+                             "--no-amp)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--book", action="store_true", help="also time the book's approach")
     parser.add_argument("--book-batch-size", type=int, default=4)
@@ -200,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model()
     model.eval()
     spec = getattr(model, "spec", SPEC)
-    config = SegmentConfig(batch_size=args.batch_size, lung_mask=args.lung_mask,
-                           amp=device.type == "cuda" and not args.no_amp, overlays=0,
-                           write_volumes=False)
+    amp = (device.type == "cuda" or args.amp) and not args.no_amp
+    config = SegmentConfig(batch_size=args.batch_size, lung_mask=args.lung_mask, amp=amp,
+                           overlays=0, write_volumes=False)
     run_model = torch.compile(model) if args.compile else model
 
     rows = []

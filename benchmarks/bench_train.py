@@ -12,6 +12,8 @@ cached with ``prepcache`` (7x96x96 chunks), then each mode trains the default U-
   switch on the options a training run can use.
 * ``model``: the same step on one random batch already on the device: no data and no
   augmentation, the limit the pipeline can reach with this model and these kernels.
+* ``baseline`` (with ``--amp`` or ``--compile``): ``model`` in eager float32, the reference
+  the faster model step is measured against in the same run.
 * ``book`` (``--book``): the book's pipeline, rewritten here: a ``DataLoader`` whose worker
   processes cut each sample (random 64x64 crop of a 96x96 chunk read from the cache) on the
   CPU, one augmentation transform shared by the whole batch (offset ignored, as in the
@@ -212,11 +214,14 @@ def _sync(device: torch.device) -> None:
 
 
 def time_training(step: Callable, batches: Iterator[Batch], device: torch.device, *,
-                  warmup: int, steps: int, windows: int) -> list[float]:
-    """samples/s of each timed window of ``steps`` steps, after ``warmup`` untimed steps."""
+                  warmup: int, steps: int, windows: int) -> tuple[list[float], float]:
+    """samples/s of each timed window of ``steps`` steps, after ``warmup`` untimed steps,
+    and the seconds those took (with ``--compile``, mostly compiling)."""
+    started = time.perf_counter()
     for _ in range(warmup):
         step(*next(batches))
     _sync(device)
+    warmup_s = time.perf_counter() - started
     rates = []
     for _ in range(windows):
         started = time.perf_counter()
@@ -227,7 +232,7 @@ def time_training(step: Callable, batches: Iterator[Batch], device: torch.device
             samples += input.shape[0]
         _sync(device)
         rates.append(samples / (time.perf_counter() - started))
-    return rates
+    return rates, warmup_s
 
 
 def _device_label(device: torch.device) -> str:
@@ -283,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [] if args.book_only else ["lunaseg"]
     if not args.no_model_only and not args.book_only:
         modes.insert(0, "model")
+        if args.amp or args.compile:
+            modes.insert(0, "baseline")
     if args.book or args.book_only:
         modes.append("book")
 
@@ -303,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                 model = build_model(train_config.model).to(device).train()
                 if args.channels_last:
                     model = model.to(memory_format=torch.channels_last)
-                ours = mode in ("lunaseg", "model")  # the book ran fp32, contiguous, eager
-                run_model = torch.compile(model) if args.compile and ours else model
+                ours = mode != "book"  # the book ran fp32, contiguous, eager
+                faster = mode in ("lunaseg", "model")  # baseline: eager float32
+                run_model = torch.compile(model) if args.compile and faster else model
                 augment = SegmentationAugmentation(augment_config, seed=0)
-                amp = args.amp and ours
-                step = make_step(run_model, device, amp=amp,
+                step = make_step(run_model, device, amp=args.amp and faster,
                                  channels_last=args.channels_last and ours,
                                  fn_weight=train_config.fn_weight)
-                if mode == "model":
+                if mode in ("model", "baseline"):
                     batches = model_only_batches(device, batch_size, data.crop_px)
                 elif mode == "lunaseg":
                     batches = lunaseg_batches(cache_dir, data, device, batch_size, augment)
@@ -320,12 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                     batches = book_batches(cache_dir, data, device, batch_size, augment,
                                            args.book_workers)
                 steps = max(args.min_steps, -(-args.window_samples // batch_size))
-                rates = time_training(step, batches, device, warmup=args.warmup, steps=steps,
-                                      windows=args.windows)
+                rates, warmup_s = time_training(step, batches, device, warmup=args.warmup,
+                                                steps=steps, windows=args.windows)
                 batches.close()
                 rows.append((mode, batch_size, steps, rates))
                 print(f"  {mode} batch {batch_size}: "
-                      f"{', '.join(f'{r:.0f}' for r in rates)} samples/s", flush=True)
+                      f"{', '.join(f'{r:.0f}' for r in rates)} samples/s "
+                      f"({args.warmup} warm-up steps {warmup_s:.1f} s)", flush=True)
 
     options = [name for name, on in (("bf16 autocast", args.amp),
                                      ("channels_last", args.channels_last),
@@ -351,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch_size}: lunaseg's pipeline runs at "
                   f"{median['lunaseg', batch_size] / median['model', batch_size]:.2f}x the "
                   f"model-only rate")
+        if ("model", batch_size) in median and ("baseline", batch_size) in median:
+            print(f"batch {batch_size}: the model step runs at "
+                  f"{median['model', batch_size] / median['baseline', batch_size]:.2f}x eager "
+                  f"float32")
         if ("lunaseg", batch_size) in median and ("book", batch_size) in median:
             print(f"speed-up at batch {batch_size} (lunaseg / book): "
                   f"{median['lunaseg', batch_size] / median['book', batch_size]:.2f}x")

@@ -366,3 +366,15 @@ def test_crop_options_are_checked():
         CropAugmentation(CropAugmentConfig(scale=1.0))
     with pytest.raises(ValueError, match="even number"):
         CropAugmentation(CropAugmentConfig.off(), CROP)(torch.zeros(1, 1, 9, 12, 12))
+
+
+def test_noise_leaves_its_input_alone_and_lets_gradients_through():
+    noise_only = AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=25.0)
+    augment = SegmentationAugmentation(noise_only, seed=0)
+    input = torch.zeros(4, 7, 16, 16)
+    out, _ = augment(input)
+    assert torch.count_nonzero(input) == 0 and 20 < out.std().item() < 30
+    leaf = torch.zeros(4, 7, 16, 16, requires_grad=True)
+    out, _ = augment(leaf)
+    out.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))

@@ -161,3 +161,26 @@ def test_finetune_layers_count_from_the_output():
     assert finetune_layers(model, 2) == ["block4", "head_linear"]
     with pytest.raises(ConfigError, match="finetune_depth"):
         finetune_layers(model, 6)
+
+
+def test_a_head_fine_tuned_copy_shares_the_trunk_and_runs_with_it_once():
+    from lunaseg.classifier import SharedTrunk, shares_trunk
+    from lunaseg.train_classifier import prepare_finetune
+
+    torch.manual_seed(0)
+    nodule = build_classifier().eval()
+    malignancy = build_classifier().eval()
+    assert not shares_trunk(nodule, malignancy)  # drawn apart
+    malignancy.load_state_dict(nodule.state_dict())
+    prepare_finetune(malignancy, 1)  # a fresh head, the trunk frozen
+    assert shares_trunk(nodule, malignancy)
+    x = torch.randn(3, 1, 32, 48, 48) * 300
+    with torch.no_grad():
+        both = SharedTrunk(nodule, malignancy)(x)
+        torch.testing.assert_close(both, torch.cat([nodule(x), malignancy(x)], dim=1),
+                                   rtol=0, atol=0)
+        assert not torch.equal(both[:, :2], both[:, 2:])
+        # One changed weight in the trunk (or a different BatchNorm state) and it is not.
+        malignancy.block4.conv2.weight[0, 0, 0, 0, 0] += 1e-3
+    assert not shares_trunk(nodule, malignancy)
+    assert not shares_trunk(nodule, torch.nn.Linear(2, 2))

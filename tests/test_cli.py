@@ -323,3 +323,19 @@ def test_demo_classes_option_trains_3_classes_into_its_own_folder(monkeypatch, c
     assert (out3, quick3) == ("lunaseg-demo-3class", "lunaseg-demo-quick-3class")
     assert out1 is None and one.train.model.n_classes == 1
     assert one.train == pipeline.DemoSettings().train
+
+
+def test_demo_trains_in_bf16_autocast_unless_no_amp(monkeypatch):
+    from lunaseg import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_demo",
+                        lambda out, *, settings, progress: calls.append(settings) or "summary")
+    assert main(["-q", "demo"]) == 0
+    assert main(["-q", "demo", "--no-amp"]) == 0
+    default, fp32 = calls
+    stages = ("train", "classifier", "malignancy")
+    assert all(getattr(default, stage).amp for stage in stages)
+    assert not any(getattr(fp32, stage).amp for stage in stages)
+    # Segmenting, which scores the demo, is float32 either way.
+    assert not default.segment.amp and not fp32.segment.amp

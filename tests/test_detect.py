@@ -99,6 +99,35 @@ def test_the_classifier_replaces_a_3_class_u_nets_verdicts():
         assert candidate.p_malignant == pytest.approx(candidate.p_nodule, abs=1e-9)
 
 
+def test_a_malignancy_model_of_the_classifiers_spec_reuses_its_crops(monkeypatch):
+    from lunaseg import detect
+
+    ct = three_blobs()
+    config = SegmentConfig(lung_mask=False, overlays=0, erosion_iterations=0)
+    result = segment_ct(Bright(), ct, config, device="cpu")
+    cut = []
+    real_cut = detect.candidate_crops
+
+    def counting_cut(*args, **kwargs):
+        cut.append(args[2])
+        return real_cut(*args, **kwargs)
+
+    monkeypatch.setattr(detect, "candidate_crops", counting_cut)
+    malignancy = MeanHU()
+    malignancy.config = ClassifierConfig(classes=("benign", "malignant"))
+    both = rank_by_classifier(ct, result, MeanHU(), malignancy)
+    assert cut == [MeanHU.spec]  # one cut for both models
+    assert [c.p_malignant for c in both.candidates] == [c.p_nodule for c in both.candidates]
+    # Another spec gets crops of its own (the classifier's would not fit its input); its
+    # stand-in reads another voxel of them, so its verdicts differ.
+    other = MeanHU()
+    other.spec = ClassifierSpec(crop_irc=(4, 12, 12))
+    other.config = malignancy.config
+    apart = rank_by_classifier(ct, result, MeanHU(), other)
+    assert cut == [MeanHU.spec, MeanHU.spec]
+    assert [c.p_malignant for c in apart.candidates] != [c.p_nodule for c in apart.candidates]
+
+
 def test_a_classifier_for_another_question_is_refused():
     model = MeanHU()
     model.config = ClassifierConfig(classes=("benign", "malignant"))

@@ -135,8 +135,10 @@ def _fixed_training_crops(cache_dir: Path, data: DataConfig) -> tuple[torch.Tens
 
 
 @pytest.mark.slow
-def test_short_run_learns_its_training_crops(cache_dir, tmp_path, monkeypatch):
-    config = _config(epochs=6, batch_size=16, epoch_samples=128)
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16"])
+def test_short_run_learns_its_training_crops(cache_dir, tmp_path, monkeypatch, amp):
+    # bf16 autocast runs where the CPU has bf16 units (else it is float32 again).
+    config = _config(epochs=6, batch_size=16, epoch_samples=128, amp=amp)
     input, label = _fixed_training_crops(cache_dir, config.data)
     assert input.shape == (25, 7, 32, 32) and label.sum() > 0
     built = _capture_models(monkeypatch)
@@ -148,6 +150,7 @@ def test_short_run_learns_its_training_crops(cache_dir, tmp_path, monkeypatch):
     end, precision = _recall_precision(built[0], input, label)
     trained, _ = load_model(result.checkpoint)
     assert _recall_precision(trained, input, label) == (end, precision)
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
     assert start < end and end >= 0.8, (start, end)
     # Not just "everything is nodule": twice the precision of marking every pixel.
     assert precision > 2 * label.float().mean().item(), precision

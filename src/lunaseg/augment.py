@@ -119,7 +119,10 @@ class _DeviceRandom(nn.Module):
             return input
         g = generator if generator is not None else self.generator(input.device)
         noise = torch.randn(input.shape, device=input.device, dtype=input.dtype, generator=g)
-        return input + noise * self.config.noise_hu
+        # One fused pass, into the noise's own memory (drawing it is already the main cost);
+        # out= cannot join autograd, so an input that needs gradients gets a new tensor.
+        return torch.add(input, noise, alpha=self.config.noise_hu,
+                         out=None if input.requires_grad else noise)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -23,11 +23,12 @@ from lunaseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unw
 from lunaseg.config import ClassifierConfig, from_dict, to_dict
 from lunaseg.errors import CheckpointError, ConfigError
 from lunaseg.inputs import ClassifierSpec
+from lunaseg.runtime import in_float32
 
 __all__ = ["ConvBlock3d", "NoduleClassifier", "build_classifier", "load_classifier",
            "save_classifier", "check_classifier_config", "infer_classifier_config",
            "classifier_spec", "default_classifier_spec", "finetune_layers", "init_layer",
-           "MODEL_KIND"]
+           "shares_trunk", "SharedTrunk", "MODEL_KIND"]
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +113,54 @@ class NoduleClassifier(nn.Module):
             if isinstance(module, (nn.Conv3d, nn.Linear)):
                 init_layer(module)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, n_classes) of crops (N, in_channels, *crop_irc), HU already clipped."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads, (N, prod(feature_shape)), of crops as :meth:`forward`'s."""
         if tuple(x.shape[2:]) != tuple(self.config.crop_irc):
             raise ValueError(f"input crops must be {tuple(self.config.crop_irc)}, got "
                              f"{tuple(x.shape[2:])}")
         x = self.tail_batchnorm(x)
         for block in self.blocks:
             x = block(x)
-        return self.head_linear(x.flatten(1))
+        return x.flatten(1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, n_classes) of :meth:`features`, in float32 even under autocast."""
+        return in_float32(self.head_linear, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, n_classes) of crops (N, in_channels, *crop_irc), HU already clipped."""
+        return self.head(self.features(x))
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax over the classes (N, n_classes), in ``config.classes`` order."""
         return torch.softmax(self.forward(x), dim=1)
+
+
+def shares_trunk(first: nn.Module, second: nn.Module) -> bool:
+    """Whether two classifiers compute the same features: every weight and buffer but the
+    heads' equal, as in a malignancy model fine-tuned from ``first`` at depth 1."""
+    if not (isinstance(first, NoduleClassifier) and isinstance(second, NoduleClassifier)):
+        return False
+    if first.spec != second.spec:
+        return False
+    a, b = ({k: v for k, v in m.state_dict().items() if not k.startswith("head_linear.")}
+            for m in (first, second))
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+class SharedTrunk(nn.Module):
+    """Two classifiers of one trunk (:func:`shares_trunk`) as one network: the features
+    once, then both heads, their logits side by side (first's classes, then second's)."""
+
+    def __init__(self, first: NoduleClassifier, second: NoduleClassifier) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.spec = first.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.first.features(x)
+        return torch.cat([self.first.head(features), self.second.head(features)], dim=1)
 
 
 def init_layer(module: nn.Conv3d | nn.Linear) -> None:

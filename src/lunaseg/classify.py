@@ -22,8 +22,8 @@ from lunaseg.progress import bar as progress_bar
 from lunaseg.runtime import autocast, crop_batch, resolve_device
 
 __all__ = ["candidate_centers_irc", "cut_crops", "cut_scaled_crops", "crops_to_input",
-           "classify_crops",
-           "crop_logits", "log_odds", "candidate_log_odds", "classify_candidates",
+           "classify_crops", "crop_logits", "log_odds", "candidate_crops",
+           "candidate_log_odds", "classify_candidates",
            "resolve_classifier_spec", "FILL_HU"]
 
 log = logging.getLogger(__name__)
@@ -123,25 +123,39 @@ def crop_logits(model: nn.Module, crops: np.ndarray | torch.Tensor, *,
     return torch.cat(outputs).numpy()
 
 
-def candidate_log_odds(model: nn.Module, ct: CT, candidates: Sequence[Any], *,
-                       spec: ClassifierSpec | None = None, batch_size: int = 0,
-                       device: str | torch.device | None = None, amp: bool = False,
-                       resample: bool = True) -> np.ndarray:
-    """(N,) float64 log-odds of the model's last class for candidates found on ``ct``.
+def candidate_crops(ct: CT, candidates: Sequence[Any], spec: ClassifierSpec,
+                    resample: bool = True) -> np.ndarray:
+    """(N, *crop_irc) crops for candidates found on ``ct``, as a model of ``spec`` sees them.
 
-    Crops are cut from the scan in the spec's voxel order (the canonical one every cache
+    They are cut from the scan in the spec's voxel order (the canonical one every cache
     entry has), whatever order ``ct`` is stored in: each candidate's patient position
     finds its voxel there; with ``resample`` they cover the millimetres of the model's
     training (:func:`cut_scaled_crops`), else the spec's voxels at the scan's own pixels.
     """
-    spec = resolve_classifier_spec(model, spec)
-    canonical, _ = ct.canonical()
     if len(candidates) == 0:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros((0, *spec.crop_irc), dtype=np.float32)
+    canonical, _ = ct.canonical()
     centers = np.asarray([canonical.xyz_to_irc_float(np.asarray(c.center_xyz))
                           for c in candidates])
-    crops = cut_scaled_crops(canonical.hu, np.rint(centers).astype(np.int64), spec,
-                             canonical.geometry.spacing_xyz[1::-1] if resample else None)
+    return cut_scaled_crops(canonical.hu, np.rint(centers).astype(np.int64), spec,
+                            canonical.geometry.spacing_xyz[1::-1] if resample else None)
+
+
+def candidate_log_odds(model: nn.Module, ct: CT, candidates: Sequence[Any], *,
+                       spec: ClassifierSpec | None = None, batch_size: int = 0,
+                       device: str | torch.device | None = None, amp: bool = False,
+                       resample: bool = True, crops: np.ndarray | None = None) -> np.ndarray:
+    """(N,) float64 log-odds of the model's last class for candidates found on ``ct``.
+
+    ``crops``: the candidates' :func:`candidate_crops` for this model's spec, when another
+    model of the same spec has them already (a malignancy model beside its classifier);
+    else they are cut here.
+    """
+    spec = resolve_classifier_spec(model, spec)
+    if len(candidates) == 0:
+        return np.zeros(0, dtype=np.float64)
+    if crops is None:
+        crops = candidate_crops(ct, candidates, spec, resample)
     return log_odds(crop_logits(model, crops, spec=spec, batch_size=batch_size,
                                 device=device, amp=amp))
 

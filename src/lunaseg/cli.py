@@ -330,6 +330,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         settings.train.epochs = args.epochs
     settings.cache.masks = args.masks
+    if args.no_amp:
+        for stage in (settings.train, settings.classifier, settings.malignancy):
+            stage.amp = False
     if args.tta is not None:
         settings.segment.tta = args.tta
     settings.train.model.n_classes = args.classes
@@ -444,12 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "64,512,512 has real CT's 0.8 mm pixels and takes about three "
                            "times as long)")
     demo.add_argument("--epochs", type=int, default=None,
-                      help="training epochs (default 24; --quick: 2)")
+                      help="training epochs (default 30; --quick: 2)")
     demo.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
                       help="train on the book's HU-heuristic masks (default) or on the "
                            "phantoms' true nodule voxels")
     demo.add_argument("--tta", type=int, choices=(1, 2, 4), default=None,
                       help="mirrored views averaged when segmenting (default 4)")
+    demo.add_argument("--no-amp", action="store_true",
+                      help="train in float32 (by default every training stage runs in bf16 "
+                           "autocast where the device has bf16 units; segmenting is float32)")
     demo.add_argument("--classes", type=int, choices=(1, 3), default=1,
                       help="1: nodule or not (default); 3: background, benign, malignant "
                            "(chapter exercise 3), into ./lunaseg-demo-3class unless --out")

@@ -194,7 +194,7 @@ class TrainConfig:
                                                "validations reaching this recall",
                                          none="by recall alone, as the book")
     seed: int = _opt(0, "random seed")
-    amp: bool = _opt(False, "bf16 autocast (CUDA only)")
+    amp: bool = _opt(False, "bf16 autocast (CUDA, or a CPU with bf16 units)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
     comment: str = _opt("", "a note stored with the run")
 
@@ -230,7 +230,7 @@ class SegmentConfig:
     max_candidates: int = _opt(LUNA16_MAX_MARKS, "marks per scan in the submission CSV")
     overlays: int = _opt(100, "PNG views for the top N candidates of each scan (0 = none)")
     write_volumes: bool = _opt(True, "write probability.nii.gz and mask.nii.gz per scan")
-    amp: bool = _opt(False, "bf16 autocast + channels_last (CUDA only)")
+    amp: bool = _opt(False, "bf16 autocast + channels_last (CUDA, or a CPU with bf16 units)")
     tta: int | None = _opt(None, "mirrored views of each slice: 1, 2 (+ left-right) or 4 "
                                  "(+ up-down)", none="the model's")
     tta_rule: str | None = _opt(None, "how views combine: 'consensus' (the lowest logit: "
@@ -325,7 +325,7 @@ class ClassifierTrainConfig:
     momentum: float = _opt(0.99, "SGD momentum (the book's)")
     validation_cadence: int = _opt(1, "validate at epoch 1, every N epochs and the last")
     seed: int = _opt(0, "random seed")
-    amp: bool = _opt(False, "bf16 autocast (CUDA only)")
+    amp: bool = _opt(False, "bf16 autocast (CUDA, or a CPU with bf16 units)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
     comment: str = _opt("", "a note stored with the run")
 

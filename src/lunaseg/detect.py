@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from lunaseg.candidates import NODULE_THRESHOLD, Candidate
-from lunaseg.classifier import load_classifier
-from lunaseg.classify import candidate_log_odds
+from lunaseg.classifier import SharedTrunk, load_classifier, shares_trunk
+from lunaseg.classify import (candidate_crops, candidate_log_odds, crop_logits, log_odds,
+                              resolve_classifier_spec)
 from lunaseg.config import SegmentConfig
 from lunaseg.ct import CT
 from lunaseg.errors import ConfigError
@@ -81,11 +82,24 @@ def rank_by_classifier(ct: CT, result: SegmentResult, classifier: nn.Module,
     start = time.perf_counter()
     candidates = result.candidates
     resample = result.settings.resample  # --native-pixels feeds both stages native pixels
-    nodule = candidate_log_odds(classifier, ct, candidates, batch_size=batch_size,
-                                device=device, amp=amp, resample=resample)
-    malignant = (candidate_log_odds(malignancy, ct, candidates, batch_size=batch_size,
-                                    device=device, amp=amp, resample=resample)
-                 if malignancy is not None else [None] * len(candidates))
+    spec = resolve_classifier_spec(classifier, None)
+    crops = candidate_crops(ct, candidates, spec, resample)
+    if malignancy is not None and len(candidates) and shares_trunk(classifier, malignancy):
+        # Fine-tuned from this classifier at depth 1: its features once, both heads on them.
+        logits = crop_logits(SharedTrunk(classifier, malignancy), crops, spec=spec,
+                             batch_size=batch_size, device=device, amp=amp)
+        n_classes = classifier.head_linear.out_features
+        nodule, malignant = log_odds(logits[:, :n_classes]), log_odds(logits[:, n_classes:])
+    else:
+        nodule = candidate_log_odds(classifier, ct, candidates, batch_size=batch_size,
+                                    device=device, amp=amp, crops=crops)
+        malignant = [None] * len(candidates)
+        if malignancy is not None:
+            # One of the classifier's spec (any fine-tuning) takes the same crops.
+            same = resolve_classifier_spec(malignancy, None) == spec
+            malignant = candidate_log_odds(malignancy, ct, candidates, batch_size=batch_size,
+                                           device=device, amp=amp, resample=resample,
+                                           crops=crops if same else None)
     # The classifier's verdicts replace a 3-class U-Net's; without a malignancy model the
     # U-Net's p(malignant | nodule), if it gave one, stays.
     judged = [replace(c, nodule_log_odds=float(n),

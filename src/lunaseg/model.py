@@ -27,6 +27,7 @@ from lunaseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unw
 from lunaseg.config import ModelConfig, from_dict, to_dict
 from lunaseg.errors import CheckpointError, ConfigError
 from lunaseg.inputs import SegmentationSpec, reach_px, size_multiple
+from lunaseg.runtime import in_float32
 
 __all__ = ["UNet", "UNetWrapper", "build_model", "load_model", "save_model",
            "infer_model_config", "model_spec", "default_spec", "nodule_probability",
@@ -167,7 +168,7 @@ class UNet(nn.Module):
                 x = F.avg_pool2d(x, 2)
         for up, skip in zip(self.up_path, reversed(skips)):
             x = up(x, skip)
-        return self.last(x)
+        return in_float32(self.last, x)
 
 
 class UNetWrapper(nn.Module):

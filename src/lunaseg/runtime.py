@@ -7,6 +7,7 @@ these decisions from here, so they are made one way everywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Mapping
 
@@ -15,8 +16,8 @@ import torch
 
 from lunaseg.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast", "whole_slice_batch", "crop_batch", "capture_rng_state",
-           "restore_rng_state"]
+__all__ = ["resolve_device", "bf16_supported", "autocast", "in_float32", "whole_slice_batch",
+           "crop_batch", "capture_rng_state", "restore_rng_state"]
 
 # Slices per forward pass outside training when none is asked for: a GPU wants many; a CPU
 # runs fastest with a few, whose activations stay in its caches (docs/benchmarks.md).
@@ -43,15 +44,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when ``enabled``; a no-op elsewhere.
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: always on CUDA, on a CPU only where oneDNN
+    finds bf16 units (AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _cpu_has_bf16()
 
-    CPUs without bf16 units (AVX2) ran bf16 about 15x slower than float32, so the CPU never
-    gets it.
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast when ``enabled`` and :func:`bf16_supported`; a no-op elsewhere.
+
+    CPUs without bf16 units (AVX2) ran bf16 about 15x slower than float32, so they never
+    get it; one with AVX512-BF16 trained the U-Net 1.3-1.8x faster (docs/results.md).
     """
-    if not enabled or device.type != "cuda":
+    if not enabled or not bf16_supported(device):
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def in_float32(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in float32 even inside autocast: for a model's last layer, whose scores
+    rank candidates (bf16 keeps 8 bits of them and ties close ones)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return layer(x.float())
 
 
 def whole_slice_batch(device: torch.device, requested: int = 0) -> int:

@@ -149,8 +149,10 @@ def classifier_samples(config: ClassifierTrainConfig, cache: Cache,
         uids = train_uids + val_uids
         found = segmentation_candidates(seg_model, cache, uids,
                                         out_dir / layout.SEGMENTATION_CANDIDATES_FILE,
+                                        # bf16 where the run trains in it, as validation
                                         segment=SegmentConfig(tta=config.data.segmentation_tta,
-                                                              overlays=0, write_volumes=False),
+                                                              amp=config.amp, overlays=0,
+                                                              write_volumes=False),
                                         device=device, progress=progress)
         negatives += segmentation_negatives(found, avoided_findings(cache, uids, data_dir),
                                             config.data)

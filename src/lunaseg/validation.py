@@ -44,13 +44,15 @@ def cached_ct(entry: SeriesCache) -> CT:
 
 
 def candidate_marks(model: nn.Module, cache: Cache, series_uids: list[str],
-                    device: torch.device, *, tta: int = 1
+                    device: torch.device, *, tta: int = 1, amp: bool = False
                     ) -> tuple[dict[str, list[Finding]], dict[str, list[Mark]], list[int],
                                MalignancyScores]:
     """The cached nodules, the submission marks, the candidate count and (3-class models;
     else empty) the malignancy scores of ``model`` on each of ``series_uids`` (``tta``
-    views: one keeps validation cheap; ``segment`` uses the model's)."""
-    config = SegmentConfig(tta=tta, overlays=0, write_volumes=False, device=str(device))
+    views: one keeps validation cheap; ``segment`` uses the model's; ``amp``: bf16, as a
+    run that trains in it validates)."""
+    config = SegmentConfig(tta=tta, amp=amp, overlays=0, write_volumes=False,
+                           device=str(device))
     findings: dict[str, list[Finding]] = {}
     marks: dict[str, list[Mark]] = {}
     malignancy: MalignancyScores = {}
