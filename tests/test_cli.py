@@ -339,3 +339,20 @@ def test_demo_trains_in_bf16_autocast_unless_no_amp(monkeypatch):
     assert not any(getattr(fp32, stage).amp for stage in stages)
     # Segmenting, which scores the demo, is float32 either way.
     assert not default.segment.amp and not fp32.segment.amp
+
+
+def test_demo_budget_options(monkeypatch):
+    from lunaseg import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_demo",
+                        lambda out, *, settings, progress: calls.append(settings) or "summary")
+    assert main(["-q", "demo"]) == 0
+    assert main(["-q", "demo", "--budget-minutes", "30"]) == 0
+    assert main(["-q", "demo", "--epochs", "7"]) == 0
+    assert main(["-q", "demo", "--quick"]) == 0
+    default, longer, explicit, quick = calls
+    assert default.budget_minutes == 0 and longer.budget_minutes == 30
+    # Epochs asked for are run as asked: the budget does not scale them.
+    assert explicit.train.epochs == 7 and explicit.budget_minutes == 0
+    assert quick.budget_minutes == 0

@@ -327,8 +327,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         settings.synth.series = args.series
     if args.shape is not None:
         settings.synth.shape_irc = _ints(args.shape, 3, "--shape")
-    if args.epochs is not None:
+    if args.budget_minutes is not None:
+        settings.budget_minutes = args.budget_minutes
+    if args.epochs is not None:  # the epochs asked for, not the budget's
         settings.train.epochs = args.epochs
+        settings.budget_minutes = 0.0
     settings.cache.masks = args.masks
     if args.no_amp:
         for stage in (settings.train, settings.classifier, settings.malignancy):
@@ -447,7 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "64,512,512 has real CT's 0.8 mm pixels and takes about three "
                            "times as long)")
     demo.add_argument("--epochs", type=int, default=None,
-                      help="training epochs (default 30; --quick: 2)")
+                      help="U-Net training epochs (default 30; --quick: 2); given, "
+                           "--budget-minutes is off")
+    demo.add_argument("--budget-minutes", type=float, default=None,
+                      help="about how long the demo may take: on a machine slower than the "
+                           "recipe's reference, a calibration of a few seconds scales every "
+                           "training stage's epochs down to fit, at most by half (default 0: "
+                           "the full recipe however long it takes)")
     demo.add_argument("--masks", choices=("heuristic", "outline"), default="heuristic",
                       help="train on the book's HU-heuristic masks (default) or on the "
                            "phantoms' true nodule voxels")
