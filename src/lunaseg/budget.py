@@ -1,15 +1,13 @@
-"""Sizing a fixed-time job (the demo) to the machine it runs on.
+"""How long the demo's recipe takes on this machine, and how to trim it to a time budget.
 
-The demo's recipe was measured to fit its time budget on one machine; the project's 2-core
-machines differ by 2-4x in training speed (bf16 units or not, CPU generation).  A short
-calibration of the U-Net's training step tells how this machine compares, and on a slower
-one the training stages run proportionally fewer epochs.  On the reference machine or a
-faster one the recipe runs as it is, so its figures stay comparable.
+The project's 2-core machines differ by 2-3x in training speed (bf16 units or not, CPU
+generation).  A few seconds' calibration of the U-Net's training step, against the same
+calibration on a machine where the recipe was timed, estimates the demo's duration; with a
+budget, the training stages on a slower machine run proportionally fewer epochs.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,8 +22,6 @@ from lunaseg.runtime import autocast
 __all__ = ["DemoTimings", "REFERENCE", "unet_training_rate", "estimated_s", "epoch_factor",
            "scaled_epochs"]
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class DemoTimings:
@@ -38,9 +34,8 @@ class DemoTimings:
     machine: str
 
 
-# The demo's recipe as measured on the slowest of the project's 2-core machines (float32,
-# no bf16 units); the split and its measurement are in docs/results.md ("the demo's time
-# budget").  A CPU with bf16 units calibrates about twice as fast and runs the whole recipe.
+# The demo's recipe timed on the slowest of the project's 2-core machines (float32, no bf16
+# units); the split and its measurement: docs/results.md, "The demo's time".
 REFERENCE = DemoTimings(samples_per_s=160.0, epoch_s=1085.0, fixed_s=380.0,
                         machine="2-core AMD EPYC, AVX2, float32")
 
