@@ -20,7 +20,7 @@ from lunaseg import layout
 from lunaseg.candidates import score_probability
 from lunaseg.config import (CacheConfig, ClassifierConfig, ClassifierDataConfig,
                             ClassifierTrainConfig, DataConfig, MaskConfig, SegmentConfig,
-                            SynthConfig, TrainConfig, from_dict, to_dict)
+                            SynthConfig, TrainConfig, check_fraction, from_dict, to_dict)
 from lunaseg.errors import ConfigError, DataError
 from lunaseg.evaluate import (CANDIDATE_FP_BUDGET, Finding, Mark, froc, load_findings,
                               load_marks, match_marks, write_result_json)
@@ -470,22 +470,22 @@ class DemoSettings:
         and a line saying how long the recipe should take and what was chosen."""
         from lunaseg.budget import REFERENCE, epoch_factor, estimated_s, scaled_epochs
 
-        rate = (f"this machine trains the U-Net at {samples_per_s:.0f} samples/s "
+        estimate = (f"this machine trains the U-Net at {samples_per_s:.0f} samples/s "
                 f"({REFERENCE.samples_per_s:.0f} on the recipe's reference, "
                 f"{REFERENCE.machine}): the demo should take about "
                 f"{estimated_s(samples_per_s) / 60:.0f} minutes")
         if self.budget_minutes <= 0:
-            return self, f"{rate} (--budget-minutes N trims the training epochs to fit N)"
+            return self, f"{estimate} (--budget-minutes N trims the training epochs to fit N)"
         factor = epoch_factor(samples_per_s, self.budget_minutes * 60)
         if factor >= 1:
-            return self, f"{rate}, within the {self.budget_minutes:g}-minute budget"
+            return self, f"{estimate}, within the {self.budget_minutes:g}-minute budget"
         fitted = copy.deepcopy(self)
         stages = (fitted.train, fitted.classifier, fitted.malignancy)
         for stage in stages:
             stage.epochs = scaled_epochs(stage.epochs, factor,
                                          math.ceil(stage.epochs * self.min_epoch_share))
         u, c, m = (stage.epochs for stage in stages)
-        return fitted, (f"{rate}; to stay near the {self.budget_minutes:g}-minute budget it "
+        return fitted, (f"{estimate}; to stay near the {self.budget_minutes:g}-minute budget it "
                         f"trains {u} U-Net, {c} classifier and {m} malignancy epochs (the "
                         f"recipe's {self.train.epochs}, {self.classifier.epochs} and "
                         f"{self.malignancy.epochs}), which gives weaker models")
@@ -506,7 +506,7 @@ class DemoResult:
     evaluated: Path | None = None  # the checkpoint scored
     classifier: object | None = None  # lunaseg.train_classifier.ClassifierTrainResult
     malignancy: object | None = None
-    budget: str = ""  # what the time budget chose (DemoSettings.fit_to_machine)
+    budget: str = ""  # the time estimate and what a budget chose (DemoSettings.fit_to_machine)
 
     def __str__(self) -> str:
         lines = [f"lunaseg demo finished in {sum(self.seconds.values()):.0f} s ("
@@ -638,9 +638,8 @@ def run_demo(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
     if not (settings.budget_minutes >= 0 and math.isfinite(settings.budget_minutes)):
         raise ConfigError(f"budget_minutes must be a number >= 0 (0 = no budget), got "
                           f"{settings.budget_minutes}")
-    if not 0 <= settings.min_epoch_share <= 1:
-        raise ConfigError(f"min_epoch_share must be in [0, 1], got {settings.min_epoch_share}")
-    if not settings.quick:  # a second or two, to say how long the demo should take
+    check_fraction(settings, "min_epoch_share")
+    if not settings.quick:  # a few seconds, to say how long the demo should take
         from lunaseg.budget import unet_training_rate
         from lunaseg.runtime import resolve_device
 
